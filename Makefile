@@ -1,0 +1,34 @@
+# `make test` builds its own virtual environment: torch's CPU wheel first (a bare torch requirement
+# would pull several GB of CUDA packages), then the project with its test extras.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: test lint venv demo bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+
+$(BIN)/.demo: $(BIN)/.installed
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,demo]"
+	touch $@
+
+demo: $(BIN)/.demo
+	$(BIN)/python -m eigenprune.demo
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

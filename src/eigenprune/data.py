@@ -1,0 +1,155 @@
+"""Examples as token ids, and padded teacher-forcing batches aligned on the last prompt token.
+
+Every per-position quantity in eigenprune (scores' pairing, the frozen bias table) is indexed by a
+token's *offset* from the last prompt token: the last prompt token is offset 0, the first answer
+token offset 1, earlier prompt tokens are negative. A batch holds prompt + answer[:-1] (the last
+answer token predicts nothing), right-padded, with labels at the positions that predict an answer
+token. This module is the single place that builds such batches.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task item: a prompt and its correct answer (a continuation, usually with a leading space).
+
+    `choices`/`label` are set for classification tasks: `answer == choices[label]`.
+    """
+
+    prompt: str
+    answer: str
+    choices: tuple[str, ...] | None = None
+    label: int | None = None
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An example's prompt and answer token ids (answer tokenized without special tokens)."""
+
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+
+    def __len__(self) -> int:  # tokens fed to the model under teacher forcing
+        return len(self.prompt_ids) + len(self.answer_ids) - 1
+
+
+@dataclass
+class Batch:
+    """A right-padded teacher-forcing batch. Offsets: `position - (prompt_lengths - 1)`."""
+
+    input_ids: torch.Tensor  # (batch, pos)
+    attention_mask: torch.Tensor  # (batch, pos)
+    labels: torch.Tensor  # (batch, pos) next-token ids at answer-predicting positions, else -100
+    prompt_lengths: torch.Tensor  # (batch,)
+    index: torch.Tensor  # (batch,) positions of the examples in the encoded list
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels,
+                                               self.prompt_lengths, self.index)))
+
+    @property
+    def position_ids(self) -> torch.Tensor:  # (batch, pos)
+        return (self.attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+    @property
+    def offsets(self) -> torch.Tensor:  # (batch, pos) offset from the last prompt token
+        pos = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        return pos[None, :] - (self.prompt_lengths[:, None] - 1)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+
+def encode(tokenizer, examples: Sequence[Example], answers: Sequence[str] | None = None) -> list[Encoded]:
+    """Tokenize prompts (with the tokenizer's usual special tokens) and answers (without any)."""
+    answers = [ex.answer for ex in examples] if answers is None else answers
+    out = []
+    for ex, answer in zip(examples, answers, strict=True):
+        prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not prompt_ids:
+            raise UsageError(f"an example's prompt tokenizes to nothing: {ex.prompt!r}")
+        if not answer_ids:
+            raise UsageError(f"an example's answer tokenizes to nothing: {answer!r} (prompt {ex.prompt[:40]!r})")
+        out.append(Encoded(tuple(prompt_ids), tuple(answer_ids)))
+    return out
+
+
+def collate(encoded: Sequence[Encoded], index: Sequence[int], pad_id: int) -> Batch:
+    """Right-pad prompt + answer[:-1] for the given examples into one batch."""
+    rows = [encoded[i] for i in index]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for b, r in enumerate(rows):
+        seq = r.prompt_ids + r.answer_ids[:-1]
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+        p = len(r.prompt_ids)
+        labels[b, p - 1 : p - 1 + len(r.answer_ids)] = torch.tensor(r.answer_ids)
+    lengths = torch.tensor([len(r.prompt_ids) for r in rows])
+    return Batch(ids, mask, labels, lengths, torch.tensor(list(index), dtype=torch.long))
+
+
+def batches(
+    encoded: Sequence[Encoded], batch_size: int, pad_id: int, order: Sequence[int] | None = None
+) -> Iterator[Batch]:
+    """Batches in `order` (default: by length, which keeps padding low)."""
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    if order is None:
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        yield collate(encoded, order[start : start + batch_size], pad_id)
+
+
+def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over each example's answer tokens: (batch, pos, vocab) -> (batch,)."""
+    flat = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+    )
+    return flat.view(labels.shape).sum(1)
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """Parse a JSONL file into (line number, object) pairs; a bad line is a UsageError naming both."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append((n, row))
+    if not rows:
+        raise UsageError(f"{path} holds no examples")
+    return rows
+
+
+def load_prompt_answer_jsonl(path: str | Path) -> list[Example]:
+    """A JSONL file of {"prompt": ..., "answer": ...} lines."""
+    examples = []
+    for n, row in read_jsonl(path):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("answer"), str):
+            raise UsageError(f"{path}:{n}: each line needs string fields 'prompt' and 'answer'")
+        examples.append(Example(row["prompt"], row["answer"]))
+    return examples
