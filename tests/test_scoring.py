@@ -18,8 +18,11 @@ def reference_scores(model, targets, encoded, pad_id):
     for i in range(len(encoded)):
         batch = collate(encoded, [i], pad_id)
         store = {}
-        handles = [model.get_submodule(t.module_name).register_forward_hook(
-            lambda m, a, out, name=t.module_name: store.__setitem__(name, (a[0], out))) for t in targets]
+
+        def keep(name, store=store):
+            return lambda module, args, output: store.__setitem__(name, (args[0], output))
+
+        handles = [model.get_submodule(t.module_name).register_forward_hook(keep(t.module_name)) for t in targets]
         logits = model(**batch.model_inputs()).logits
         for h in handles:
             h.remove()

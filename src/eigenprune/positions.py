@@ -8,7 +8,8 @@ pre-hook on the whole model computes the offsets of the tokens in each call from
 Where the prompt ends:
 - inside `prompt_lengths(model, lengths)`: as given (teacher forcing: prompt + answer in one call);
 - inside `model.generate(...)`: the real tokens of the input, for every step, cached or not;
-- otherwise: every real token of the call is prompt, so the last one is offset 0.
+- otherwise: a call without a KV cache is all prompt (its last real token is offset 0), and a call
+  that extends a cache continues the prompt of the call that started that cache.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class OffsetTracker:
         self.prompt_lengths: torch.Tensor | None = None  # (batch,) set by a context
         self.offsets: torch.Tensor | None = None  # (batch, pos) of the current call
         self._handle = None
+        self._cached_prompt: torch.Tensor | None = None  # prompt lengths of the cache being extended
 
     def _pre_hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -36,15 +38,22 @@ class OffsetTracker:
             ids = kwargs["inputs_embeds"][..., 0]
         batch, width = ids.shape[:2]
         mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             real = mask.long().cumsum(1)[:, -width:] - 1  # (batch, pos) index among real tokens
             total = mask.long().sum(1)
         else:
-            cache = kwargs.get("past_key_values")
-            past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
             real = (past + torch.arange(width, device=ids.device)).expand(batch, width)
             total = torch.full((batch,), past + width, device=ids.device)
-        lengths = self.prompt_lengths if self.prompt_lengths is not None else total
+        if self.prompt_lengths is not None:
+            lengths = self.prompt_lengths
+        elif past > 0 and self._cached_prompt is not None and len(self._cached_prompt) == batch:
+            lengths = self._cached_prompt
+        else:
+            lengths = total
+        if past == 0:
+            self._cached_prompt = lengths
         self.offsets = real - (lengths.to(real.device)[:, None] - 1)
 
     def attach(self, model: torch.nn.Module) -> None:

@@ -8,6 +8,7 @@ architecture needs code of its own. Linear vs transformers' Conv1D is decided he
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class Target:
     rows: tuple[int, int]
     in_features: int
     layer: int | None
+    module_out: int  # out_features of the whole module (fused projections hold several targets)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -80,8 +82,8 @@ def _layer_of(name: str) -> int | None:
 def _attention_sizes(config) -> tuple[int, int, int]:
     """(head_dim, n_heads, n_kv_heads) from a transformers config, architecture-agnostic."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
-    n_heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head")
+    hidden = getattr(text, "hidden_size", None) or text.n_embd
+    n_heads = getattr(text, "num_attention_heads", None) or text.n_head
     n_kv = getattr(text, "num_key_value_heads", None) or n_heads
     head_dim = getattr(text, "head_dim", None) or hidden // n_heads
     return head_dim, n_heads, n_kv
@@ -137,8 +139,8 @@ def find_targets(
             name = f"{module_name}:{part}" if part else module_name
             if not any(re.search(p, name) for p in patterns):
                 continue
-            found.extend(_split_heads(name, module_name, rows, in_features, layer, config, spec)
-                         if per_head else [Target(name, module_name, rows, in_features, layer)])
+            whole = Target(name, module_name, rows, in_features, layer, out_features)
+            found.extend(_split_heads(whole, config, spec) if per_head else [whole])
     if not found:
         listing = ", ".join(f"{n} {tuple(weight_view(m).shape)}" for n, m in linear_modules(model)[:40])
         raise UsageError(f"--targets '{spec}' (layers {layers or 'all'}) matches no linear module; "
@@ -146,15 +148,15 @@ def find_targets(
     return found
 
 
-def _split_heads(name, module_name, rows, in_features, layer, config, spec) -> list[Target]:
+def _split_heads(whole: Target, config, spec: str) -> list[Target]:
     if spec in PRESETS and spec not in _HEAD_KINDS:
         raise UsageError(f"per-head granularity applies to query, key and value projections, not '{spec}'")
     head_dim = _attention_sizes(config)[0]
-    width = rows[1] - rows[0]
-    if width % head_dim:
-        raise UsageError(f"{name} has {width} output rows, not a whole number of heads of {head_dim}")
-    return [Target(f"{name}:h{h}", module_name, (rows[0] + h * head_dim, rows[0] + (h + 1) * head_dim),
-                   in_features, layer) for h in range(width // head_dim)]
+    start, stop = whole.rows
+    if (stop - start) % head_dim:
+        raise UsageError(f"{whole.name} has {stop - start} output rows, not a whole number of heads of {head_dim}")
+    return [dataclasses.replace(whole, name=f"{whole.name}:h{h}", rows=(r, r + head_dim))
+            for h, r in enumerate(range(start, stop, head_dim))]
 
 
 def target_weight(model: nn.Module, target: Target) -> torch.Tensor:
