@@ -24,7 +24,7 @@ from torch import nn
 from . import __version__
 from .decompose import Components
 from .errors import UsageError
-from .freeze import Edit, FreezeConfig, apply_edit
+from .freeze import Edit, FreezeConfig, apply_edit, make_edit
 from .scoring import InputMeans, Scores
 from .targets import Target, weight_view
 
@@ -127,10 +127,21 @@ def save_scores(out: str | Path, scores: Scores, targets: list[Target], componen
 
 @dataclasses.dataclass
 class ScoreRun:
+    """Everything scoring produced: any p can be frozen from it without new SVDs or scores."""
+
     meta: dict
     targets: list[Target]
     components: dict[str, Components]
     scores: Scores
+
+    def edit(self, config: FreezeConfig) -> Edit:
+        ranking = self.scores.max if config.aggregate == "max" else self.scores.mean
+        return make_edit(self.targets, self.components, ranking, self.scores.means, config)
+
+    def edit_meta(self) -> dict:
+        """What an edit made from this run records about its base model and origin."""
+        keys = ("model", "base_fingerprint", "data", "targets_spec", "layers", "per_head", "score_config")
+        return {"base_model": self.meta["model"], **{k: self.meta[k] for k in keys[1:] if k in self.meta}}
 
 
 def load_scores(directory: str | Path) -> ScoreRun:

@@ -69,7 +69,9 @@ def load_model(
 ):
     """Load (model, tokenizer) in eval mode. The tokenizer always has a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # eigenprune shows its own progress; loading bars are noise
     source = resolve(spec)
     torch_dtype = parse_dtype(dtype)
     kwargs: dict = {"trust_remote_code": trust_remote_code}

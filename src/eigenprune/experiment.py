@@ -1,0 +1,330 @@
+"""`eigenprune run`: the whole experiment, honest by construction.
+
+base dev/test accuracy -> score once on train -> for each p, dev accuracy (test shown, never used)
+-> choose p on dev (p = 0, the base model, is always a candidate; ties go to the smaller p) -> the
+chosen edit's test accuracy -> report.json, report.md, plots, the edit, the scores and the
+configuration that repeats the run bit for bit. The output directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+from .freeze import AGGREGATES, BIASES, SCOPES, FreezeConfig, apply_edit, remove_edit
+
+DEFAULT_PS = (0.01, 0.05, 0.1, 0.3)
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run; saved as config.json and accepted back by --config."""
+
+    task: str = field(metadata={"help": "built-in task name or a task JSONL file"})
+    model: str = field(default="smollm2-135m", metadata={"help": "model spec (see `eigenprune targets`)"})
+    targets: str = field(default="key", metadata={"help": "target preset or regex"})
+    layers: str | None = field(default=None, metadata={"help": "layer range, e.g. 20-"})
+    per_head: bool = field(default=False, metadata={"help": "one component set per head"})
+    p: list[float] = field(default_factory=lambda: list(DEFAULT_PS), metadata={"help": "fractions to try"})
+    eval_mode: str | None = field(default=None, metadata={"help": "next-token, choice or exact; None: task default"})
+    dev_fraction: float = field(default=0.2, metadata={"help": "dev share carved from train"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the (first) dev split"})
+    seeds: int = field(default=1, metadata={"help": "repeat over this many split seeds"})
+    limit: int | None = field(default=None, metadata={"help": "cap each split at N examples"})
+    partners: str = field(default="4", metadata={"help": "partners per example or 'all'"})
+    window: int = field(default=32, metadata={"help": "partner window"})
+    score_seed: int = field(default=0, metadata={"help": "seed of the pairing"})
+    batch_size: int = field(default=8, metadata={"help": "scoring batch size"})
+    eval_batch_size: int = field(default=16, metadata={"help": "evaluation batch size"})
+    scope: str = field(default="global", metadata={"help": "global or per-target ranking"})
+    aggregate: str = field(default="max", metadata={"help": "max or mean over pairs"})
+    bias: str = field(default="position", metadata={"help": "position or constant bias"})
+    sweep_test: bool = field(default=True, metadata={"help": "also show every p's test accuracy (not used)"})
+    template: str | None = field(default=None, metadata={"help": "prompt template override"})
+    answers: list[str] | None = field(default=None, metadata={"help": "answer words override"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples"})
+
+    def __post_init__(self) -> None:
+        if not self.p:
+            raise ValueError("p needs at least one fraction")
+        for value in self.p:
+            if not 0 < value < 1:
+                raise ValueError(f"p values must be in (0, 1), got {value}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
+        if self.limit is not None and self.limit < 2:
+            raise ValueError(f"limit must be at least 2, got {self.limit}")
+        if self.n_boot < 1:
+            raise ValueError(f"n_boot must be at least 1, got {self.n_boot}")
+        FreezeConfig(scope=self.scope, aggregate=self.aggregate, bias=self.bias)
+        self.p = sorted(float(v) for v in self.p)
+
+    def freeze(self, p: float) -> FreezeConfig:
+        return FreezeConfig(p=p, scope=self.scope, aggregate=self.aggregate, bias=self.bias)
+
+
+def ci(correct: torch.Tensor, n_boot: int, seed: int = 0) -> dict:
+    from .stats import accuracy_ci
+
+    acc, lo, hi = accuracy_ci(correct.numpy(), n_boot=n_boot, seed=seed)
+    return {"acc": acc, "lo": lo, "hi": hi, "n": int(correct.numel())}
+
+
+def diff_ci(before: torch.Tensor, after: torch.Tensor, n_boot: int) -> dict:
+    from .stats import paired_diff_ci
+
+    diff, lo, hi = paired_diff_ci(before.numpy(), after.numpy(), n_boot=n_boot)
+    return {"diff": diff, "lo": lo, "hi": hi}
+
+
+class Harness:
+    """One model, one task split, one eval mode: what every method in a comparison shares."""
+
+    def __init__(self, model, tokenizer, splits, mode: str, config: RunConfig, quiet: bool) -> None:
+        self.model, self.tokenizer, self.splits, self.mode = model, tokenizer, splits, mode
+        self.config, self.quiet = config, quiet
+        self.dev_evaluations = 0
+
+    def evaluate(self, split: str) -> torch.Tensor:
+        from .evaluate import evaluate
+
+        self.dev_evaluations += split == "dev"
+        examples = getattr(self.splits, split)
+        return evaluate(self.model, self.tokenizer, examples, self.mode, self.config.eval_batch_size,
+                        progress=not self.quiet).correct
+
+
+def choose(base_dev: float, sweep: list[dict]) -> float:
+    """The p with the best dev accuracy; p = 0 (no edit) competes too, and ties favour the smaller p."""
+    best_p, best = 0.0, base_dev
+    for row in sweep:
+        if row["dev_acc"] > best:
+            best_p, best = row["p"], row["dev_acc"]
+    return best_p
+
+
+def _kind(target_name: str) -> str:
+    part = target_name.split(":")
+    return part[1] if len(part) > 1 and part[1] in "qkv" else part[0].rsplit(".", 1)[-1]
+
+
+def run_one(harness: Harness, seed: int) -> tuple[dict, object, object]:
+    """One split seed: returns (report dict, ScoreRun, chosen Edit)."""
+    from .engine import score_run
+    from .scoring import ScoreConfig
+
+    cfg, timings = harness.config, {}
+    t0 = time.perf_counter()
+    base = {"dev": harness.evaluate("dev"), "test": harness.evaluate("test")}
+    timings["base_eval"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    score_cfg = ScoreConfig(partners=cfg.partners, window=cfg.window, seed=cfg.score_seed, batch_size=cfg.batch_size)
+    run = score_run(harness.model, harness.tokenizer, harness.splits.train, cfg.targets, cfg.layers, cfg.per_head,
+                    score_cfg, progress=not harness.quiet, meta={"model": cfg.model, "dtype": cfg.dtype,
+                                                                 "data": cfg.task, "split_seed": seed})
+    timings["scoring"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sweep, results = [], {}
+    for p in cfg.p:
+        edit = run.edit(cfg.freeze(p))
+        apply_edit(harness.model, edit)
+        try:
+            dev = harness.evaluate("dev")
+            test = harness.evaluate("test") if cfg.sweep_test else None
+        finally:
+            remove_edit(harness.model)
+        results[p] = (edit, dev, test)
+        row = {"p": p, "n_frozen": edit.n_frozen, **{f"dev_{k}": v for k, v in ci(dev, cfg.n_boot).items()}}
+        if test is not None:
+            row |= {f"test_{k}": v for k, v in ci(test, cfg.n_boot).items()}
+        sweep.append(row)
+    timings["sweep"] = time.perf_counter() - t0
+    chosen_p = choose(float(base["dev"].float().mean()), sweep)
+    for row in sweep:
+        row["chosen"] = row["p"] == chosen_p
+    t0 = time.perf_counter()
+    if chosen_p == 0:
+        edit, pruned = run.edit(cfg.freeze(0.0)), dict(base)
+    else:
+        edit, dev, test = results[chosen_p]
+        if test is None:
+            apply_edit(harness.model, edit)
+            try:
+                test = harness.evaluate("test")
+            finally:
+                remove_edit(harness.model)
+        pruned = {"dev": dev, "test": test}
+    timings["test_eval"] = time.perf_counter() - t0
+    splits = harness.splits
+    report = {
+        "model": cfg.model, "task": cfg.task, "targets": cfg.targets, "layers": cfg.layers, "per_head": cfg.per_head,
+        "eval_mode": harness.mode, "split_seed": seed, "score_seed": cfg.score_seed,
+        "split_sizes": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
+        "base": {k: ci(v, cfg.n_boot) for k, v in base.items()},
+        "pruned": {k: ci(v, cfg.n_boot) for k, v in pruned.items()},
+        "chosen_p": chosen_p, "n_frozen": edit.n_frozen, "n_components": sum(t.n_components for t in run.targets),
+        "sweep": sweep,
+        "diff_ci": diff_ci(base["test"], pruned["test"], cfg.n_boot),
+        "dev_diff_ci": diff_ci(base["dev"], pruned["dev"], cfg.n_boot),
+        "frozen_by_target": [{"target": t.name, "layer": t.layer, "kind": _kind(t.name),
+                              "n_frozen": len(edit.removed[t.name]), "n_components": t.n_components}
+                             for t in run.targets],
+        "n_pairs": run.scores.n_pairs, "timings": timings,
+    }
+    labels = [ex.label for ex in splits.test if ex.label is not None]
+    if labels:
+        from .stats import majority_rate
+
+        report["majority_rate"] = {"dev": majority_rate([ex.label for ex in splits.dev]),
+                                   "test": majority_rate(labels)}
+    return report, run, edit
+
+
+def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
+    """Run the experiment and write its directory; returns the report."""
+    from .artifact import atomic_dir, save_edit, save_scores
+    from .evaluate import next_token_warnings
+    from .models import load_model
+    from .report import verdict, write_report
+    from .stats import mean_sd
+    from .tasks import load_task, split_task
+
+    out = Path(out or f"runs/{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise UsageError(f"{out} already exists; choose another --out or remove it")
+    task = load_task(cfg.task, cfg.template, cfg.answers)
+    mode = cfg.eval_mode or task.eval_mode
+    t0 = time.perf_counter()
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    load_s = time.perf_counter() - t0
+    warnings, reports = [], []
+    for seed in range(cfg.split_seed, cfg.split_seed + cfg.seeds):
+        splits = split_task(task, cfg.dev_fraction, seed, cfg.limit)
+        if mode == "next-token":
+            warnings += [w for w in next_token_warnings(tok, splits.train + splits.test) if w not in warnings]
+        one, one_run, one_edit = run_one(Harness(model, tok, splits, mode, cfg, quiet), seed)
+        if not reports:
+            run, edit = one_run, one_edit  # the first seed's scores and edit are the ones saved
+        reports.append(one)
+        if not quiet and cfg.seeds > 1:
+            print(f"seed {seed}: base test {one['base']['test']['acc']:.3f}, "
+                  f"pruned {one['pruned']['test']['acc']:.3f} (p={one['chosen_p']})", file=sys.stderr)
+    report = reports[0]
+    report["timings"] = {"load": load_s, **report["timings"]}
+    report["warnings"] = warnings
+    report["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if cfg.seeds > 1:
+        rows = [{"seed": r["split_seed"], "base_test": r["base"]["test"]["acc"],
+                 "pruned_test": r["pruned"]["test"]["acc"], "diff": r["diff_ci"]["diff"], "chosen_p": r["chosen_p"]}
+                for r in reports]
+        summary = {k: dict(zip(("mean", "sd"), mean_sd(row[k] for row in rows), strict=True))
+                   for k in ("base_test", "pruned_test", "diff")}
+        report["repeats"] = {"seeds": [r["seed"] for r in rows], "base_test": summary["base_test"],
+                             "pruned_test": summary["pruned_test"], "diff": summary["diff"],
+                             "chosen_p": [r["chosen_p"] for r in rows], "runs": rows}
+    report["verdict"] = verdict(report)
+    with atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
+        save_scores(tmp / "scores", run.scores, run.targets, run.components, run.meta)
+        save_edit(tmp / "edit", edit, run.edit_meta())
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_report(tmp, report, run.scores.max if cfg.aggregate == "max" else run.scores.mean, edit.removed)
+    report["out"] = str(out)
+    return report
+
+
+def config_from_file(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path} is not valid JSON ({err.msg})") from None
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UsageError(f"{path}: unknown setting '{unknown[0]}'")
+    try:
+        return RunConfig(**data)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"{path}: {err}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def cmd_run(args) -> int:
+    if args.config:
+        cfg = config_from_file(args.config)
+    else:
+        if not args.task:
+            raise UsageError("run needs --task (or --config DIR/config.json)")
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name, None)
+                  is not None}
+        try:
+            cfg = RunConfig(**values)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    report = execute(cfg, args.out, args.quiet)
+    pruned, base = report["pruned"]["test"], report["base"]["test"]
+    d = report["diff_ci"]
+    print(f"{report['task']}: base test {base['acc']:.3f} [{base['lo']:.3f}, {base['hi']:.3f}] -> "
+          f"pruned {pruned['acc']:.3f} [{pruned['lo']:.3f}, {pruned['hi']:.3f}] at p={report['chosen_p']} "
+          f"(diff {d['diff']:+.3f}, 95% CI [{d['lo']:+.3f}, {d['hi']:+.3f}], n={base['n']})")
+    print(report["verdict"])
+    print(f"report: {report['out']}/report.md")
+    return 0
+
+
+def add_run_parser(sub, fmt) -> None:
+    p = sub.add_parser("run", help="the whole experiment: base, score, choose p on dev, test once, report",
+                       formatter_class=fmt, epilog=(
+                           "examples:\n  eigenprune run --task int-mult --limit 100 --out runs/mult\n"
+                           "  eigenprune run --model ./gpt2 --task cb --targets key --p 0.01,0.05,0.1 --seeds 3\n"
+                           "  eigenprune run --config runs/mult/config.json --out runs/mult-again"))
+    p.add_argument("--config", help="repeat a run from its config.json (other settings are ignored)")
+    p.add_argument("--task", help="built-in task (int-sum, int-mult, cb, copa, rte) or a task JSONL file")
+    p.add_argument("--model", help="model spec (default smollm2-135m)")
+    p.add_argument("--targets", help="target preset or regex (default key)")
+    p.add_argument("--layers", help="layer range, e.g. 20-")
+    p.add_argument("--per-head", action="store_true", default=None)
+    p.add_argument("--p", type=_floats, help="comma-separated fractions (default 0.01,0.05,0.1,0.3)")
+    p.add_argument("--eval-mode", choices=("next-token", "choice", "exact"))
+    p.add_argument("--dev-fraction", type=float)
+    p.add_argument("--split-seed", type=int)
+    p.add_argument("--seeds", type=int, help="repeat over N split seeds, report mean ± sd")
+    p.add_argument("--limit", type=int, help="cap each split at N examples (seeded)")
+    p.add_argument("--partners", help="partners per example or 'all' (default 4)")
+    p.add_argument("--window", type=int)
+    p.add_argument("--score-seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--scope", choices=SCOPES)
+    p.add_argument("--aggregate", choices=AGGREGATES)
+    p.add_argument("--bias", choices=BIASES)
+    p.add_argument("--no-sweep-test", dest="sweep_test", action="store_false", default=None,
+                   help="do not evaluate every p on test (only the chosen one)")
+    p.add_argument("--template", help="prompt template with {field} placeholders")
+    p.add_argument("--answers", type=lambda s: s.split(","), help="comma-separated answer words")
+    p.add_argument("--dtype")
+    p.add_argument("--device")
+    p.add_argument("--n-boot", type=int)
+    p.add_argument("--out", help="output directory (default runs/TASK-TIMESTAMP)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
