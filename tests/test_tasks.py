@@ -205,6 +205,7 @@ def test_splits_are_seeded():
     limited = [split_task(t, seed=s, limit=10) for s in (3, 3, 4)]
     assert [len(x) for x in (limited[0].train, limited[0].dev, limited[0].test)] == [10, 10, 10]
     assert limited[0] == limited[1] and limited[0].train != limited[2].train
+    assert limited[0].test == limited[2].test  # one test set across seeds
 
 
 @pytest.mark.parametrize("kwargs, message", [

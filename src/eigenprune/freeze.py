@@ -8,6 +8,8 @@ same scores and SVDs serve any p: `make_edit` is cheap and does no SVD or scorin
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +23,7 @@ from .targets import Target, weight_view
 
 SCOPES = ("global", "per-target")
 AGGREGATES = ("max", "mean")
-BIASES = ("position", "constant")
+BIASES = ("position", "constant", "none")  # none: plain truncation (LASER-style baselines)
 
 
 @dataclass
@@ -31,7 +33,8 @@ class FreezeConfig:
     p: float = field(default=0.05, metadata={"help": "fraction of components to freeze, in [0, 1)"})
     scope: str = field(default="global", metadata={"help": "rank components across all targets or per target"})
     aggregate: str = field(default="max", metadata={"help": "rank by the max over pairs (paper) or the mean"})
-    bias: str = field(default="position", metadata={"help": "bias from the mean input per position or overall"})
+    bias: str = field(default="position",
+                      metadata={"help": "bias from the mean input per position, overall ('constant'), or 'none'"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.p < 1:
@@ -82,7 +85,7 @@ def make_edit(targets: list[Target], components: dict[str, Components], scores: 
 
 
 def build_edit(targets: list[Target], components: dict[str, Components], removed: dict[str, torch.Tensor],
-               means: InputMeans, config: FreezeConfig) -> Edit:
+               means: InputMeans | None, config: FreezeConfig) -> Edit:
     """Freeze the given component indices per target (however they were chosen)."""
     removed = {t.name: torch.as_tensor(removed.get(t.name, []), dtype=torch.long) for t in targets}
     factors = {}
@@ -94,14 +97,16 @@ def build_edit(targets: list[Target], components: dict[str, Components], removed
         if len(idx) == 0:
             continue
         U, S, Vh = factors[t.name]
-        mean = means.table(t.module_name)  # (n_offsets + 1, d_in)
-        if config.bias == "constant":
-            mean = mean[-1:]
+        if config.bias == "none":  # plain truncation needs no input means
+            mean = torch.zeros(1, t.in_features)
+        else:
+            mean = means.table(t.module_name)  # (n_offsets + 1, d_in)
+            mean = mean if config.bias == "position" else mean[-1:]
         table = bias_tables.setdefault(t.module_name, None)
         if table is None:
             table = bias_tables[t.module_name] = torch.zeros(len(mean), t.module_out)
         table[:, t.rows[0] : t.rows[1]] += ((mean @ Vh.t()) * S) @ U.t()  # (rows, d_out slice)
-    return Edit(targets, removed, factors, bias_tables, means.offset_min, config)
+    return Edit(targets, removed, factors, bias_tables, means.offset_min if means else 0, config)
 
 
 class FrozenLinear(nn.Module):
@@ -172,6 +177,16 @@ def apply_edit(model: nn.Module, edit: Edit) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def applied(model: nn.Module, edit: Edit) -> Iterator[nn.Module]:
+    """The model with the edit applied for the duration of the block, and restored after it."""
+    apply_edit(model, edit)
+    try:
+        yield model
+    finally:
+        remove_edit(model)
+
+
 def remove_edit(model: nn.Module) -> nn.Module:
     """Undo `apply_edit`: put the original layers back."""
     for name, module in list(model.named_modules()):
@@ -197,6 +212,9 @@ def merge_edit(model: nn.Module) -> list[str]:
         base = module.base_layer
         weight = weight_view(base)  # (out, in) view of the stored weight
         weight.sub_((module.up @ module.down).to(weight.dtype))
+        if base.bias is None and not module.bias_table.any():
+            _set_submodule(model, name, base)
+            continue
         if base.bias is None:
             base.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
             added.append(name)
