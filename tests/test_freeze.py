@@ -7,7 +7,16 @@ from helpers import EXAMPLES
 
 from eigenprune.data import collate, encode
 from eigenprune.decompose import decompose_targets
-from eigenprune.freeze import FreezeConfig, FrozenLinear, apply_edit, build_edit, make_edit, remove_edit, select
+from eigenprune.freeze import (
+    FreezeConfig,
+    FrozenLinear,
+    applied,
+    apply_edit,
+    build_edit,
+    make_edit,
+    remove_edit,
+    select,
+)
 from eigenprune.positions import prompt_lengths
 from eigenprune.scoring import ScoreConfig, score
 from eigenprune.targets import find_targets
@@ -129,7 +138,21 @@ def test_edit_refuses_to_stack():
         apply_edit(model, edit)
 
 
-@pytest.mark.parametrize("field,value", [("p", 1.0), ("p", -0.1), ("scope", "layer"), ("bias", "none")])
+@pytest.mark.parametrize("field,value", [("p", 1.0), ("p", -0.1), ("scope", "layer"), ("bias", "zero")])
 def test_freeze_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         FreezeConfig(**{field: value})
+
+
+def test_bias_none_is_plain_truncation():
+    model, tok, targets, comps, encoded, scores = scored("phi")
+    edit = make_edit(targets, comps, scores.max, None, FreezeConfig(p=0.5, bias="none"))
+    assert all(not table.any() for table in edit.bias_tables.values())
+    target = targets[0]
+    keep = torch.ones(target.n_components, dtype=torch.bool)
+    keep[edit.removed[target.name]] = False
+    with applied(model, edit):
+        layer = model.get_submodule(target.module_name)
+        x = torch.randn(2, 3, target.in_features)
+        want = x @ comps[target.name].reconstruct(keep).t() + layer.base_layer.bias[slice(*target.rows)]
+        torch.testing.assert_close(layer(x)[..., slice(*target.rows)], want, atol=1e-5, rtol=1e-4)
