@@ -33,12 +33,18 @@ SCORES_FORMAT, SCORES_VERSION, SCORES_JSON = "eigenprune-scores", 1, "score_conf
 
 
 # ---------------------------------------------------------------- writing directories safely
-@contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out` only if the block completes."""
+def check_new_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an output path that holds something already (call before long work, not only at the end)."""
     out = Path(out)
     if out.is_file() or (out.is_dir() and not overwrite and any(out.iterdir())):
         raise UsageError(f"{out} already exists; choose another --out or remove it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` only if the block completes."""
+    out = check_new_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -67,17 +67,37 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def _start_distributed(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, NCCL on GPU); returns the rank."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        cuda = args.device.startswith("cuda")
+        if cuda:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
+
+
 def cmd_score(args) -> int:
-    from .artifact import save_scores
+    from .artifact import check_new_dir, save_scores
     from .engine import score_run
     from .scoring import ScoreConfig
 
     config = _config(ScoreConfig, partners=args.partners, window=args.window, seed=args.seed,
                      batch_size=args.batch_size)
+    check_new_dir(args.out)  # before the long work, on every rank
     examples, meta = _scoring_examples(args)
+    rank = _start_distributed(args)
     model, tok = _load(args)
     run = score_run(model, tok, examples, args.targets, args.layers, args.per_head, config,
                     progress=not args.quiet, meta={"model": args.model, "dtype": args.dtype, **meta})
+    if rank != 0:
+        return 0
     save_scores(args.out, run.scores, run.targets, run.components, run.meta)
     n = sum(t.n_components for t in run.targets)
     print(f"scored {n} components in {len(run.targets)} targets on {len(examples)} examples "
@@ -86,10 +106,11 @@ def cmd_score(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .artifact import load_scores, save_edit
+    from .artifact import check_new_dir, load_scores, save_edit
     from .freeze import FreezeConfig
 
     config = _config(FreezeConfig, p=args.p, scope=args.scope, aggregate=args.aggregate, bias=args.bias)
+    check_new_dir(args.out)
     run = load_scores(args.scores)
     edit = run.edit(config)
     save_edit(args.out, edit, run.edit_meta())
@@ -116,6 +137,9 @@ def cmd_export(args) -> int:
     if not args.merge:
         raise UsageError("export writes a plain Hugging Face model and needs --merge (the edit folder itself "
                          "is the unmerged form)")
+    from .artifact import check_new_dir
+
+    check_new_dir(args.out)
     model, tok = _load_with_edit(args)
     export_merged(model, tok, args.out)
     print(f"merged model -> {args.out} (loads with AutoModelForCausalLM.from_pretrained)")

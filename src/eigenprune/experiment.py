@@ -193,16 +193,14 @@ def run_one(harness: Harness, seed: int) -> tuple[dict, object, object]:
 
 def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
     """Run the experiment and write its directory; returns the report."""
-    from .artifact import atomic_dir, save_edit, save_scores
+    from .artifact import atomic_dir, check_new_dir, save_edit, save_scores
     from .evaluate import next_token_warnings
     from .models import load_model
     from .report import verdict, write_report
     from .stats import mean_sd
     from .tasks import load_task, split_task
 
-    out = Path(out or f"runs/{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        raise UsageError(f"{out} already exists; choose another --out or remove it")
+    out = check_new_dir(out or f"runs/{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     task = load_task(cfg.task, cfg.template, cfg.answers)
     mode = cfg.eval_mode or task.eval_mode
     t0 = time.perf_counter()

@@ -109,6 +109,163 @@ def _loss_and_backward(model: nn.Module, batch: Batch) -> None:
     answer_nll(logits, batch.labels).sum().backward()
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) when torch.distributed is running, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Stream:
+    """The scoring pass over the examples in stream order, batch by batch.
+
+    Keeps a ring of the last `window + batch_size` examples' input projections b (the partners'
+    side of a pair) and, for the first `window` examples, their (a, b) until the end of the stream
+    brings their wrapped-around partners. Under torch.distributed each rank processes a contiguous
+    share of the batches, first re-running (forward only) the batches before its share that hold
+    its partners, so every rank computes exactly the pairs one process would.
+    """
+
+    def __init__(self, model, targets, components, encoded, pad_id, config: ScoreConfig) -> None:
+        n = len(encoded)
+        self.model, self.targets, self.encoded, self.pad_id, self.config = model, targets, encoded, pad_id, config
+        self.device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(config.seed)
+        self.order = torch.randperm(n, generator=generator).tolist()
+        self.steps = _partner_offsets(n, config, generator)  # (n, K)
+        self.window = int(self.steps.max())
+        self.capacity = self.window + config.batch_size
+        self.offset_min = 1 - max(len(e.prompt_ids) for e in encoded)
+        self.n_offsets = max(len(e.answer_ids) for e in encoded) - self.offset_min
+        self.modules = sorted({t.module_name for t in targets})
+        dev = self.device
+        self.basis = {t.name: (components[t.name].U.to(dev), components[t.name].S.to(dev),
+                               components[t.name].Vh.t().to(dev)) for t in targets}
+        self.sums = {m: torch.zeros(self.n_offsets, t_in, dtype=torch.float64, device=dev)
+                     for m, t_in in {t.module_name: t.in_features for t in targets}.items()}
+        self.counts = torch.zeros(self.n_offsets, dtype=torch.float64, device=dev)
+        self.ring = {t.name: torch.zeros(self.capacity, self.n_offsets, t.n_components, device=dev) for t in targets}
+        self.ring_mask = torch.zeros(self.capacity, self.n_offsets, device=dev)
+        self.head: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # stream position -> (a, b)
+        self.best = {t.name: torch.full((t.n_components,), -torch.inf, device=dev) for t in targets}
+        self.total = {t.name: torch.zeros(t.n_components, dtype=torch.float64, device=dev) for t in targets}
+        self.n_pairs = 0
+
+    def batch_positions(self) -> list[list[int]]:
+        n, size = len(self.encoded), self.config.batch_size
+        return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+    def _aligned(self, values: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return aligned(values, batch, self.offset_min, self.n_offsets)
+
+    def _accumulate(self, name: str, a, b_self, b_partner, mask_partner) -> None:
+        for start in range(0, a.shape[0], 256):  # bound memory on large pair sets
+            sl = slice(start, start + 256)
+            effects = pair_effects(a[sl], b_self[sl], b_partner[sl], mask_partner[sl], self.basis[name][1])
+            self.best[name] = torch.maximum(self.best[name], effects.max(0).values)
+            self.total[name] += effects.sum(0, dtype=torch.float64)
+
+    def step(self, positions: list[int], cap, full: bool) -> None:
+        """One batch. `full`: forward+backward, means and pairs; else forward only, to fill the ring."""
+        batch = collate(self.encoded, [self.order[j] for j in positions], self.pad_id).to(self.device)
+        cap.clear()
+        if full:
+            _loss_and_backward(self.model, batch)
+        else:
+            with torch.no_grad():
+                self.model(**batch.model_inputs(), use_cache=False)
+        mask = self._aligned(batch.attention_mask[..., None].float(), batch)[..., 0]  # (batch, offsets)
+        slots = torch.tensor(positions, device=self.device) % self.capacity
+        self.ring_mask[slots] = mask
+        inputs = {m: cap.inputs[m].float() for m in self.modules}  # (batch, pos, d_in)
+        if full:
+            self.counts += mask.sum(0, dtype=torch.float64)
+            for m in self.modules:
+                self.sums[m] += self._aligned(inputs[m], batch).sum(0, dtype=torch.float64)
+        # pairs whose partner is already in the ring: (row in batch, partner's ring slot)
+        rows, partners = [], []
+        for r, j in enumerate(positions):
+            for step in self.steps[j].tolist():
+                if j - step >= 0:
+                    rows.append(r)
+                    partners.append((j - step) % self.capacity)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+        partners_t = torch.tensor(partners, dtype=torch.long, device=self.device)
+        for t in self.targets:
+            U, _, V = self.basis[t.name]
+            b = self._aligned(inputs[t.module_name] @ V, batch)  # (batch, offsets, k)
+            self.ring[t.name][slots] = b
+            if not full:
+                continue
+            grads = cap.grads[t.module_name][..., t.rows[0] : t.rows[1]].float()  # (batch, pos, rows)
+            a = self._aligned(grads @ U, batch)  # (batch, offsets, k)
+            for r, j in enumerate(positions):
+                if j < self.window:
+                    self.head.setdefault(j, {})[t.name] = (a[r], b[r])
+            if rows:
+                self._accumulate(t.name, a[rows_t], b[rows_t], self.ring[t.name][partners_t],
+                                 self.ring_mask[partners_t])
+        if full:
+            self.n_pairs += len(rows)
+
+    def finish_head(self) -> None:
+        """Pairs of the first examples with partners at the end of the stream (now in the ring)."""
+        n = len(self.encoded)
+        rows, partners = [], []
+        for j in sorted(self.head):
+            for step in self.steps[j].tolist():
+                if j - step < 0:
+                    rows.append(j)
+                    partners.append((j - step + n) % self.capacity)
+        if not rows:
+            return
+        partners_t = torch.tensor(partners, device=self.device)
+        for t in self.targets:
+            a = torch.stack([self.head[j][t.name][0] for j in rows])
+            b = torch.stack([self.head[j][t.name][1] for j in rows])
+            self._accumulate(t.name, a, b, self.ring[t.name][partners_t], self.ring_mask[partners_t])
+        self.n_pairs += len(rows)
+
+    def run(self, progress: bool) -> None:
+        rank, world = _distributed()
+        batches = self.batch_positions()
+        share = [batches[i] for i in range(len(batches)) if i * world // len(batches) == rank]
+        before = [b for b in batches if share and b[-1] < share[0][0] and b[-1] >= share[0][0] - self.window]
+        tail_start = len(self.encoded) - self.window
+        after = [b for b in batches if share and b[0] > share[-1][-1] and b[-1] >= tail_start]
+        bar = tqdm(total=sum(len(b) for b in share), desc="scoring", unit="ex", disable=not progress or rank != 0)
+        try:
+            with activation_grads_only(self.model), capture_io(self.model, self.modules) as cap:
+                for positions in before:
+                    self.step(positions, cap, full=False)
+                for positions in share:
+                    self.step(positions, cap, full=True)
+                    bar.update(len(positions))
+                if self.head:
+                    for positions in after:
+                        self.step(positions, cap, full=False)
+            self.finish_head()
+        finally:
+            bar.close()
+        if world > 1:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        import torch.distributed as dist
+
+        for name in self.best:
+            dist.all_reduce(self.best[name], op=dist.ReduceOp.MAX)
+            dist.all_reduce(self.total[name])
+        for m in self.sums:
+            dist.all_reduce(self.sums[m])
+        dist.all_reduce(self.counts)
+        pairs = torch.tensor([self.n_pairs], dtype=torch.float64, device=self.device)
+        dist.all_reduce(pairs)
+        self.n_pairs = int(pairs.item())
+
+
 def score(
     model: nn.Module,
     targets: list[Target],
@@ -118,100 +275,20 @@ def score(
     config: ScoreConfig | None = None,
     progress: bool = True,
 ) -> Scores:
-    """Score every component of every target on `encoded` (one forward+backward per batch)."""
+    """Score every component of every target on `encoded` (one forward+backward per batch).
+
+    Under torch.distributed, every rank calls this with the same arguments and gets the same result.
+    """
     config = config or ScoreConfig()
-    n = len(encoded)
-    if n < 2:
-        raise UsageError(f"scoring pairs different examples, so it needs at least 2 (got {n})")
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(n, generator=generator).tolist()
-    steps = _partner_offsets(n, config, generator)  # (n, K)
-    window = int(steps.max())
-    capacity = window + config.batch_size
-
-    offset_min = 1 - max(len(e.prompt_ids) for e in encoded)
-    n_offsets = max(len(e.answer_ids) for e in encoded) - offset_min
-    modules = sorted({t.module_name for t in targets})
-    basis = {t.name: (components[t.name].U.to(device), components[t.name].S.to(device),
-                      components[t.name].Vh.t().to(device)) for t in targets}
-    sums = {m: None for m in modules}
-    counts = torch.zeros(n_offsets, dtype=torch.float64, device=device)
-    ring = {t.name: torch.zeros(capacity, n_offsets, t.n_components, device=device) for t in targets}
-    ring_mask = torch.zeros(capacity, n_offsets, device=device)
-    head: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # first `window` examples' (a, b)
-    best = {t.name: torch.full((t.n_components,), -torch.inf, device=device) for t in targets}
-    total = {t.name: torch.zeros(t.n_components, dtype=torch.float64, device=device) for t in targets}
-    n_pairs = 0
-
-    def accumulate(name: str, a, b_self, b_partner, mask_partner) -> None:
-        for start in range(0, a.shape[0], 256):  # bound memory on large pair sets
-            sl = slice(start, start + 256)
-            effects = pair_effects(a[sl], b_self[sl], b_partner[sl], mask_partner[sl], basis[name][1])
-            best[name] = torch.maximum(best[name], effects.max(0).values)
-            total[name] += effects.sum(0, dtype=torch.float64)
-
+    if len(encoded) < 2:
+        raise UsageError(f"scoring pairs different examples, so it needs at least 2 (got {len(encoded)})")
+    stream = _Stream(model, targets, components, encoded, pad_id, config)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=n, desc="scoring", unit="ex", disable=not progress)
     try:
-        with activation_grads_only(model), capture_io(model, modules) as cap:
-            for start in range(0, n, config.batch_size):
-                positions = list(range(start, min(start + config.batch_size, n)))
-                batch = collate(encoded, [order[j] for j in positions], pad_id).to(device)
-                cap.clear()
-                _loss_and_backward(model, batch)
-                mask = aligned(batch.attention_mask[..., None].float(), batch, offset_min, n_offsets)[..., 0]
-                counts += mask.sum(0, dtype=torch.float64)
-                for m in modules:
-                    x = aligned(cap.inputs[m].float(), batch, offset_min, n_offsets).sum(0, dtype=torch.float64)
-                    sums[m] = x if sums[m] is None else sums[m] + x
-                slots = torch.tensor(positions, device=device) % capacity
-                ring_mask[slots] = mask
-                # pairs whose partner is already in the ring: (row in batch, partner stream position)
-                rows, partners = [], []
-                for r, j in enumerate(positions):
-                    for step in steps[j].tolist():
-                        if j - step >= 0:
-                            rows.append(r)
-                            partners.append((j - step) % capacity)
-                rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-                partners_t = torch.tensor(partners, dtype=torch.long, device=device)
-                for t in targets:
-                    U, _, V = basis[t.name]
-                    grads = cap.grads[t.module_name][..., t.rows[0] : t.rows[1]].float()
-                    a = aligned(grads @ U, batch, offset_min, n_offsets)  # (batch, offsets, k)
-                    b = aligned(cap.inputs[t.module_name].float() @ V, batch, offset_min, n_offsets)
-                    ring[t.name][slots] = b
-                    early = [r for r, j in enumerate(positions) if j < window]
-                    if early:
-                        prev = head.get(t.name)
-                        new = (a[early], b[early])
-                        head[t.name] = new if prev is None else (torch.cat([prev[0], new[0]]),
-                                                                 torch.cat([prev[1], new[1]]))
-                    if rows:
-                        accumulate(t.name, a[rows_t], b[rows_t], ring[t.name][partners_t],
-                                   ring_mask[partners_t])
-                n_pairs += len(rows)
-                bar.update(len(positions))
-        # the first examples' partners at the end of the stream, now in the ring
-        rows, partners = [], []
-        for j in range(min(window, n)):
-            for step in steps[j].tolist():
-                if j - step < 0:
-                    rows.append(j)
-                    partners.append((j - step + n) % capacity)
-        if rows:
-            rows_t = torch.tensor(rows, device=device)
-            partners_t = torch.tensor(partners, device=device)
-            for t in targets:
-                a, b = head[t.name]
-                accumulate(t.name, a[rows_t], b[rows_t], ring[t.name][partners_t], ring_mask[partners_t])
-            n_pairs += len(rows)
+        stream.run(progress)
     finally:
-        bar.close()
         model.train(was_training)
-
-    means = InputMeans(offset_min, {m: s.cpu() for m, s in sums.items()}, counts.cpu())
-    return Scores({k: v.cpu() for k, v in best.items()},
-                  {k: (v / n_pairs).float().cpu() for k, v in total.items()}, n_pairs, means)
+    means = InputMeans(stream.offset_min, {m: s.cpu() for m, s in stream.sums.items()}, stream.counts.cpu())
+    return Scores({k: v.cpu() for k, v in stream.best.items()},
+                  {k: (v / stream.n_pairs).float().cpu() for k, v in stream.total.items()}, stream.n_pairs, means)
