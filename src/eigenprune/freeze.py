@@ -134,7 +134,7 @@ class FrozenLinear(nn.Module):
         offsets = self._tracker.offsets if self._tracker is not None else None
         if offsets is None or offsets.shape != x.shape[:-1]:
             raise RuntimeError("a position-dependent eigenprune layer was called outside its model's forward")
-        slot = offsets - self.offset_min  # (batch, pos)
+        slot = offsets.to(self.bias_table.device) - self.offset_min  # (batch, pos)
         slot = torch.where((slot >= 0) & (slot < rows - 1), slot, rows - 1)
         return self.bias_table[slot]  # (batch, pos, d_out)
 

@@ -179,7 +179,8 @@ class _Stream:
         mask = self._aligned(batch.attention_mask[..., None].float(), batch)[..., 0]  # (batch, offsets)
         slots = torch.tensor(positions, device=self.device) % self.capacity
         self.ring_mask[slots] = mask
-        inputs = {m: cap.inputs[m].float() for m in self.modules}  # (batch, pos, d_in)
+        # (batch, pos, d_in); .to(): with --device-map auto the layers sit on several devices
+        inputs = {m: cap.inputs[m].to(self.device).float() for m in self.modules}
         if full:
             self.counts += mask.sum(0, dtype=torch.float64)
             for m in self.modules:
@@ -199,7 +200,7 @@ class _Stream:
             self.ring[t.name][slots] = b
             if not full:
                 continue
-            grads = cap.grads[t.module_name][..., t.rows[0] : t.rows[1]].float()  # (batch, pos, rows)
+            grads = cap.grads[t.module_name][..., t.rows[0] : t.rows[1]].to(self.device).float()  # (batch, pos, rows)
             a = self._aligned(grads @ U, batch)  # (batch, offsets, k)
             for r, j in enumerate(positions):
                 if j < self.window:
