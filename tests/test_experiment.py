@@ -1,0 +1,99 @@
+"""`eigenprune run` end to end on a tiny model: complete directory, honest selection, bit-exact rerun."""
+
+import json
+
+import pytest
+import torch
+
+from eigenprune import experiment
+from eigenprune.cli import main
+from eigenprune.experiment import RunConfig, choose
+
+VOLATILE = ("timings", "machine", "out")
+
+
+def stable(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in VOLATILE}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, saved_model_dir):
+    out = tmp_path_factory.mktemp("runs") / "mult"
+    code = main(["run", "--model", str(saved_model_dir), "--task", "int-mult", "--limit", "12", "--p", "0.05,0.3",
+                 "--out", str(out), "--quiet", "--n-boot", "200"])
+    assert code == 0
+    return out
+
+
+def test_run_writes_a_complete_directory(finished_run):
+    names = {p.name for p in finished_run.iterdir()}
+    assert {"report.json", "report.md", "config.json", "edit", "scores", "accuracy_vs_p.png"} <= names
+    report = json.loads((finished_run / "report.json").read_text())
+    for key in ("model", "task", "targets", "eval_mode", "split_seed", "split_sizes", "base", "pruned", "chosen_p",
+                "sweep", "diff_ci", "timings", "verdict"):
+        assert key in report, key
+    assert report["split_sizes"] == {"train": 12, "dev": 12, "test": 12}
+    assert report["eval_mode"] == "exact"
+    assert [row["p"] for row in report["sweep"]] == [0.05, 0.3]
+    assert set(report["timings"]) >= {"load", "base_eval", "scoring", "sweep"}
+    assert report["chosen_p"] in (0.0, 0.05, 0.3)
+
+
+def test_config_rerun_reproduces_the_report(finished_run, tmp_path):
+    code = main(["run", "--config", str(finished_run / "config.json"), "--out", str(tmp_path / "again"), "--quiet"])
+    assert code == 0
+    first = json.loads((finished_run / "report.json").read_text())
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert stable(again) == stable(first)
+
+
+def test_a_failed_run_leaves_no_directory(tmp_path, saved_model_dir, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("eigenprune.report.write_report", broken)
+    with pytest.raises(RuntimeError):
+        main(["run", "--model", str(saved_model_dir), "--task", "int-mult", "--limit", "6", "--p", "0.1",
+              "--out", str(tmp_path / "r"), "--quiet", "--n-boot", "50"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("base, devs, expected", [
+    (0.5, [0.4, 0.5], 0.0),  # nothing beats the base model: keep it
+    (0.5, [0.6, 0.6], 0.01),  # ties go to the smaller p
+    (0.5, [0.4, 0.7], 0.1),
+])
+def test_choice_of_p_uses_dev_and_keeps_base_when_nothing_helps(base, devs, expected):
+    sweep = [{"p": p, "dev_acc": d} for p, d in zip((0.01, 0.1), devs, strict=True)]
+    assert choose(base, sweep) == expected
+
+
+def test_test_split_never_influences_the_choice(saved_model_dir, monkeypatch, tmp_path):
+    """Scramble every test evaluation: the chosen p and the dev numbers must not move."""
+    reports = []
+    for scramble in (False, True):
+        original = experiment.Harness.evaluate
+
+        def evaluate(self, split, original=original, scramble=scramble):
+            correct = original(self, split)
+            return torch.ones_like(correct) if scramble and split == "test" else correct
+
+        monkeypatch.setattr(experiment.Harness, "evaluate", evaluate)
+        cfg = RunConfig(task="int-mult", model=str(saved_model_dir), limit=10, p=[0.05, 0.3], n_boot=50)
+        reports.append(experiment.execute(cfg, tmp_path / f"r{scramble}", quiet=True))
+    assert reports[0]["chosen_p"] == reports[1]["chosen_p"]
+    assert [r["dev_acc"] for r in reports[0]["sweep"]] == [r["dev_acc"] for r in reports[1]["sweep"]]
+
+
+@pytest.mark.parametrize("kwargs, field", [({"p": []}, "p"), ({"p": [1.0]}, "p"), ({"seeds": 0}, "seeds"),
+                                           ({"bias": "x"}, "bias")])
+def test_run_config_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        RunConfig(task="int-mult", **kwargs)
+
+
+def test_seeds_report_mean_and_sd(saved_model_dir, tmp_path):
+    cfg = RunConfig(task="int-mult", model=str(saved_model_dir), limit=8, p=[0.1], seeds=2, n_boot=50)
+    report = experiment.execute(cfg, tmp_path / "r", quiet=True)
+    assert report["repeats"]["seeds"] == [0, 1]
+    assert set(report["repeats"]["pruned_test"]) == {"mean", "sd"}
