@@ -97,3 +97,10 @@ def test_seeds_report_mean_and_sd(saved_model_dir, tmp_path):
     report = experiment.execute(cfg, tmp_path / "r", quiet=True)
     assert report["repeats"]["seeds"] == [0, 1]
     assert set(report["repeats"]["pruned_test"]) == {"mean", "sd"}
+
+
+def test_examples_longer_than_the_context_are_a_usage_error(saved_model_dir, tmp_path, capsys):
+    code = main(["run", "--model", str(saved_model_dir), "--task", "cb", "--limit", "4", "--out", str(tmp_path / "r"),
+                 "--quiet"])
+    assert code == 2 and "the model takes at most 256" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

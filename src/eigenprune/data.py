@@ -86,6 +86,16 @@ def encode(tokenizer, examples: Sequence[Example], answers: Sequence[str] | None
     return out
 
 
+def check_fits(model, encoded: Sequence[Encoded]) -> None:
+    """A prompt + answer longer than the model's context is a UsageError, not an index error deep inside."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = max((len(e.prompt_ids) + len(e.answer_ids) for e in encoded), default=0)
+    if limit and longest > limit:
+        raise UsageError(f"an example is {longest} tokens long but the model takes at most {limit}; "
+                         "shorten the prompts (--template) or use a model with a longer context")
+
+
 def collate(encoded: Sequence[Encoded], index: Sequence[int], pad_id: int) -> Batch:
     """Right-pad prompt + answer[:-1] for the given examples into one batch."""
     rows = [encoded[i] for i in index]

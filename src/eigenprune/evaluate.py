@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .data import Encoded, Example, answer_nll, batches, encode
+from .data import Encoded, Example, answer_nll, batches, check_fits, encode
 from .errors import UsageError
 from .positions import prompt_lengths
 from .tasks import EVAL_MODES
@@ -123,6 +123,7 @@ def choice_nll(model: torch.nn.Module, tokenizer, examples: Sequence[Example], b
         flat += [ex] * len(ex.choices)
         answers += list(ex.choices)
     encoded = encode(tokenizer, flat, answers)
+    check_fits(model, encoded)
     nll = torch.empty(len(encoded))
     device = _device(model)
     trims = _accepts(model, "logits_to_keep")
@@ -181,6 +182,7 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], mod
         correct = torch.tensor([int(v.argmin()) == label for v, label in zip(nll, labels, strict=True)])
         return EvalResult(correct, mode)
     encoded = encode(tokenizer, examples)
+    check_fits(model, encoded)
     if mode == "next-token":
         predicted = next_token_predictions(model, encoded, pad_id, batch_size, progress)  # (n,)
         first = torch.tensor([e.answer_ids[0] for e in encoded])  # (n,)

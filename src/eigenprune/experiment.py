@@ -170,6 +170,7 @@ def run_one(harness: Harness, seed: int) -> tuple[dict, object, object]:
     report = {
         "model": cfg.model, "task": cfg.task, "targets": cfg.targets, "layers": cfg.layers, "per_head": cfg.per_head,
         "eval_mode": harness.mode, "split_seed": seed, "score_seed": cfg.score_seed,
+        "scope": cfg.scope, "aggregate": cfg.aggregate, "bias": cfg.bias,
         "split_sizes": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
         "base": {k: ci(v, cfg.n_boot) for k, v in base.items()},
         "pruned": {k: ci(v, cfg.n_boot) for k, v in pruned.items()},

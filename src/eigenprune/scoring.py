@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Batch, Encoded, answer_nll, collate
+from .data import Batch, Encoded, answer_nll, check_fits, collate
 from .decompose import Components
 from .errors import UsageError
 from .hooks import activation_grads_only, capture_io
@@ -283,6 +283,7 @@ def score(
     config = config or ScoreConfig()
     if len(encoded) < 2:
         raise UsageError(f"scoring pairs different examples, so it needs at least 2 (got {len(encoded)})")
+    check_fits(model, encoded)
     stream = _Stream(model, targets, components, encoded, pad_id, config)
     was_training = model.training
     model.eval()
