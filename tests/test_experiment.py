@@ -104,3 +104,12 @@ def test_examples_longer_than_the_context_are_a_usage_error(saved_model_dir, tmp
                  "--quiet"])
     assert code == 2 and "the model takes at most 256" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_edit_that_changes_nothing_is_not_chosen(saved_model_dir, monkeypatch, tmp_path):
+    """Regression: base dev accuracy was a float32 mean, the sweep's a float64 one; 7/10 rounds down in float32,
+    so an edit with exactly the base's answers looked better than the base and was chosen."""
+    monkeypatch.setattr(experiment.Harness, "evaluate", lambda self, split: torch.tensor([True] * 7 + [False] * 3))
+    cfg = RunConfig(task="int-mult", model=str(saved_model_dir), limit=6, p=[0.05, 0.3], n_boot=50)
+    report = experiment.execute(cfg, tmp_path / "r", quiet=True)
+    assert report["chosen_p"] == 0.0

@@ -150,7 +150,8 @@ def run_one(harness: Harness, seed: int) -> tuple[dict, object, object]:
             row |= {f"test_{k}": v for k, v in ci(test, cfg.n_boot).items()}
         sweep.append(row)
     timings["sweep"] = time.perf_counter() - t0
-    chosen_p = choose(float(base["dev"].float().mean()), sweep)
+    base_ci = {k: ci(v, cfg.n_boot) for k, v in base.items()}
+    chosen_p = choose(base_ci["dev"]["acc"], sweep)  # the same computation as the sweep's dev_acc: exact ties
     for row in sweep:
         row["chosen"] = row["p"] == chosen_p
     t0 = time.perf_counter()
@@ -172,7 +173,7 @@ def run_one(harness: Harness, seed: int) -> tuple[dict, object, object]:
         "eval_mode": harness.mode, "split_seed": seed, "score_seed": cfg.score_seed,
         "scope": cfg.scope, "aggregate": cfg.aggregate, "bias": cfg.bias,
         "split_sizes": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
-        "base": {k: ci(v, cfg.n_boot) for k, v in base.items()},
+        "base": base_ci,
         "pruned": {k: ci(v, cfg.n_boot) for k, v in pruned.items()},
         "chosen_p": chosen_p, "n_frozen": edit.n_frozen, "n_components": sum(t.n_components for t in run.targets),
         "sweep": sweep,
@@ -291,13 +292,8 @@ def cmd_run(args) -> int:
     return 0
 
 
-def add_run_parser(sub, fmt) -> None:
-    p = sub.add_parser("run", help="the whole experiment: base, score, choose p on dev, test once, report",
-                       formatter_class=fmt, epilog=(
-                           "examples:\n  eigenprune run --task int-mult --limit 100 --out runs/mult\n"
-                           "  eigenprune run --model ./gpt2 --task cb --targets key --p 0.01,0.05,0.1 --seeds 3\n"
-                           "  eigenprune run --config runs/mult/config.json --out runs/mult-again"))
-    p.add_argument("--config", help="repeat a run from its config.json (other settings are ignored)")
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The experiment settings `run` and `compare` share (one definition, so the two never drift apart)."""
     p.add_argument("--task", help="built-in task (int-sum, int-mult, cb, copa, rte) or a task JSONL file")
     p.add_argument("--model", help="model spec (default smollm2-135m)")
     p.add_argument("--targets", help="target preset or regex (default key)")
@@ -307,7 +303,6 @@ def add_run_parser(sub, fmt) -> None:
     p.add_argument("--eval-mode", choices=("next-token", "choice", "exact"))
     p.add_argument("--dev-fraction", type=float)
     p.add_argument("--split-seed", type=int)
-    p.add_argument("--seeds", type=int, help="repeat over N split seeds, report mean ± sd")
     p.add_argument("--limit", type=int, help="cap each split at N examples (seeded)")
     p.add_argument("--partners", help="partners per example or 'all' (default 4)")
     p.add_argument("--window", type=int)
@@ -317,13 +312,24 @@ def add_run_parser(sub, fmt) -> None:
     p.add_argument("--scope", choices=SCOPES)
     p.add_argument("--aggregate", choices=AGGREGATES)
     p.add_argument("--bias", choices=BIASES)
-    p.add_argument("--no-sweep-test", dest="sweep_test", action="store_false", default=None,
-                   help="do not evaluate every p on test (only the chosen one)")
     p.add_argument("--template", help="prompt template with {field} placeholders")
     p.add_argument("--answers", type=lambda s: s.split(","), help="comma-separated answer words")
     p.add_argument("--dtype")
     p.add_argument("--device")
     p.add_argument("--n-boot", type=int)
+
+
+def add_run_parser(sub, fmt) -> None:
+    p = sub.add_parser("run", help="the whole experiment: base, score, choose p on dev, test once, report",
+                       formatter_class=fmt, epilog=(
+                           "examples:\n  eigenprune run --task int-mult --limit 100 --out runs/mult\n"
+                           "  eigenprune run --model ./gpt2 --task cb --targets key --p 0.01,0.05,0.1 --seeds 3\n"
+                           "  eigenprune run --config runs/mult/config.json --out runs/mult-again"))
+    p.add_argument("--config", help="repeat a run from its config.json (other settings are ignored)")
+    add_run_options(p)
+    p.add_argument("--seeds", type=int, help="repeat over N split seeds, report mean ± sd")
+    p.add_argument("--no-sweep-test", dest="sweep_test", action="store_false", default=None,
+                   help="do not evaluate every p on test (only the chosen one)")
     p.add_argument("--out", help="output directory (default runs/TASK-TIMESTAMP)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
