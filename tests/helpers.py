@@ -1,6 +1,14 @@
-"""Shared test data: a few prompt/answer examples with varied prompt and answer lengths."""
+"""Shared test data: a few prompt/answer examples with varied prompt and answer lengths, a tiny model whose
+edits change its answers, and a two-choice task file."""
+
+import json
+
+import torch
+from conftest import build
 
 from eigenprune.data import Example
+
+SCALE = 5.0  # random init leaves the blocks too weak to move a tiny model's choices; scaled, edits matter
 
 EXAMPLES = [
     Example("3 + 4 =", " 7"),
@@ -10,3 +18,27 @@ EXAMPLES = [
     Example("9 x 9 =", " 81"),
     Example("What was the cause of this?", " is neutral"),
 ]
+
+
+def sensitive(arch: str = "gpt2"):
+    """A tiny model whose block weights are scaled up, so that cutting components changes its answers."""
+    model, tok = build(arch)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and any(k in name for k in ("attn", "mlp")):
+                param.mul_(SCALE)
+    return model, tok
+
+
+def write_task(path):
+    """A two-choice sum task: the right sum or a near miss, in a seeded order."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for a in range(12):
+        for b in range(6):
+            wrong = a + b + int(torch.tensor([-2, -1, 1, 2])[torch.randint(4, (1,), generator=g)])
+            label = int(torch.randint(2, (1,), generator=g))
+            choices = [f" {a + b}", f" {wrong}"] if label == 0 else [f" {wrong}", f" {a + b}"]
+            rows.append({"prompt": f"{a} + {b} =", "choices": choices, "label": label})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,12 +1,18 @@
-"""What every method returns, so that `compare` can put them in one table."""
+"""What every method returns, so that `compare` can put them in one table, and the helpers every
+method that expresses itself as an `Edit` (eigenprune, random, smallest, LASER, SVD clipping, feature
+space) uses, so that all of them evaluate, count, choose and save the same way."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..artifact import save_edit
+from ..experiment import Harness
+from ..freeze import Edit, applied
 
 
 @dataclass
@@ -15,11 +21,54 @@ class MethodResult:
 
     method: str
     config: dict  # the configuration chosen on dev (JSON-serialisable)
-    dev: torch.Tensor  # (n_dev,) bool, of the chosen configuration
-    test: torch.Tensor  # (n_test,) bool, evaluated once, after the choice
+    dev: torch.Tensor  # (n_dev,) correctness of the chosen configuration: bool, or float means over seeds
+    test: torch.Tensor  # (n_test,) likewise, evaluated once, after the choice
     dev_evaluations: int  # how many configurations were evaluated on dev to choose
     wall_s: float  # wall time of the whole method, choice and test included
     changed_params: int  # parameters whose value differs from the base model's (0 for the base itself)
     save: Callable[[Path], None] | None = None  # writes the chosen edit to a directory (must not exist)
     runs: list[dict] = field(default_factory=list)  # extra per-run rows (e.g. the random control's seeds)
     extra: dict = field(default_factory=dict)  # method-specific details for the report
+
+
+def evaluate_edit(harness: Harness, edit: Edit, split: str) -> torch.Tensor:
+    """(n,) bool correctness on `split` with the edit applied; the model is restored afterwards."""
+    with applied(harness.model, edit):
+        return harness.evaluate(split)
+
+
+def edit_changed_params(edit: Edit) -> int:
+    """Entries of the merged model that differ from the base: every weight entry of a touched target
+    block (a rank-r change moves all of them) plus, when the edit adds a bias, one bias entry per
+    touched output row (a position-dependent bias is still one entry per row per offset: counted once)."""
+    total = 0
+    for t in edit.targets:
+        if len(edit.removed[t.name]) == 0:
+            continue
+        rows = t.rows[1] - t.rows[0]
+        total += rows * t.in_features + (rows if edit.config.bias != "none" else 0)
+    return total
+
+
+def edit_saver(edit: Edit, meta: dict) -> Callable[[Path], None]:
+    """A `save(out)` callable that writes `edit` with `save_edit` (it reloads with `apply_saved_edit`)."""
+
+    def save(out: Path) -> None:
+        save_edit(out, edit, meta)
+
+    return save
+
+
+def accuracy(correct: torch.Tensor) -> float:
+    """Mean correctness in float64, so that equal accuracies compare equal wherever they were computed."""
+    return float(correct.double().mean())
+
+
+def best_on_dev(base_acc: float | None, candidates: Sequence[float]) -> int:
+    """Index of the best dev accuracy, -1 for the base model. The base (when given) wins ties, then the
+    earliest candidate: callers list candidates from the mildest change to the strongest."""
+    best, best_acc = -1, base_acc if base_acc is not None else float("-inf")
+    for i, acc in enumerate(candidates):
+        if acc > best_acc:
+            best, best_acc = i, acc
+    return best

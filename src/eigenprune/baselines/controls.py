@@ -1,0 +1,142 @@
+"""Two controls that reuse eigenprune's SVDs and bias, and change only *which* components are frozen.
+
+- `run_random`: as many components as eigenprune's chosen edit froze, drawn uniformly at random over
+  all target components, with the same bias freezing. If eigenprune's gain is no larger than this,
+  the scores are not what helps: freezing anything (plus a mean bias) would. Several seeds; no choice
+  is made on dev (the number of components is eigenprune's dev choice).
+- `run_smallest`: freeze the components with the smallest singular values (ranked globally or per
+  target, following `scope`), with the configured bias, over the same p list, chosen on dev like
+  eigenprune. This asks whether the scores beat the obvious "small components are noise" heuristic.
+
+Both take the `ScoreRun` that eigenprune's scoring produced, so they share its targets, SVDs and the
+mean inputs behind the bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ..artifact import ScoreRun
+from ..experiment import Harness, ci, diff_ci
+from ..freeze import Edit, FreezeConfig, build_edit, make_edit
+from ..stats import mean_sd
+from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
+
+
+def random_components(score_run: ScoreRun, n_frozen: int, seed: int) -> dict[str, torch.Tensor]:
+    """`n_frozen` component indices per target, uniform without replacement over all targets' components."""
+    sizes = [t.n_components for t in score_run.targets]
+    total = sum(sizes)
+    if not 0 <= n_frozen <= total:
+        raise ValueError(f"n_frozen must be in [0, {total}], got {n_frozen}")
+    generator = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(total, generator=generator)[:n_frozen]  # (n_frozen,) indices into all components
+    starts = torch.tensor([0, *sizes]).cumsum(0)  # (n_targets + 1,)
+    return {t.name: torch.sort(flat[(flat >= starts[i]) & (flat < starts[i + 1])] - starts[i]).values
+            for i, t in enumerate(score_run.targets)}
+
+
+def random_edit(score_run: ScoreRun, n_frozen: int, seed: int, freeze: FreezeConfig) -> Edit:
+    removed = random_components(score_run, n_frozen, seed)
+    return build_edit(score_run.targets, score_run.components, removed, score_run.scores.means, freeze)
+
+
+def smallest_edit(score_run: ScoreRun, freeze: FreezeConfig) -> Edit:
+    """Freeze the fraction `freeze.p` of components with the smallest singular values."""
+    by_size = {name: c.S for name, c in score_run.components.items()}
+    return make_edit(score_run.targets, score_run.components, by_size, score_run.scores.means, freeze)
+
+
+def _base(harness: Harness, base: dict[str, torch.Tensor] | None, splits: Sequence[str]) -> dict[str, torch.Tensor]:
+    base = dict(base or {})
+    for split in splits:
+        if split not in base:
+            base[split] = harness.evaluate(split)
+    return base
+
+
+def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int = 5,
+               freeze: FreezeConfig | None = None, first_seed: int = 0,
+               base: dict[str, torch.Tensor] | None = None) -> MethodResult:
+    """Freeze `n_frozen` random components, once per seed, and evaluate dev and test for each.
+
+    `dev`/`test` of the result hold each example's correctness averaged over the seeds (floats in
+    [0, 1]): their mean is the mean accuracy over seeds, and a paired comparison with another method
+    compares it with the random control's expected correctness on the same examples. `runs` has one
+    row per seed; the saved edit is the first seed's.
+    """
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    t0 = time.perf_counter()
+    n_components = sum(t.n_components for t in score_run.targets)
+    freeze = dataclasses.replace(freeze or harness.config.freeze(0.0), p=min(n_frozen / n_components, 0.999999))
+    n_boot = harness.config.n_boot
+    seed_list = list(range(first_seed, first_seed + seeds))
+    edits, devs, tests = [], [], []
+    if n_frozen == 0:  # nothing to draw: every seed is the base model
+        base = _base(harness, base, ("dev", "test"))
+        edits = [random_edit(score_run, 0, s, freeze) for s in seed_list]
+        devs, tests = [base["dev"]] * seeds, [base["test"]] * seeds
+    else:
+        for s in seed_list:
+            edit = random_edit(score_run, n_frozen, s, freeze)
+            edits.append(edit)
+            devs.append(evaluate_edit(harness, edit, "dev"))
+            tests.append(evaluate_edit(harness, edit, "test"))
+    dev = torch.stack([d.float() for d in devs]).mean(0)  # (n_dev,) mean over seeds
+    test = torch.stack([t.float() for t in tests]).mean(0)  # (n_test,)
+    runs = [{"seed": s, "n_frozen": e.n_frozen, "dev_acc": accuracy(d), "test": ci(t, n_boot)}
+            for s, e, d, t in zip(seed_list, edits, devs, tests, strict=True)]
+    extra = {
+        "seeds": seed_list, "n_frozen": n_frozen, "n_components": n_components,
+        "dev_acc_mean_sd": dict(zip(("mean", "sd"), mean_sd(r["dev_acc"] for r in runs), strict=True)),
+        "test_acc_mean_sd": dict(zip(("mean", "sd"), mean_sd(r["test"]["acc"] for r in runs), strict=True)),
+        "note": "dev and test hold per-example correctness averaged over the seeds; nothing is chosen on dev "
+                "(n_frozen is eigenprune's dev choice)",
+    }
+    if base is not None and "test" in base:
+        for run, t in zip(runs, tests, strict=True):
+            run["diff_vs_base"] = diff_ci(base["test"], t, n_boot)
+        extra["diff_mean_sd"] = dict(zip(("mean", "sd"), mean_sd(r["diff_vs_base"]["diff"] for r in runs),
+                                         strict=True))
+    if n_frozen == 0:
+        extra["identity"] = ("eigenprune chose p = 0 (no components frozen), so the random control freezes "
+                             "nothing and is the base model")
+    config = {"n_frozen": n_frozen, "seeds": seeds, "first_seed": first_seed,
+              **{k: v for k, v in dataclasses.asdict(freeze).items() if k != "p"}}
+    meta = score_run.edit_meta() | {"method": "random", "seed": seed_list[0]}
+    return MethodResult(
+        method="random", config=config, dev=dev, test=test, dev_evaluations=0, wall_s=time.perf_counter() - t0,
+        changed_params=edit_changed_params(edits[0]), save=edit_saver(edits[0], meta), runs=runs, extra=extra,
+    )
+
+
+def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | None = None,
+                 freeze: FreezeConfig | None = None, base: dict[str, torch.Tensor] | None = None) -> MethodResult:
+    """Sweep p over the smallest singular values, choose on dev (p = 0 competes; ties go to the smaller p)."""
+    t0 = time.perf_counter()
+    freeze = freeze or harness.config.freeze(0.0)
+    ps = sorted(float(p) for p in (ps if ps is not None else harness.config.p))
+    base = _base(harness, base, ("dev",))
+    edits = [smallest_edit(score_run, dataclasses.replace(freeze, p=p)) for p in ps]
+    devs = [evaluate_edit(harness, edit, "dev") for edit in edits]
+    sweep = [{"p": p, "n_frozen": e.n_frozen, "dev_acc": accuracy(d)}
+             for p, e, d in zip(ps, edits, devs, strict=True)]
+    best = best_on_dev(accuracy(base["dev"]), [row["dev_acc"] for row in sweep])
+    if best < 0:
+        edit, dev = smallest_edit(score_run, dataclasses.replace(freeze, p=0.0)), base["dev"]
+        test = base["test"] if "test" in base else harness.evaluate("test")
+    else:
+        edit, dev = edits[best], devs[best]
+        test = evaluate_edit(harness, edit, "test")
+    config = {"p": ps[best] if best >= 0 else 0.0, "n_frozen": edit.n_frozen, "ranking": "singular value",
+              **{k: v for k, v in dataclasses.asdict(freeze).items() if k not in ("p", "aggregate")}}
+    return MethodResult(
+        method="smallest", config=config, dev=dev, test=test, dev_evaluations=1 + len(ps),
+        wall_s=time.perf_counter() - t0, changed_params=edit_changed_params(edit),
+        save=edit_saver(edit, score_run.edit_meta() | {"method": "smallest"}), extra={"sweep": sweep},
+    )

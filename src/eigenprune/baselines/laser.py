@@ -1,0 +1,137 @@
+"""LASER (Sharma et al. 2023, "The Truth is in There"): one matrix, one layer, best rank-k approximation.
+
+A candidate replaces ONE weight matrix (one target: a matrix type such as the MLP input projection,
+at one layer) by its truncated SVD U[:, :k] diag(S[:k]) Vh[:k], keeping the largest singular values
+and no bias. The grid is layer × matrix type × kept fraction; the best dev accuracy wins and the
+unmodified model competes as a candidate (it wins ties). The SVD is exact (`torch.linalg.svd`, via
+`decompose`); the LASER code used a randomized SVD, which is not reproducible.
+
+Truncation is expressed as an eigenprune `Edit` that freezes the smallest components with bias
+"none", so it is applied, saved and reloaded exactly like an eigenprune edit. The full grid is large
+(30 layers × 3 types × 6 fractions = 540 dev evaluations), so by default only the last `last`
+layers plus every `stride`-th layer are searched; the number of dev evaluations spent is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..artifact import fingerprint
+from ..decompose import Components, decompose_targets
+from ..errors import UsageError
+from ..experiment import Harness
+from ..freeze import Edit, FreezeConfig, build_edit
+from ..targets import PRESETS, Target, find_targets
+from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
+
+DEFAULT_KEEP = (0.9, 0.5, 0.25, 0.1, 0.05, 0.01)
+
+
+@dataclass
+class LaserConfig:
+    """The LASER search grid and its budget."""
+
+    kinds: tuple[str, ...] = field(default=("mlp-in", "mlp-out", "key"),
+                                   metadata={"help": "matrix types (target presets) to try"})
+    keep: tuple[float, ...] = field(default=DEFAULT_KEEP, metadata={"help": "fractions of the rank to keep"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "layers to try; None: last + stride"})
+    last: int = field(default=4, metadata={"help": "by default try the last N layers ..."})
+    stride: int = field(default=8, metadata={"help": "... plus every N-th layer from 0 (0: none)"})
+
+    def __post_init__(self) -> None:
+        self.kinds, self.keep = tuple(self.kinds), tuple(float(k) for k in self.keep)
+        if not self.kinds:
+            raise ValueError("kinds needs at least one matrix type")
+        for kind in self.kinds:
+            if kind not in PRESETS or kind == "all":
+                raise ValueError(f"kinds: '{kind}' is not a matrix type; choose from "
+                                 f"{', '.join(k for k in PRESETS if k != 'all')}")
+        if not self.keep or not all(0 < k <= 1 for k in self.keep):
+            raise ValueError(f"keep fractions must be in (0, 1], got {self.keep}")
+        if self.layers is not None:
+            self.layers = tuple(int(v) for v in self.layers)
+            if not self.layers or min(self.layers) < 0:
+                raise ValueError(f"layers must be non-negative layer indices, got {self.layers}")
+        if self.last < 0 or self.stride < 0:
+            raise ValueError(f"last and stride must be non-negative, got {self.last} and {self.stride}")
+        if self.layers is None and self.last == 0 and self.stride == 0:
+            raise ValueError("last and stride are both 0: no layer would be tried")
+
+
+def kept_rank(n_components: int, keep: float) -> int:
+    """How many of a matrix's components a kept fraction keeps: floor(keep · n), at least 1."""
+    return max(1, math.floor(keep * n_components + 1e-9))
+
+
+def truncation_edit(targets: list[Target], components: dict[str, Components], keep: float) -> Edit:
+    """Each target replaced by its best rank-k approximation (largest singular values kept, no bias)."""
+    removed = {t.name: torch.arange(kept_rank(t.n_components, keep), t.n_components) for t in targets}
+    return build_edit(targets, components, removed, None,
+                      FreezeConfig(p=min(1.0 - keep, 0.999999), scope="per-target", bias="none"))
+
+
+def search_layers(available: list[int], config: LaserConfig) -> list[int]:
+    """The layers in the grid: the configured list, or the last `last` layers plus every `stride`-th."""
+    if config.layers is not None:
+        missing = sorted(set(config.layers) - set(available))
+        if missing:
+            raise UsageError(f"LASER layers {missing} do not exist; the model has layers "
+                             f"{available[0]}-{available[-1]}")
+        return sorted(set(config.layers))
+    chosen = set(available[-config.last:]) if config.last else set()
+    if config.stride:
+        chosen |= {layer for layer in available if (layer - available[0]) % config.stride == 0}
+    return sorted(chosen)
+
+
+def edit_meta(harness: Harness, model: nn.Module, targets: list[Target], method: str) -> dict:
+    """What a saved truncation edit records about its base model (call while the model is unedited)."""
+    modules = sorted({t.module_name for t in targets})
+    return {"base_model": harness.config.model, "base_fingerprint": fingerprint(model, modules), "method": method,
+            "data": harness.config.task}
+
+
+def run_laser(harness: Harness, config: LaserConfig | None = None,
+              base: dict[str, torch.Tensor] | None = None) -> MethodResult:
+    """Search layer × matrix type × kept fraction on dev; evaluate the winner on test once."""
+    t0 = time.perf_counter()
+    config = config or LaserConfig()
+    model = harness.model
+    by_kind = {kind: find_targets(model, kind) for kind in config.kinds}
+    available = sorted({t.layer for ts in by_kind.values() for t in ts if t.layer is not None})
+    if not available:
+        raise UsageError("LASER needs numbered layers; no matrix of the chosen types sits in one")
+    layers = search_layers(available, config)
+    grid = [(layer, kind, t) for layer in layers for kind in config.kinds for t in by_kind[kind] if t.layer == layer]
+    base_dev = base["dev"] if base and "dev" in base else harness.evaluate("dev")
+    keeps = sorted(config.keep, reverse=True)  # mildest first, so ties keep more of the matrix
+    sweep, devs, cells = [], [], []
+    for layer, kind, target in grid:  # one exact SVD at a time: a large model's grid would not fit at once
+        components = decompose_targets(model, [target])
+        for keep in keeps:
+            devs.append(evaluate_edit(harness, truncation_edit([target], components, keep), "dev"))  # (n_dev,)
+            cells.append((target, keep))
+            sweep.append({"layer": layer, "kind": kind, "target": target.name, "keep": keep,
+                          "rank": kept_rank(target.n_components, keep), "n_components": target.n_components,
+                          "dev_acc": accuracy(devs[-1])})
+    best = best_on_dev(accuracy(base_dev), [row["dev_acc"] for row in sweep])
+    target, keep = cells[best] if best >= 0 else (grid[0][2], 1.0)  # the base model: an edit removing nothing
+    edit = truncation_edit([target], decompose_targets(model, [target]), keep)  # the same SVD again, exactly
+    if best >= 0:
+        chosen = {k: v for k, v in sweep[best].items() if k != "dev_acc"}
+        dev, test = devs[best], evaluate_edit(harness, edit, "test")
+    else:
+        chosen = {"target": None, "keep": 1.0}
+        dev, test = base_dev, base["test"] if base and "test" in base else harness.evaluate("test")
+    meta = edit_meta(harness, model, [target], "laser")
+    return MethodResult(
+        method="laser", config={**chosen, "base_chosen": best < 0}, dev=dev, test=test,
+        dev_evaluations=1 + len(sweep), wall_s=time.perf_counter() - t0,
+        changed_params=edit_changed_params(edit), save=edit_saver(edit, meta | {"laser": chosen}),
+        extra={"layers": layers, "kinds": list(config.kinds), "keep": keeps, "sweep": sweep},
+    )
