@@ -240,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", type=int, default=16)
         p.set_defaults(func=func)
 
-    from .experiment import add_run_parser  # the `run` experiment lives in its own module
+    from .compare import add_compare_parser  # `run` and `compare` live in their own modules
+    from .experiment import add_run_parser
 
     add_run_parser(sub, fmt)
+    add_compare_parser(sub, fmt)
     return parser
 
 

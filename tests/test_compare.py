@@ -1,0 +1,205 @@
+"""`eigenprune compare` end to end on a tiny saved model: files, keys, saved edits, choices made on dev
+only, implicit eigenprune, one-line errors and a directory that is complete or absent."""
+
+import importlib.util
+import json
+
+import pytest
+from helpers import sensitive, write_task
+
+import eigenprune.compare as compare_module
+from eigenprune.artifact import load_edit
+from eigenprune.cli import build_parser
+from eigenprune.compare import METHODS, CompareConfig, verdict
+from eigenprune.errors import UsageError
+from eigenprune.experiment import Harness
+
+SMALL = ["--limit", "12", "--split-seed", "2", "--targets", "all", "--p", "0.1,0.3,0.5",  # eigenprune picks 0.5
+         "--partners", "2", "--n-boot", "50", "--random-seeds", "2", "--laser-kinds", "mlp-in,mlp-out",
+         "--laser-keep", "0.5,0.1", "--icl-demos", "2", "--clip-keep", "1,0.5", "--quiet"]
+OPTIONAL = {"feature-space": ["--set", "feature-space.max_layers=1"],
+            "lora": ["--set", "lora.steps=4", "--set", "lora.checkpoints=2"],
+            "lora+eigenprune": ["--set", "lora+eigenprune.steps=4", "--set", "lora+eigenprune.checkpoints=2"]}
+# the same settings for both LoRA methods: compare fine-tunes once for the two
+ROW_KEYS = {"config", "dev", "test", "diff_vs_base", "dev_evaluations", "wall_s", "changed_params", "runs", "extra",
+            "saved_edit"}
+
+
+def available(method: str) -> bool:
+    return importlib.util.find_spec(f"eigenprune.baselines.{METHODS[method][0]}") is not None
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compare")
+    model, tok = sensitive()
+    model.save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    return folder / "model", write_task(folder / "sums.jsonl")
+
+
+def run_compare(*argv) -> tuple[int, str]:
+    """What `eigenprune compare ...` does: exit code and the one-line error."""
+    args = build_parser().parse_args(["compare", *map(str, argv)])
+    try:
+        return args.func(args), ""
+    except UsageError as err:
+        return 2, str(err)
+
+
+def methods_to_try() -> tuple[list[str], list[str]]:
+    names = ["eigenprune", "random", "smallest", "laser", "svd-clip"]
+    extra = [m for m in OPTIONAL if available(m)]
+    return names + extra, [a for m in extra for a in OPTIONAL[m]]
+
+
+@pytest.fixture(scope="module")
+def full(setup, tmp_path_factory):
+    model, task = setup
+    out = tmp_path_factory.mktemp("runs") / "all"
+    names, extra_args = methods_to_try()
+    tunes = []
+    with pytest.MonkeyPatch.context() as mp:
+        if available("lora"):
+            import eigenprune.baselines.lora as lora
+
+            plain = lora._fine_tune
+            mp.setattr(lora, "_fine_tune", lambda *a, **k: tunes.append(1) or plain(*a, **k))
+        code, err = run_compare("--model", model, "--task", task, "--methods", ",".join(names), *SMALL,
+                                *extra_args, "--out", out)
+    assert code == 0, err
+    if {"lora", "lora+eigenprune"} <= set(names):
+        assert len(tunes) == 1  # one fine-tune serves both LoRA rows
+    return out, names
+
+
+def test_writes_every_file_and_key(full):
+    out, names = full
+    assert {p.name for p in out.iterdir()} == {"comparison.json", "comparison.md", "comparison.png", "config.json",
+                                               "edits"}
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["methods_run"] == names and set(report["methods"]) == set(names) and report["implicit"] == []
+    for name, row in report["methods"].items():
+        assert ROW_KEYS <= set(row), name
+        assert {"acc", "lo", "hi", "n"} <= set(row["test"]) and {"diff", "lo", "hi"} <= set(row["diff_vs_base"])
+        if row["saved_edit"] is not None and name in ("eigenprune", "random", "smallest", "laser", "svd-clip"):
+            _, meta = load_edit(out / row["saved_edit"])
+            assert meta["method"] == name
+    rows = report["methods"]
+    assert rows["eigenprune"]["dev_evaluations"] == 4 and rows["laser"]["dev_evaluations"] == 9
+    assert rows["eigenprune"]["config"]["p"] == 0.5 and rows["random"]["config"]["n_frozen"] > 0
+    assert len(report["methods"]["random"]["runs"]) == 2
+    assert "icl_only" in report["methods"]["svd-clip"]["extra"]
+    md = (out / "comparison.md").read_text()
+    assert report["verdict"] in md and "random control" in report["verdict"]
+    assert all(f"| {name} |" in md for name in names)
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((out / "config.json").read_text())
+    assert config["compare"]["methods"] == names and config["run"]["limit"] == 12
+
+
+def test_choices_do_not_depend_on_test(full, setup, tmp_path, monkeypatch):
+    """Judge every test answer the opposite way: the chosen configurations must not move."""
+    out, names = full
+    model, task = setup
+    plain = Harness.evaluate
+    monkeypatch.setattr(Harness, "evaluate", lambda self, split: ~plain(self, split) if split == "test"
+                        else plain(self, split))
+    code, err = run_compare("--model", model, "--task", task, "--methods", "eigenprune,random,smallest,laser,svd-clip",
+                            *SMALL, "--out", tmp_path / "flipped")
+    assert code == 0, err
+    want = json.loads((out / "comparison.json").read_text())
+    got = json.loads((tmp_path / "flipped" / "comparison.json").read_text())
+    assert got["base"]["test"]["acc"] == pytest.approx(1 - want["base"]["test"]["acc"])
+    for name, row in got["methods"].items():
+        assert row["config"] == want["methods"][name]["config"], name
+        assert row["dev"] == want["methods"][name]["dev"], name
+        assert row["test"]["acc"] == pytest.approx(1 - want["methods"][name]["test"]["acc"]), name
+
+
+def test_random_runs_eigenprune_implicitly(setup, tmp_path):
+    model, task = setup
+    code, err = run_compare("--model", model, "--task", task, "--methods", "random", *SMALL, "--out", tmp_path / "r")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "comparison.json").read_text())
+    assert report["implicit"] == ["eigenprune"] and report["methods_run"] == ["eigenprune", "random"]
+    assert report["methods"]["random"]["config"]["n_frozen"] == report["methods"]["eigenprune"]["config"]["n_frozen"]
+    assert "Run implicitly" in (tmp_path / "r" / "comparison.md").read_text()
+
+
+def boom(*args, **kwargs):
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("where", ["method", "writing"])
+def test_failure_leaves_no_directory(setup, tmp_path, monkeypatch, where):
+    model, task = setup
+    if where == "method":
+        monkeypatch.setattr("eigenprune.baselines.laser.run_laser", boom)
+    else:
+        monkeypatch.setattr(compare_module, "plot_comparison", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_compare("--model", model, "--task", task, "--methods", "laser", *SMALL, "--out", tmp_path / "o")
+    assert list(tmp_path.iterdir()) == []
+
+
+BAD = {
+    "unknown method": (["--methods", "eigenprune,magic"], "unknown method 'magic'"),
+    "bad argument": (["--methods", "laser", "--set", "laser.steps=3"], "takes no argument 'steps'"),
+    "bad grid": (["--methods", "laser", "--laser-keep", "0"], "keep fractions"),
+    "random seeds": (["--random-seeds", "0"], "random_seeds"),
+    "missing module": (["--methods", "missing"], "is not available"),
+    "bad lora setting": (["--methods", "lora", "--set", "lora.stepz=3"], "LoRA has no setting 'stepz'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line(setup, tmp_path, monkeypatch, case):
+    model, task = setup
+    monkeypatch.setitem(METHODS, "missing", ("no_such_module", "run_missing"))
+    argv, message = BAD[case]
+    code, err = run_compare("--model", model, "--task", task, *argv, "--out", tmp_path / "o")
+    assert code == 2 and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_existing_directory_is_refused_before_any_work(setup, tmp_path):
+    model, task = setup
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    code, err = run_compare("--model", model, "--task", task, "--out", tmp_path / "o")
+    assert code == 2 and "already exists" in err
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep.txt"]
+
+
+def row(diff, lo, hi, acc=0.5):
+    return {"test": {"acc": acc}, "diff_vs_base": {"diff": diff, "lo": lo, "hi": hi}}
+
+
+VERDICTS = [
+    ({"m": row(0.1, -0.1, 0.3)}, None, ["No method's test gain over the base model is significant"]),
+    ({"m": row(0.2, 0.05, 0.35)}, None, ["Significant test gain over the base model", "m (+0.200"]),
+    ({"m": row(-0.2, -0.35, -0.05)}, None, ["Significantly worse than base: m"]),
+    ({"eigenprune": row(0.0, 0.0, 0.0)}, {"n_frozen": 0, "diff": {"diff": 0, "lo": 0, "hi": 0},
+                                          "random_test_accs": [0.5]}, ["chose p = 0"]),
+    ({"eigenprune": row(0.1, -0.1, 0.3, acc=0.7)},
+     {"n_frozen": 9, "diff": {"diff": 0.2, "lo": 0.05, "hi": 0.3}, "random_test_accs": [0.4, 0.5]},
+     ["is distinguishable from freezing random", "lies above the random seeds' range"]),
+    ({"eigenprune": row(0.1, -0.1, 0.3, acc=0.45)},
+     {"n_frozen": 9, "diff": {"diff": 0.0, "lo": -0.1, "hi": 0.1}, "random_test_accs": [0.4, 0.5]},
+     ["not distinguishable from freezing random", "lies inside"]),
+]
+
+
+@pytest.mark.parametrize("methods,versus,phrases", VERDICTS)
+def test_verdict_words(methods, versus, phrases):
+    text = verdict({"methods": methods, "eigenprune_vs_random": versus})
+    assert all(p in text for p in phrases), text
+
+
+def test_config_validation_names_the_field():
+    for kwargs, field in (({"methods": ()}, "methods"), ({"methods": ("x",)}, "methods"),
+                          ({"method_args": {"x": {}}}, "method_args"), ({"laser_kinds": ("all",)}, "kinds"),
+                          ({"clip_keep": (2.0,)}, "keep")):
+        with pytest.raises(ValueError, match=field):
+            CompareConfig(**kwargs)
