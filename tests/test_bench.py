@@ -1,0 +1,68 @@
+"""Smoke runs of bench/scoring.py and bench/sweep.py on a tiny in-code Llama: they finish, write the
+figures they promise, and pass their own checks (reference agrees with exact scoring; the p loop does
+no SVD and no scoring)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ sits beside src/, not installed
+
+from bench import scoring, sweep  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def scoring_figures(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "scoring.json"
+    code = scoring.main(["--model", "tiny-llama", "--n", "16", "--reference-n", "6", "--repeats", "1",
+                         "--memory", "subset", "--json", str(out)])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("key", ["floor_s", "scoring_s", "reference_s", "scoring_subset_s", "scoring_over_floor",
+                                 "reference_over_scoring_time", "reference_over_scoring_memory"])
+def test_scoring_bench_reports_positive_figures(scoring_figures, key):
+    assert scoring_figures[key] > 0
+
+
+def test_scoring_bench_reference_agrees_on_the_same_pairs(scoring_figures):
+    assert scoring_figures["reference_check"]["passed"]
+    assert scoring_figures["reference_pairs"] == 6 * 5
+    assert scoring_figures["pairs"] == 16 * 4  # default K = 4 partners per example
+    assert set(scoring_figures["peak_bytes"]) == {"floor_subset", "scoring_subset", "reference"}
+    assert not scoring_figures["memory_failed"]
+
+
+def test_floor_makes_the_same_model_calls_as_scoring():
+    argv = ["--model", "tiny-llama", "--n", "12", "--reference-n", "4", "--batch-size", "5"]
+    args = scoring.parser().parse_args(argv)
+    setup = scoring.prepare(args)
+    calls = {"n": 0}
+    handle = setup.model.register_forward_pre_hook(lambda module, inputs: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        counts = []
+        for method in ("floor", "scoring"):
+            calls["n"] = 0
+            scoring.run(setup, args, method)
+            counts.append(calls["n"])
+    finally:
+        handle.remove()
+    assert counts == [3, 3]  # ceil(12 / 5) forward+backward passes each
+
+
+def test_sweep_bench_extra_p_is_one_dev_evaluation(tmp_path):
+    out = tmp_path / "sweep.json"
+    code = sweep.main(["--model", "tiny-llama", "--n", "12", "--dev-n", "8", "--p", "0.1,0.3,0.5", "--json", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["svd_calls_in_decompose"] == r["n_targets"] and r["score_calls_in_scoring"] == 1  # the counters count
+    assert r["svd_calls_in_loop"] == 0 and r["score_calls_in_loop"] == 0
+    assert r["one_eval_per_p"] and r["forwards_per_eval"] > 0
+    assert [row["p"] for row in r["rows"]] == [0.1, 0.3, 0.5]
+    assert all(row["make_edit_s"] > 0 and row["eval_s"] > 0 for row in r["rows"])
+    assert r["rows"][0]["n_frozen"] < r["rows"][-1]["n_frozen"]
+    for key in ("svd_s", "scoring_s", "base_eval_s", "extra_p_s", "extra_p_over_eval"):
+        assert r[key] > 0
