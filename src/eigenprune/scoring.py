@@ -160,10 +160,14 @@ class _Stream:
     def _aligned(self, values: torch.Tensor, batch: Batch) -> torch.Tensor:
         return aligned(values, batch, self.offset_min, self.n_offsets)
 
-    def _accumulate(self, name: str, a, b_self, b_partner, mask_partner) -> None:
-        for start in range(0, a.shape[0], 256):  # bound memory on large pair sets
-            sl = slice(start, start + 256)
-            effects = pair_effects(a[sl], b_self[sl], b_partner[sl], mask_partner[sl], self.basis[name][1])
+    def _accumulate(self, name: str, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
+                    partners: torch.Tensor) -> None:
+        """Pairs (a[rows], b[rows]) × ring[partners]; a, b (examples, offsets, k), rows and partners (pairs,).
+        Gathered 256 pairs at a time, so memory stays bounded however many pairs (exact mode: n²)."""
+        ring, ring_mask, S = self.ring[name], self.ring_mask, self.basis[name][1]
+        for start in range(0, rows.numel(), 256):
+            r, p = rows[start : start + 256], partners[start : start + 256]
+            effects = pair_effects(a[r], b[r], ring[p], ring_mask[p], S)  # (chunk, k)
             self.best[name] = torch.maximum(self.best[name], effects.max(0).values)
             self.total[name] += effects.sum(0, dtype=torch.float64)
 
@@ -206,27 +210,28 @@ class _Stream:
                 if j < self.window:
                     self.head.setdefault(j, {})[t.name] = (a[r], b[r])
             if rows:
-                self._accumulate(t.name, a[rows_t], b[rows_t], self.ring[t.name][partners_t],
-                                 self.ring_mask[partners_t])
+                self._accumulate(t.name, a, b, rows_t, partners_t)
         if full:
             self.n_pairs += len(rows)
 
     def finish_head(self) -> None:
         """Pairs of the first examples with partners at the end of the stream (now in the ring)."""
         n = len(self.encoded)
+        heads = sorted(self.head)
         rows, partners = [], []
-        for j in sorted(self.head):
+        for i, j in enumerate(heads):
             for step in self.steps[j].tolist():
                 if j - step < 0:
-                    rows.append(j)
+                    rows.append(i)
                     partners.append((j - step + n) % self.capacity)
         if not rows:
             return
-        partners_t = torch.tensor(partners, device=self.device)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+        partners_t = torch.tensor(partners, dtype=torch.long, device=self.device)
         for t in self.targets:
-            a = torch.stack([self.head[j][t.name][0] for j in rows])
-            b = torch.stack([self.head[j][t.name][1] for j in rows])
-            self._accumulate(t.name, a, b, self.ring[t.name][partners_t], self.ring_mask[partners_t])
+            a = torch.stack([self.head[j][t.name][0] for j in heads])  # (heads, offsets, k): one per example
+            b = torch.stack([self.head[j][t.name][1] for j in heads])
+            self._accumulate(t.name, a, b, rows_t, partners_t)
         self.n_pairs += len(rows)
 
     def run(self, progress: bool) -> None:
