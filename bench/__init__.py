@@ -8,11 +8,14 @@ seeded order, and time with the helpers below. See README.md for the measured nu
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -98,3 +101,19 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float,
     result = fn()
     sync(device)
     return time.perf_counter() - start, time.process_time() - cpu, result
+
+
+def cli_main(argv, measure, report, parser, passed) -> int:
+    """A benchmark's `main`: measure, print the report, write --json; exit 2 on bad input, 1 when
+    `passed(result)` is false (a check the benchmark makes failed), else 0."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = measure(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report(result))
+    path = parser().parse_args(argv).json
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0 if passed(result) else 1

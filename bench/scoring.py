@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import multiprocessing
 import os
 import resource
@@ -40,7 +39,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as `python bench/scoring.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import DTYPES, TINY, load, machine, set_threads, shuffled_examples, sync, timed  # noqa: E402
+from bench import DTYPES, TINY, cli_main, load, machine, set_threads, shuffled_examples, sync, timed  # noqa: E402
 from eigenprune.data import Encoded, answer_nll, collate, encode  # noqa: E402
 from eigenprune.decompose import Components, decompose_targets  # noqa: E402
 from eigenprune.errors import UsageError  # noqa: E402
@@ -378,17 +377,7 @@ def report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        result = measure(argv)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report(result))
-    path = parser().parse_args(argv).json
-    if path:
-        Path(path).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return 0 if result["reference_check"]["passed"] else 1
+    return cli_main(argv, measure, report, parser, lambda r: r["reference_check"]["passed"])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ if __package__ in (None, ""):  # run as `python bench/sweep.py`: make the `bench
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import eigenprune.scoring  # noqa: E402
-from bench import DTYPES, TINY, load, machine, set_threads, shuffled_examples, timed  # noqa: E402
+from bench import DTYPES, TINY, cli_main, load, machine, set_threads, shuffled_examples, timed  # noqa: E402
 from eigenprune.data import Example, answer_nll, batches, encode  # noqa: E402
 from eigenprune.decompose import decompose_targets  # noqa: E402
 from eigenprune.errors import UsageError  # noqa: E402
@@ -198,18 +197,12 @@ def report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        result = measure(argv)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report(result))
-    path = parser().parse_args(argv).json
-    if path:
-        Path(path).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    ok = result["svd_calls_in_loop"] == 0 and result["score_calls_in_loop"] == 0 and result["one_eval_per_p"]
-    return 0 if ok else 1
+    return cli_main(argv, measure, report, parser, passed)
+
+
+def passed(r: dict) -> bool:
+    """No SVD and no scoring in the p loop, and exactly one dev evaluation's model calls per p."""
+    return r["svd_calls_in_loop"] == 0 and r["score_calls_in_loop"] == 0 and r["one_eval_per_p"]
 
 
 if __name__ == "__main__":

