@@ -137,6 +137,7 @@ class _Stream:
         self.steps = _partner_offsets(n, config, generator)  # (n, K)
         self.window = int(self.steps.max())
         self.capacity = self.window + config.batch_size
+        self.ring_keeps_all = n <= self.capacity  # nothing is overwritten: the ring holds every example's b
         self.offset_min = 1 - max(len(e.prompt_ids) for e in encoded)
         self.n_offsets = max(len(e.answer_ids) for e in encoded) - self.offset_min
         self.modules = sorted({t.module_name for t in targets})
@@ -148,7 +149,7 @@ class _Stream:
         self.counts = torch.zeros(self.n_offsets, dtype=torch.float64, device=dev)
         self.ring = {t.name: torch.zeros(self.capacity, self.n_offsets, t.n_components, device=dev) for t in targets}
         self.ring_mask = torch.zeros(self.capacity, self.n_offsets, device=dev)
-        self.head: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # stream position -> (a, b)
+        self.head: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}  # stream position -> (a, b)
         self.best = {t.name: torch.full((t.n_components,), -torch.inf, device=dev) for t in targets}
         self.total = {t.name: torch.zeros(t.n_components, dtype=torch.float64, device=dev) for t in targets}
         self.n_pairs = 0
@@ -207,8 +208,8 @@ class _Stream:
             grads = cap.grads[t.module_name][..., t.rows[0] : t.rows[1]].to(self.device).float()  # (batch, pos, rows)
             a = self._aligned(grads @ U, batch)  # (batch, offsets, k)
             for r, j in enumerate(positions):
-                if j < self.window:
-                    self.head.setdefault(j, {})[t.name] = (a[r], b[r])
+                if j < self.window:  # b too, unless the ring keeps every example (exact mode): no copy
+                    self.head.setdefault(j, {})[t.name] = (a[r], None if self.ring_keeps_all else b[r])
             if rows:
                 self._accumulate(t.name, a, b, rows_t, partners_t)
         if full:
@@ -230,7 +231,10 @@ class _Stream:
         partners_t = torch.tensor(partners, dtype=torch.long, device=self.device)
         for t in self.targets:
             a = torch.stack([self.head[j][t.name][0] for j in heads])  # (heads, offsets, k): one per example
-            b = torch.stack([self.head[j][t.name][1] for j in heads])
+            if self.ring_keeps_all:
+                b = self.ring[t.name][torch.tensor(heads, device=self.device)]  # slot j holds example j
+            else:
+                b = torch.stack([self.head[j][t.name][1] for j in heads])
             self._accumulate(t.name, a, b, rows_t, partners_t)
         self.n_pairs += len(rows)
 
