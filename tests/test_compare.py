@@ -11,6 +11,7 @@ import eigenprune.compare as compare_module
 from eigenprune.artifact import load_edit
 from eigenprune.cli import build_parser
 from eigenprune.compare import METHODS, CompareConfig, verdict
+from eigenprune.compare_report import method_order, render_markdown
 from eigenprune.errors import UsageError
 from eigenprune.experiment import Harness
 
@@ -203,3 +204,12 @@ def test_config_validation_names_the_field():
                           ({"clip_keep": (2.0,)}, "keep")):
         with pytest.raises(ValueError, match=field):
             CompareConfig(**kwargs)
+
+
+def test_saved_json_re_renders_in_run_order(full):
+    """comparison.json stores methods with sorted keys; the table and plot follow the order they ran."""
+    out, names = full
+    report = json.loads((out / "comparison.json").read_text())
+    md = render_markdown(report)
+    assert sorted(names) != names and method_order(report) == names
+    assert [md.index(f"| {n} |") for n in names] == sorted(md.index(f"| {n} |") for n in names)

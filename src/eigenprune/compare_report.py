@@ -17,6 +17,13 @@ def _diff_text(d: dict) -> str:
     return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
 
 
+def method_order(report: dict) -> list[str]:
+    """Methods in the order they ran (comparison.json stores them with sorted keys)."""
+    rows = report["methods"]
+    return [m for m in report.get("methods_run", rows) if m in rows] + [m for m in rows
+                                                                      if m not in report.get("methods_run", ())]
+
+
 def verdict(report: dict) -> str:
     """Plain words: which test differences to base are significant, and is eigenprune more than random?"""
     rows = report["methods"]
@@ -66,7 +73,8 @@ def render_markdown(report: dict) -> str:
              "| wall s | changed params |", "|---|---|---|---|---|---|---|---|",
              f"| base | unmodified model | {base['dev']['acc']:.3f} | {_ci_text(base['test'])} | - | 1 | "
              f"{report['timings']['base_eval']:.1f} | 0 |"]
-    for name, r in report["methods"].items():
+    for name in method_order(report):
+        r = report["methods"][name]
         lines.append(f"| {name} | {_describe(r['config'])} | {r['dev']['acc']:.3f} | {_ci_text(r['test'])} | "
                      f"{_diff_text(r['diff_vs_base'])} | {r['dev_evaluations']} | {r['wall_s']:.1f} | "
                      f"{r['changed_params']} |")
@@ -99,7 +107,7 @@ def plot_comparison(report: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     rows = report["methods"]
-    names = list(rows)
+    names = method_order(report)
     fig = Figure(figsize=(7, 1.2 + 0.45 * len(names)), dpi=120, layout="constrained")
     ax = fig.add_subplot()
     base = report["base"]["test"]
@@ -111,6 +119,10 @@ def plot_comparison(report: dict, path: Path) -> None:
                     color="#d62728" if name == "eigenprune" else "#1f77b4")
         for run in rows[name]["runs"] if name == "random" else []:
             ax.plot([run["test"]["acc"]], [y], "x", color="0.4", markersize=5)
+        icl = rows[name].get("extra", {}).get("icl_only") if name == "svd-clip" else None
+        if icl:  # the prompt change alone: clipping is worth something only beyond it
+            ax.plot([icl["test"]["acc"]], [y], "D", mfc="none", color="0.3", markersize=6,
+                    label=f"svd-clip's demonstrations alone {icl['test']['acc']:.3f}")
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlabel(f"test accuracy (n={base['n']}), 95% bootstrap CI")
