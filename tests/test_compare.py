@@ -189,6 +189,8 @@ VERDICTS = [
     ({"eigenprune": row(0.1, -0.1, 0.3, acc=0.45)},
      {"n_frozen": 9, "diff": {"diff": 0.0, "lo": -0.1, "hi": 0.1}, "random_test_accs": [0.4, 0.5]},
      ["not distinguishable from freezing random", "lies inside"]),
+    ({"svd-clip": row(0.25, 0.16, 0.35, acc=0.338) | {"extra": {"icl_only": {"test": {"acc": 0.35}}}}}, None,
+     ["Significant test gain", "the prompt change, not the clipping"]),
 ]
 
 

@@ -49,6 +49,11 @@ def verdict(report: dict) -> str:
         text += (f" eigenprune vs the random control ({versus['n_frozen']} components, {len(accs)} seeds): "
                  f"test difference {_diff_text(d)}; eigenprune's effect is {kind}, and its test accuracy "
                  f"{eigen_acc:.3f} lies {where} the random seeds' range [{min(accs):.3f}, {max(accs):.3f}].")
+    icl = rows.get("svd-clip", {}).get("extra", {}).get("icl_only")
+    if icl and rows["svd-clip"]["test"]["acc"] <= icl["test"]["acc"]:
+        text += (f" svd-clip's test accuracy ({rows['svd-clip']['test']['acc']:.3f}) is no higher than its "
+                 f"demonstrations alone ({icl['test']['acc']:.3f}): the prompt change, not the clipping, "
+                 "carries it.")
     return text
 
 
