@@ -103,6 +103,19 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float,
     return time.perf_counter() - start, time.process_time() - cpu, result
 
 
+def add_common_options(p) -> None:
+    """The options both benchmarks take: what to load and score, on what, and where to write the figures."""
+    p.add_argument("--model", default="smollm2-135m", help=f"model spec for load_model, or '{TINY}'")
+    p.add_argument("--task", default="int-sum")
+    p.add_argument("--targets", default="key")
+    p.add_argument("--layers", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--json", default=None, help="write the figures here")
+
+
 def cli_main(argv, measure, report, parser, passed) -> int:
     """A benchmark's `main`: measure, print the report, write --json; exit 2 on bad input, 1 when
     `passed(result)` is false (a check the benchmark makes failed), else 0."""

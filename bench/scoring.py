@@ -39,7 +39,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as `python bench/scoring.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import DTYPES, TINY, cli_main, load, machine, set_threads, shuffled_examples, sync, timed  # noqa: E402
+from bench import add_common_options, cli_main, load, machine, set_threads, shuffled_examples, sync, timed  # noqa: E402
 from eigenprune.data import Encoded, answer_nll, collate, encode  # noqa: E402
 from eigenprune.decompose import Components, decompose_targets  # noqa: E402
 from eigenprune.errors import UsageError  # noqa: E402
@@ -267,24 +267,16 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  python bench/scoring.py --model smollm2-135m --n 512 "
                                        "--reference-n 64 --json scoring.json")
-    p.add_argument("--model", default="smollm2-135m", help=f"model spec for load_model, or '{TINY}'")
-    p.add_argument("--task", default="int-sum")
+    add_common_options(p)
     p.add_argument("--n", type=int, default=512, help="examples scored by floor and eigenprune")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--targets", default="key")
-    p.add_argument("--layers", default=None)
     p.add_argument("--partners", type=int, default=4, help="K of eigenprune's default mode")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference-n", type=int, default=16, help="subset for the reference and exact mode")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory", choices=("all", "subset", "off"), default="all",
                    help="peak memory of every method, of the subset's three only, or none; one fresh process each")
     p.add_argument("--memory-jobs", type=int, default=1, help="child processes at a time (1: nothing shares)")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print profiler tables (ROWS ops)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--json", default=None, help="write the figures here")
     return p
 
 

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as `python bench/sweep.py`: make the `bench
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import eigenprune.scoring  # noqa: E402
-from bench import DTYPES, TINY, cli_main, load, machine, set_threads, shuffled_examples, timed  # noqa: E402
+from bench import add_common_options, cli_main, load, machine, set_threads, shuffled_examples, timed  # noqa: E402
 from eigenprune.data import Example, answer_nll, batches, encode  # noqa: E402
 from eigenprune.decompose import decompose_targets  # noqa: E402
 from eigenprune.errors import UsageError  # noqa: E402
@@ -83,8 +83,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  python bench/sweep.py --model smollm2-135m --task int-sum "
                                        "--p 0.01,0.05,0.1,0.3 --json sweep.json")
-    p.add_argument("--model", default="smollm2-135m", help=f"model spec for load_model, or '{TINY}'")
-    p.add_argument("--task", default="int-sum")
+    add_common_options(p)
     p.add_argument("--p", default="0.01,0.05,0.1,0.3", help="comma-separated fractions to freeze")
     p.add_argument("--n", type=int, default=256, help="examples to score")
     p.add_argument("--dev-n", type=int, default=128, help="dev examples evaluated per p (disjoint from --n)")
@@ -92,13 +91,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8, help="scoring batch size")
     p.add_argument("--partners", type=int, default=4)
-    p.add_argument("--targets", default="key")
-    p.add_argument("--layers", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--json", default=None, help="write the figures here")
     return p
 
 
