@@ -37,7 +37,7 @@ from ..experiment import Harness
 from ..freeze import Edit, FreezeConfig
 from ..hooks import capture_io
 from ..targets import Target, find_targets, target_weight
-from .base import MethodResult, edit_changed_params, edit_saver, evaluate_edit
+from .base import MethodResult, accuracy, edit_changed_params, edit_saver, evaluate_edit
 
 # Down to a quarter is the usual compression range, but on a narrow task a quarter of the directions
 # can hold nearly all the output variance (99.5% for int-mult on SmolLM2-135M's mlp-out, where every
@@ -176,7 +176,7 @@ def run_feature_space(harness: Harness, targets: str = "mlp-out",
     found = find_targets(model, targets, layers)
     bases = output_bases(model, harness.tokenizer, harness.splits.train, found, batch_size or cfg.batch_size)
     best_dev = base["dev"] if base and "dev" in base else harness.evaluate("dev")  # (n_dev,) the bar to meet
-    best = base_acc = float(best_dev.float().mean())
+    best = base_acc = accuracy(best_dev)
     accepted: dict[str, int] = {}
     trials, chosen, cache = [], [], {}
     for layer, group in _by_layer(found)[:max_layers]:
@@ -184,7 +184,7 @@ def run_feature_space(harness: Harness, targets: str = "mlp-out",
         for fraction in fractions:
             trial = accepted | {t.name: bases[t.name].rank(fraction) for t in group}
             dev = evaluate_edit(harness, projection_edit(model, found, bases, trial, cache), "dev")
-            acc = float(dev.float().mean())
+            acc = accuracy(dev)
             trials.append({"layer": layer, "fraction": fraction, "dev_acc": acc, "accepted": acc >= best})
             if acc < best:
                 break

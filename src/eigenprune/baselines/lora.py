@@ -48,7 +48,7 @@ from ..data import Example, answer_nll, collate, encode
 from ..errors import UsageError
 from ..experiment import Harness
 from ..targets import find_targets, weight_view
-from .base import MethodResult
+from .base import MethodResult, accuracy
 from .eigenprune_method import run_eigenprune
 
 LORA_FORMAT, LORA_VERSION, LORA_JSON = "eigenprune-lora", 1, "eigenprune_lora.json"
@@ -206,7 +206,7 @@ def _fine_tune(harness: Harness, peft_model: PeftModel, config: TuneConfig) -> _
 
     def checkpoint(step: int) -> None:
         dev = harness.evaluate("dev")
-        rows.append({"step": step, "dev_acc": float(dev.float().mean())})
+        rows.append({"step": step, "dev_acc": accuracy(dev)})
         snapshots[step] = (dev, {n: p.detach().clone() for n, p in trainable.items()})
 
     t0 = time.perf_counter()
@@ -342,7 +342,7 @@ def run_lora_and_eigenprune(harness: Harness, config: TuneConfig | None = None,
         wall_s=time.perf_counter() - t0, changed_params=base.weights + extra_weights, save=save,
         runs=pruned.extra["sweep"],
         extra={**lora.extra, **pruned.extra,
-               "fine_tuned": {"dev_acc": float(lora.dev.float().mean()), "test_acc": float(lora.test.float().mean())},
+               "fine_tuned": {"dev_acc": accuracy(lora.dev), "test_acc": accuracy(lora.test)},
                "changed_params_counts": "weights of the adapted modules and of any other pruned module"},
     )
     return lora, result
