@@ -24,7 +24,7 @@ from ..artifact import ScoreRun
 from ..experiment import Harness, ci, diff_ci
 from ..freeze import Edit, FreezeConfig, build_edit, make_edit
 from ..stats import mean_sd
-from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
+from .base import MethodResult, accuracy, base_correct, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
 
 
 def random_components(score_run: ScoreRun, n_frozen: int, seed: int) -> dict[str, torch.Tensor]:
@@ -52,11 +52,7 @@ def smallest_edit(score_run: ScoreRun, freeze: FreezeConfig) -> Edit:
 
 
 def _base(harness: Harness, base: dict[str, torch.Tensor] | None, splits: Sequence[str]) -> dict[str, torch.Tensor]:
-    base = dict(base or {})
-    for split in splits:
-        if split not in base:
-            base[split] = harness.evaluate(split)
-    return base
+    return dict(base or {}) | {split: base_correct(harness, base, split) for split in splits}
 
 
 def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int = 5,
@@ -129,7 +125,7 @@ def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | No
     best = best_on_dev(accuracy(base["dev"]), [row["dev_acc"] for row in sweep])
     if best < 0:
         edit, dev = smallest_edit(score_run, dataclasses.replace(freeze, p=0.0)), base["dev"]
-        test = base["test"] if "test" in base else harness.evaluate("test")
+        test = base_correct(harness, base, "test")
     else:
         edit, dev = edits[best], devs[best]
         test = evaluate_edit(harness, edit, "test")

@@ -37,7 +37,7 @@ from ..experiment import Harness
 from ..freeze import Edit, FreezeConfig
 from ..hooks import capture_io
 from ..targets import Target, find_targets, target_weight
-from .base import MethodResult, accuracy, edit_changed_params, edit_saver, evaluate_edit
+from .base import MethodResult, accuracy, base_correct, edit_changed_params, edit_saver, evaluate_edit
 
 # Down to a quarter is the usual compression range, but on a narrow task a quarter of the directions
 # can hold nearly all the output variance (99.5% for int-mult on SmolLM2-135M's mlp-out, where every
@@ -175,7 +175,7 @@ def run_feature_space(harness: Harness, targets: str = "mlp-out",
     model, cfg = harness.model, harness.config
     found = find_targets(model, targets, layers)
     bases = output_bases(model, harness.tokenizer, harness.splits.train, found, batch_size or cfg.batch_size)
-    best_dev = base["dev"] if base and "dev" in base else harness.evaluate("dev")  # (n_dev,) the bar to meet
+    best_dev = base_correct(harness, base, "dev")  # (n_dev,) the bar to meet
     best = base_acc = accuracy(best_dev)
     accepted: dict[str, int] = {}
     trials, chosen, cache = [], [], {}
@@ -196,7 +196,7 @@ def run_feature_space(harness: Harness, targets: str = "mlp-out",
     if accepted:
         test = evaluate_edit(harness, edit, "test")
     else:
-        test = base["test"] if base and "test" in base else harness.evaluate("test")
+        test = base_correct(harness, base, "test")
     meta = {"method": "feature-space", "base_model": cfg.model, "data": cfg.task, "targets_spec": targets,
             "layers": layers, "chosen": chosen, "base_fingerprint": fingerprint(model, edit.modules)}
     return MethodResult(

@@ -27,7 +27,7 @@ from ..errors import UsageError
 from ..experiment import Harness
 from ..freeze import Edit, FreezeConfig, build_edit
 from ..targets import PRESETS, Target, find_targets
-from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
+from .base import MethodResult, accuracy, base_correct, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
 
 DEFAULT_KEEP = (0.9, 0.5, 0.25, 0.1, 0.05, 0.01)
 
@@ -108,7 +108,7 @@ def run_laser(harness: Harness, config: LaserConfig | None = None,
         raise UsageError("LASER needs numbered layers; no matrix of the chosen types sits in one")
     layers = search_layers(available, config)
     grid = [(layer, kind, t) for layer in layers for kind in config.kinds for t in by_kind[kind] if t.layer == layer]
-    base_dev = base["dev"] if base and "dev" in base else harness.evaluate("dev")
+    base_dev = base_correct(harness, base, "dev")
     keeps = sorted(config.keep, reverse=True)  # mildest first, so ties keep more of the matrix
     sweep, devs, cells = [], [], []
     for layer, kind, target in grid:  # one exact SVD at a time: a large model's grid would not fit at once
@@ -127,7 +127,7 @@ def run_laser(harness: Harness, config: LaserConfig | None = None,
         dev, test = devs[best], evaluate_edit(harness, edit, "test")
     else:
         chosen = {"target": None, "keep": 1.0}
-        dev, test = base_dev, base["test"] if base and "test" in base else harness.evaluate("test")
+        dev, test = base_dev, base_correct(harness, base, "test")
     meta = edit_meta(harness, model, [target], "laser")
     return MethodResult(
         method="laser", config={**chosen, "base_chosen": best < 0}, dev=dev, test=test,
