@@ -215,3 +215,15 @@ def test_saved_json_re_renders_in_run_order(full):
     md = render_markdown(report)
     assert sorted(names) != names and method_order(report) == names
     assert [md.index(f"| {n} |") for n in names] == sorted(md.index(f"| {n} |") for n in names)
+
+
+def test_eigenprune_reuses_the_shared_base_evaluation(setup, tmp_path, monkeypatch):
+    """compare evaluates the base model once; eigenprune takes it rather than evaluating it again."""
+    model, task = setup
+    calls = []
+    plain = Harness.evaluate
+    monkeypatch.setattr(Harness, "evaluate", lambda self, split: calls.append(split) or plain(self, split))
+    code, err = run_compare("--model", model, "--task", task, "--methods", "eigenprune", *SMALL,
+                            "--out", tmp_path / "o")
+    assert code == 0, err
+    assert calls.count("dev") == 1 + 3 and calls.count("test") == 1 + 1  # base, 3 p on dev; the chosen p on test

@@ -105,6 +105,12 @@ class Harness:
                         progress=not self.quiet).correct
 
 
+def base_correct(harness: Harness, base: dict[str, torch.Tensor] | None, split: str) -> torch.Tensor:
+    """The unmodified model's (n,) correctness on `split`: the caller's (compare evaluates it once for every
+    method) when given, else evaluated now."""
+    return base[split] if base and split in base else harness.evaluate(split)
+
+
 def choose(base_dev: float, sweep: list[dict]) -> float:
     """The p with the best dev accuracy; p = 0 (no edit) competes too, and ties favour the smaller p."""
     best_p, best = 0.0, base_dev
@@ -119,14 +125,18 @@ def _kind(target_name: str) -> str:
     return part[1] if len(part) > 1 and part[1] in "qkv" else part[0].rsplit(".", 1)[-1]
 
 
-def run_one(harness: Harness, seed: int) -> tuple[dict, object, object]:
-    """One split seed: returns (report dict, ScoreRun, chosen Edit)."""
+def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = None,
+            sweep_test: bool | None = None) -> tuple[dict, object, object, dict[str, torch.Tensor]]:
+    """One split seed: returns (report dict, ScoreRun, chosen Edit, the chosen model's (n,) correctness per
+    split). `base`: the unmodified model's correctness on dev and test, when the caller has it (else
+    evaluated here); `sweep_test`: overrides the config's (evaluate every p on test, or only the chosen)."""
     from .engine import score_run
     from .scoring import ScoreConfig
 
     cfg, timings = harness.config, {}
+    sweep_test = cfg.sweep_test if sweep_test is None else sweep_test
     t0 = time.perf_counter()
-    base = {"dev": harness.evaluate("dev"), "test": harness.evaluate("test")}
+    base = {split: base_correct(harness, base, split) for split in ("dev", "test")}
     timings["base_eval"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     score_cfg = ScoreConfig(partners=cfg.partners, window=cfg.window, seed=cfg.score_seed, batch_size=cfg.batch_size)
@@ -141,7 +151,7 @@ def run_one(harness: Harness, seed: int) -> tuple[dict, object, object]:
         apply_edit(harness.model, edit)
         try:
             dev = harness.evaluate("dev")
-            test = harness.evaluate("test") if cfg.sweep_test else None
+            test = harness.evaluate("test") if sweep_test else None
         finally:
             remove_edit(harness.model)
         results[p] = (edit, dev, test)
@@ -190,7 +200,7 @@ def run_one(harness: Harness, seed: int) -> tuple[dict, object, object]:
 
         report["majority_rate"] = {"dev": majority_rate([ex.label for ex in splits.dev]),
                                    "test": majority_rate(labels)}
-    return report, run, edit
+    return report, run, edit, pruned
 
 
 def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
@@ -213,7 +223,7 @@ def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) 
         splits = split_task(task, cfg.dev_fraction, seed, cfg.limit)
         if mode == "next-token":
             warnings += [w for w in next_token_warnings(tok, splits.train + splits.test) if w not in warnings]
-        one, one_run, one_edit = run_one(Harness(model, tok, splits, mode, cfg, quiet), seed)
+        one, one_run, one_edit, _ = run_one(Harness(model, tok, splits, mode, cfg, quiet), seed)
         if not reports:
             run, edit = one_run, one_edit  # the first seed's scores and edit are the ones saved
         reports.append(one)

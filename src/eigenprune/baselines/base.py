@@ -59,12 +59,6 @@ def edit_saver(edit: Edit, meta: dict) -> Callable[[Path], None]:
     return save
 
 
-def base_correct(harness: Harness, base: dict[str, torch.Tensor] | None, split: str) -> torch.Tensor:
-    """The unmodified model's (n,) correctness on `split`: the caller's (compare evaluates it once for every
-    method) when given, else evaluated now."""
-    return base[split] if base and split in base else harness.evaluate(split)
-
-
 def accuracy(correct: torch.Tensor) -> float:
     """Mean correctness in float64, so that equal accuracies compare equal wherever they were computed."""
     return float(correct.double().mean())

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 import torch
 
 from ..artifact import ScoreRun
-from ..experiment import Harness, ci, diff_ci
+from ..experiment import Harness, base_correct, ci, diff_ci
 from ..freeze import Edit, FreezeConfig, build_edit, make_edit
 from ..stats import mean_sd
-from .base import MethodResult, accuracy, base_correct, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
+from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
 
 
 def random_components(score_run: ScoreRun, n_frozen: int, seed: int) -> dict[str, torch.Tensor]:

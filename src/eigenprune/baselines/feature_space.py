@@ -33,11 +33,11 @@ from torch import nn
 
 from ..artifact import fingerprint
 from ..data import Example, batches, encode
-from ..experiment import Harness
+from ..experiment import Harness, base_correct
 from ..freeze import Edit, FreezeConfig
 from ..hooks import capture_io
 from ..targets import Target, find_targets, target_weight
-from .base import MethodResult, accuracy, base_correct, edit_changed_params, edit_saver, evaluate_edit
+from .base import MethodResult, accuracy, edit_changed_params, edit_saver, evaluate_edit
 
 # Down to a quarter is the usual compression range, but on a narrow task a quarter of the directions
 # can hold nearly all the output variance (99.5% for int-mult on SmolLM2-135M's mlp-out, where every

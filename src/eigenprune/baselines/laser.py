@@ -24,10 +24,10 @@ from torch import nn
 from ..artifact import fingerprint
 from ..decompose import Components, decompose_targets
 from ..errors import UsageError
-from ..experiment import Harness
+from ..experiment import Harness, base_correct
 from ..freeze import Edit, FreezeConfig, build_edit
 from ..targets import PRESETS, Target, find_targets
-from .base import MethodResult, accuracy, base_correct, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
+from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
 
 DEFAULT_KEEP = (0.9, 0.5, 0.25, 0.1, 0.05, 0.01)
 
