@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as `python bench/scoring.py`: make the `ben
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import add_common_options, cli_main, load, machine, set_threads, shuffled_examples, sync, timed  # noqa: E402
-from eigenprune.data import Encoded, answer_nll, collate, encode  # noqa: E402
+from eigenprune.data import Encoded, batch_nll, collate, encode  # noqa: E402
 from eigenprune.decompose import Components, decompose_targets  # noqa: E402
 from eigenprune.errors import UsageError  # noqa: E402
 from eigenprune.hooks import activation_grads_only, capture_io  # noqa: E402
@@ -93,8 +93,7 @@ def floor(setup: Setup, encoded: list[Encoded], batch_size: int, seed: int) -> N
                 batch = collate(encoded, order[start : start + batch_size], setup.tokenizer.pad_token_id)
                 batch = batch.to(setup.device)
                 cap.clear()
-                logits = model(**batch.model_inputs(), use_cache=False).logits  # (batch, pos, vocab)
-                answer_nll(logits, batch.labels).sum().backward()
+                batch_nll(model, batch).sum().backward()
     finally:
         model.train(was_training)
 
@@ -120,8 +119,7 @@ def reference_scores(setup: Setup, encoded: list[Encoded], batch_size: int) -> d
             for start in range(0, n, batch_size):
                 batch = collate(encoded, range(start, min(start + batch_size, n)), pad_id).to(device)
                 cap.clear()
-                logits = model(**batch.model_inputs(), use_cache=False).logits  # (batch, pos, vocab)
-                answer_nll(logits, batch.labels).sum().backward()
+                batch_nll(model, batch).sum().backward()
                 masks.append(aligned(batch.attention_mask[..., None].float(), batch, offset_min, n_offsets)[..., 0])
                 for m in setup.modules:
                     xs[m].append(aligned(cap.inputs[m].float(), batch, offset_min, n_offsets))  # (b, offsets, d_in)

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as `python bench/sweep.py`: make the `bench
 
 import eigenprune.scoring  # noqa: E402
 from bench import add_common_options, cli_main, load, machine, set_threads, shuffled_examples, timed  # noqa: E402
-from eigenprune.data import Example, answer_nll, batches, encode  # noqa: E402
+from eigenprune.data import Example, batch_nll, batches, encode  # noqa: E402
 from eigenprune.decompose import decompose_targets  # noqa: E402
 from eigenprune.errors import UsageError  # noqa: E402
 from eigenprune.freeze import FreezeConfig, apply_edit, make_edit, remove_edit  # noqa: E402
@@ -73,8 +73,7 @@ def dev_evaluation(model: nn.Module, tokenizer, examples: list[Example], mode: s
         for batch in batches(encode(tokenizer, examples), batch_size, tokenizer.pad_token_id):
             batch = batch.to(next(model.parameters()).device)
             with prompt_lengths(model, batch.prompt_lengths):
-                logits = model(**batch.model_inputs(), use_cache=False).logits  # (batch, pos, vocab)
-            total += float(answer_nll(logits, batch.labels).sum())
+                total += float(batch_nll(model, batch).sum())
     return -total / len(examples)
 
 

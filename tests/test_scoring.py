@@ -6,7 +6,7 @@ from conftest import build
 from helpers import EXAMPLES
 from transformers.pytorch_utils import Conv1D
 
-from eigenprune.data import answer_nll, collate, encode
+from eigenprune.data import answer_nll, batch_nll, collate, encode
 from eigenprune.decompose import decompose_targets
 from eigenprune.scoring import ScoreConfig, score
 from eigenprune.targets import find_targets, target_weight
@@ -69,6 +69,23 @@ def test_scores_equal_direct_autograd_formula(arch, per_head):
     for t in targets:
         torch.testing.assert_close(got.max[t.name], want[t.name][0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(got.mean[t.name], want[t.name][1], atol=1e-5, rtol=1e-4)
+
+
+def test_batch_nll_runs_the_lm_head_from_the_shortest_prompt_on_and_matches_full_logits(arch):
+    model, tok = build(arch)
+    encoded = encode(tok, EXAMPLES)
+    batch = collate(encoded, range(len(EXAMPLES)), tok.pad_token_id)
+    rows = []
+    head = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    try:
+        got = batch_nll(model, batch)
+        want = answer_nll(model(**batch.model_inputs()).logits, batch.labels)
+    finally:
+        head.remove()
+    width, shortest = batch.input_ids.shape[1], int(batch.prompt_lengths.min())
+    assert rows == [width - shortest + 1, width] and rows[0] < width
+    torch.testing.assert_close(got, want)
+    assert (got > 0).all()
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 6])

@@ -9,6 +9,7 @@ token. This module is the single place that builds such batches.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -131,6 +132,23 @@ def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
     )
     return flat.view(labels.shape).sum(1)
+
+
+def logits_to_keep(model: torch.nn.Module, last: int) -> dict[str, int]:
+    """The forward keyword that computes logits for the `last` positions only, where the model takes it."""
+    return {"logits_to_keep": last} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def batch_nll(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Each example's summed answer NLL under teacher forcing, (batch,), with autograd as the caller has it.
+
+    Right padding puts every answer-predicting position at or after the shortest prompt's last token,
+    so the LM head only runs from there on (`logits_to_keep`, where the model takes it): a
+    vocabulary-wide logit row per position is most of a small model's forward+backward memory.
+    """
+    keep = batch.input_ids.shape[1] - int(batch.prompt_lengths.min()) + 1
+    logits = model(**batch.model_inputs(), use_cache=False, **logits_to_keep(model, keep)).logits  # (b, kept, vocab)
+    return answer_nll(logits, batch.labels[:, batch.labels.shape[1] - logits.shape[1]:])
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:

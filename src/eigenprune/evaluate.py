@@ -17,14 +17,13 @@ every real token as prompt.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import Encoded, Example, answer_nll, batches, check_fits, encode
+from .data import Encoded, Example, batch_nll, batches, check_fits, encode, logits_to_keep
 from .errors import UsageError
 from .positions import prompt_lengths
 from .tasks import EVAL_MODES
@@ -90,16 +89,11 @@ def _prompt_batches(encoded: Sequence[Encoded], batch_size: int) -> Iterator[lis
         yield order[start:start + batch_size]
 
 
-def _accepts(model: torch.nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(model.forward).parameters
-
-
 def next_token_predictions(model: torch.nn.Module, encoded: Sequence[Encoded], pad_id: int,
                            batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """The argmax token after each prompt, as (n,) token ids in input order."""
     out = torch.empty(len(encoded), dtype=torch.long)
     device = _device(model)
-    keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     groups = _prompt_batches(encoded, batch_size)
     with _evaluating(model):
         for index in _progress(groups, _n_batches(len(encoded), batch_size), progress, "next-token"):
@@ -107,7 +101,7 @@ def next_token_predictions(model: torch.nn.Module, encoded: Sequence[Encoded], p
             mask = inputs["attention_mask"]  # (batch, pos)
             inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)  # (batch, pos)
             inputs = {k: v.to(device) for k, v in inputs.items()}
-            logits = model(**inputs, use_cache=False, **keep).logits  # (batch, kept, vocab)
+            logits = model(**inputs, use_cache=False, **logits_to_keep(model, 1)).logits  # (batch, kept, vocab)
             out[torch.tensor(index)] = logits[:, -1].argmax(-1).cpu()  # (batch,)
     return out
 
@@ -126,19 +120,12 @@ def choice_nll(model: torch.nn.Module, tokenizer, examples: Sequence[Example], b
     check_fits(model, encoded)
     nll = torch.empty(len(encoded))
     device = _device(model)
-    trims = _accepts(model, "logits_to_keep")
     with _evaluating(model):
         groups = batches(encoded, batch_size, tokenizer.pad_token_id)
         for batch in _progress(groups, _n_batches(len(encoded), batch_size), progress, "choice"):
             batch = batch.to(device)
-            # right padding puts every answer-predicting position at or after the shortest prompt's end,
-            # so only the logits from there on are needed (a vocabulary-wide tensor per position)
-            keep = batch.input_ids.shape[1] - int(batch.prompt_lengths.min()) + 1
             with prompt_lengths(model, batch.prompt_lengths):
-                logits = model(**batch.model_inputs(), use_cache=False,
-                               **({"logits_to_keep": keep} if trims else {})).logits  # (batch, kept, vocab)
-            labels = batch.labels[:, batch.labels.shape[1] - logits.shape[1]:]  # (batch, kept)
-            nll[batch.index.cpu()] = answer_nll(logits, labels).cpu()  # (batch,)
+                nll[batch.index.cpu()] = batch_nll(model, batch).cpu()  # (batch,)
     return list(nll.split([len(ex.choices) for ex in examples]))  # flat is in example order
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Batch, Encoded, answer_nll, check_fits, collate
+from .data import Batch, Encoded, batch_nll, check_fits, collate
 from .decompose import Components
 from .errors import UsageError
 from .hooks import activation_grads_only, capture_io
@@ -105,8 +105,7 @@ def _partner_offsets(n: int, config: ScoreConfig, generator: torch.Generator) ->
 
 
 def _loss_and_backward(model: nn.Module, batch: Batch) -> None:
-    logits = model(**batch.model_inputs(), use_cache=False).logits  # (batch, pos, vocab)
-    answer_nll(logits, batch.labels).sum().backward()
+    batch_nll(model, batch).sum().backward()
 
 
 def _distributed() -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 The strongest obvious competitor to removing components is learning a low-rank change: peft LoRA
 adapters on the modules eigenprune targets, trained with the teacher-forced answer loss
-(`data.collate` + `data.answer_nll`, mean per answer token), AdamW, seeded. A few evenly spaced
+(`data.collate` + `data.batch_nll`, mean per answer token), AdamW, seeded. A few evenly spaced
 checkpoints are evaluated on dev and the best one (ties: the earliest) is kept; test is evaluated
 once, afterwards. The paper's fine-tuned GPT-2 rows pruned a fine-tuned model, so
 `run_lora_and_eigenprune` also merges the adapters and runs the whole eigenprune experiment
@@ -44,7 +44,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..artifact import apply_saved_edit, atomic_dir, check_fingerprint, fingerprint
-from ..data import Example, answer_nll, collate, encode
+from ..data import Example, batch_nll, collate, encode
 from ..errors import UsageError
 from ..experiment import Harness
 from ..targets import find_targets, weight_view
@@ -168,8 +168,7 @@ def train_lora(model: nn.Module, tokenizer, examples: Sequence[Example], config:
                     order += torch.randperm(len(encoded), generator=generator).tolist()
                 index, order = order[: config.batch_size], order[config.batch_size :]
                 batch = collate(encoded, index, tokenizer.pad_token_id).to(device)
-                logits = model(**batch.model_inputs(), use_cache=False).logits  # (batch, pos, vocab)
-                loss = answer_nll(logits, batch.labels).sum() / (batch.labels != -100).sum()
+                loss = batch_nll(model, batch).sum() / (batch.labels != -100).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
