@@ -120,6 +120,22 @@ def test_sampled_partners_are_a_subset_of_all_pairs_and_seeded():
     assert any(not torch.equal(a.max[k], c.max[k]) for k in a.max)
 
 
+def test_exact_mode_matmuls_equal_gathered_pairs(arch):
+    """Exact mode reduces (batch × ring) matmuls; K = n - 1 sampled partners gather the same pairs."""
+    model, tok = build(arch)
+    targets = find_targets(model, "key")
+    encoded = encode(tok, EXAMPLES * 2)
+    comps = decompose_targets(model, targets)
+    run = lambda cfg: score(model, targets, comps, encoded, tok.pad_token_id, cfg, progress=False)
+    n = len(encoded)
+    exact = run(ScoreConfig(partners="all", batch_size=5))
+    gathered = run(ScoreConfig(partners=n - 1, window=n - 1, batch_size=5))
+    assert exact.n_pairs == gathered.n_pairs == n * (n - 1)
+    for name in exact.max:
+        torch.testing.assert_close(exact.max[name], gathered.max[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(exact.mean[name], gathered.mean[name], atol=1e-6, rtol=1e-5)
+
+
 def test_batch_size_one_gives_nonzero_scores():
     model, tok = build("llama")
     targets = find_targets(model, "key")

@@ -7,7 +7,8 @@ e′, patching e's input by e′'s through component i changes the loss, to firs
 
 over the positions t present in both, aligned by offset from the last prompt token. With
 a = g·U and b = x·V per position (both (pos, k)), that is s ⊙ Σ_t a_e (b_e′ − b_e · m_e′): two
-projections per batch and an elementwise product per pair, no loop over components.
+projections per batch and an elementwise product per pair, no loop over components. In exact
+mode, where pairs fill most of (batch × earlier examples), the products are two batched matmuls.
 
 Pairs: the examples are streamed in a seeded random order; example j's K partners are drawn from
 the W examples before it in that order (wrapping around), so batch size 1 works and memory holds
@@ -137,6 +138,7 @@ class _Stream:
         self.window = int(self.steps.max())
         self.capacity = self.window + config.batch_size
         self.ring_keeps_all = n <= self.capacity  # nothing is overwritten: the ring holds every example's b
+        self.dense = config.partners == "all"  # pairs fill most of (batch × ring): matmuls beat gathers
         self.offset_min = 1 - max(len(e.prompt_ids) for e in encoded)
         self.n_offsets = max(len(e.answer_ids) for e in encoded) - self.offset_min
         self.modules = sorted({t.module_name for t in targets})
@@ -146,7 +148,10 @@ class _Stream:
         self.sums = {m: torch.zeros(self.n_offsets, t_in, dtype=torch.float64, device=dev)
                      for m, t_in in {t.module_name: t.in_features for t in targets}.items()}
         self.counts = torch.zeros(self.n_offsets, dtype=torch.float64, device=dev)
-        self.ring = {t.name: torch.zeros(self.capacity, self.n_offsets, t.n_components, device=dev) for t in targets}
+        # the partners' b by ring slot: (slots, offsets, k) for gathers, (k, offsets, slots) for matmuls
+        shape = (lambda k: (k, self.n_offsets, self.capacity)) if self.dense else (
+            lambda k: (self.capacity, self.n_offsets, k))
+        self.ring = {t.name: torch.zeros(shape(t.n_components), device=dev) for t in targets}
         self.ring_mask = torch.zeros(self.capacity, self.n_offsets, device=dev)
         self.head: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}  # stream position -> (a, b)
         self.best = {t.name: torch.full((t.n_components,), -torch.inf, device=dev) for t in targets}
@@ -160,12 +165,33 @@ class _Stream:
     def _aligned(self, values: torch.Tensor, batch: Batch) -> torch.Tensor:
         return aligned(values, batch, self.offset_min, self.n_offsets)
 
+    def _ring_write(self, name: str, slots: torch.Tensor, b: torch.Tensor) -> None:
+        if self.dense:
+            self.ring[name][..., slots] = b.permute(2, 1, 0)
+        else:
+            self.ring[name][slots] = b
+
+    def _ring_read(self, name: str, slots: torch.Tensor) -> torch.Tensor:  # (slots, offsets, k)
+        return self.ring[name][..., slots].permute(2, 1, 0) if self.dense else self.ring[name][slots]
+
     def _accumulate(self, name: str, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
                     partners: torch.Tensor) -> None:
-        """Pairs (a[rows], b[rows]) × ring[partners]; a, b (examples, offsets, k), rows and partners (pairs,).
-        Gathered 256 pairs at a time, so memory stays bounded however many pairs (exact mode: n²)."""
+        """Pairs (a[rows], b[rows]) × ring[partners]; a, b (examples, offsets, k), rows and partners (pairs,)."""
         ring, ring_mask, S = self.ring[name], self.ring_mask, self.basis[name][1]
-        for start in range(0, rows.numel(), 256):
+        if self.dense:
+            # every example against every ring slot as two matmuls per component, (k, examples, slots),
+            # then reduced over the listed pairs. Shapes depend only on the batch, so ranks get one
+            # process's bits; s_i ≥ 0 scales after the max without changing it.
+            valid = torch.zeros(a.shape[0], self.capacity, dtype=torch.bool, device=a.device)
+            valid[rows, partners] = True
+            a_k = a.permute(2, 0, 1).contiguous()  # (k, examples, offsets)
+            effects = torch.bmm(a_k, ring)  # Σ_t a_e b_f
+            effects -= (a_k * b.permute(2, 0, 1)) @ ring_mask.t()  # Σ_t a_e b_e m_f
+            best = effects.masked_fill(~valid, -torch.inf).amax((1, 2))  # (k,)
+            self.best[name] = torch.maximum(self.best[name], S * best)
+            self.total[name] += S.double() * (effects * valid).sum((1, 2), dtype=torch.float64)
+            return
+        for start in range(0, rows.numel(), 256):  # 256 pairs at a time: memory stays bounded
             r, p = rows[start : start + 256], partners[start : start + 256]
             effects = pair_effects(a[r], b[r], ring[p], ring_mask[p], S)  # (chunk, k)
             self.best[name] = torch.maximum(self.best[name], effects.max(0).values)
@@ -201,7 +227,7 @@ class _Stream:
         for t in self.targets:
             U, _, V = self.basis[t.name]
             b = self._aligned(inputs[t.module_name] @ V, batch)  # (batch, offsets, k)
-            self.ring[t.name][slots] = b
+            self._ring_write(t.name, slots, b)
             if not full:
                 continue
             grads = cap.grads[t.module_name][..., t.rows[0] : t.rows[1]].to(self.device).float()  # (batch, pos, rows)
@@ -215,27 +241,31 @@ class _Stream:
             self.n_pairs += len(rows)
 
     def finish_head(self) -> None:
-        """Pairs of the first examples with partners at the end of the stream (now in the ring)."""
-        n = len(self.encoded)
-        heads = sorted(self.head)
-        rows, partners = [], []
-        for i, j in enumerate(heads):
-            for step in self.steps[j].tolist():
-                if j - step < 0:
-                    rows.append(i)
-                    partners.append((j - step + n) % self.capacity)
-        if not rows:
-            return
-        rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
-        partners_t = torch.tensor(partners, dtype=torch.long, device=self.device)
-        for t in self.targets:
-            a = torch.stack([self.head[j][t.name][0] for j in heads])  # (heads, offsets, k): one per example
-            if self.ring_keeps_all:
-                b = self.ring[t.name][torch.tensor(heads, device=self.device)]  # slot j holds example j
-            else:
-                b = torch.stack([self.head[j][t.name][1] for j in heads])
-            self._accumulate(t.name, a, b, rows_t, partners_t)
-        self.n_pairs += len(rows)
+        """Pairs of the first examples with partners at the end of the stream (now in the ring), one
+        stream batch of them at a time (the same groups under torch.distributed as in one process)."""
+        n, size = len(self.encoded), self.config.batch_size
+        groups: dict[int, list[int]] = {}
+        for j in sorted(self.head):
+            groups.setdefault(j // size, []).append(j)
+        for heads in groups.values():
+            rows, partners = [], []
+            for i, j in enumerate(heads):
+                for step in self.steps[j].tolist():
+                    if j - step < 0:
+                        rows.append(i)
+                        partners.append((j - step + n) % self.capacity)
+            if not rows:
+                continue
+            rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+            partners_t = torch.tensor(partners, dtype=torch.long, device=self.device)
+            for t in self.targets:
+                a = torch.stack([self.head[j][t.name][0] for j in heads])  # (heads, offsets, k)
+                if self.ring_keeps_all:
+                    b = self._ring_read(t.name, torch.tensor(heads, device=self.device))  # slot j: example j
+                else:
+                    b = torch.stack([self.head[j][t.name][1] for j in heads])
+                self._accumulate(t.name, a, b, rows_t, partners_t)
+            self.n_pairs += len(rows)
 
     def run(self, progress: bool) -> None:
         rank, world = _distributed()
