@@ -42,7 +42,7 @@ class EvalResult:
 
     @property
     def accuracy(self) -> float:
-        return float(self.correct.float().mean()) if self.n else float("nan")
+        return float(self.correct.double().mean()) if self.n else float("nan")
 
 
 @contextlib.contextmanager
