@@ -72,18 +72,20 @@ def test_scores_equal_direct_autograd_formula(arch, per_head):
 
 
 def test_batch_nll_runs_the_lm_head_from_the_shortest_prompt_on_and_matches_full_logits(arch):
+    """Only the answer-predicting positions reach the LM head, as one contiguous tensor."""
     model, tok = build(arch)
     encoded = encode(tok, EXAMPLES)
     batch = collate(encoded, range(len(EXAMPLES)), tok.pad_token_id)
     rows = []
-    head = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    head = model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: rows.append((args[0].shape[1], args[0].is_contiguous())))
     try:
         got = batch_nll(model, batch)
         want = answer_nll(model(**batch.model_inputs()).logits, batch.labels)
     finally:
         head.remove()
     width, shortest = batch.input_ids.shape[1], int(batch.prompt_lengths.min())
-    assert rows == [width - shortest + 1, width] and rows[0] < width
+    assert rows == [(width - shortest + 1, True), (width, True)] and rows[0][0] < width  # strided: slow matmul
     torch.testing.assert_close(got, want)
     assert (got > 0).all()
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .data import Encoded, Example, batch_nll, batches, check_fits, encode, logits_to_keep
+from .data import Encoded, Example, batch_nll, batches, check_fits, encode, last_logits
 from .errors import UsageError
 from .positions import prompt_lengths
 from .tasks import EVAL_MODES
@@ -101,7 +101,7 @@ def next_token_predictions(model: torch.nn.Module, encoded: Sequence[Encoded], p
             mask = inputs["attention_mask"]  # (batch, pos)
             inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)  # (batch, pos)
             inputs = {k: v.to(device) for k, v in inputs.items()}
-            logits = model(**inputs, use_cache=False, **logits_to_keep(model, 1)).logits  # (batch, kept, vocab)
+            logits = last_logits(model, inputs, 1)  # (batch, 1 or pos, vocab)
             out[torch.tensor(index)] = logits[:, -1].argmax(-1).cpu()  # (batch,)
     return out
 
