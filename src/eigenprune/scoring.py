@@ -153,7 +153,11 @@ class _Stream:
             lambda k: (self.capacity, self.n_offsets, k))
         self.ring = {t.name: torch.zeros(shape(t.n_components), device=dev) for t in targets}
         self.ring_mask = torch.zeros(self.capacity, self.n_offsets, device=dev)
-        self.head: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}  # stream position -> (a, b)
+        # the first `window` examples' a (and b, unless the ring keeps every example) until finish_head
+        self.head: list[int] = []  # stream positions held, in the order they came
+        self.head_a = {t.name: torch.zeros(min(self.window, n), self.n_offsets, t.n_components, device=dev)
+                       for t in targets}
+        self.head_b = {} if self.ring_keeps_all else {name: torch.zeros_like(a) for name, a in self.head_a.items()}
         self.best = {t.name: torch.full((t.n_components,), -torch.inf, device=dev) for t in targets}
         self.total = {t.name: torch.zeros(t.n_components, dtype=torch.float64, device=dev) for t in targets}
         self.n_pairs = 0
@@ -224,6 +228,10 @@ class _Stream:
                     partners.append((j - step) % self.capacity)
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         partners_t = torch.tensor(partners, dtype=torch.long, device=self.device)
+        heads = [(r, j) for r, j in enumerate(positions) if j < self.window] if full else []
+        head_rows = torch.tensor([r for r, _ in heads], dtype=torch.long, device=self.device)
+        head_slots = torch.tensor([j for _, j in heads], dtype=torch.long, device=self.device)
+        self.head += [j for _, j in heads]
         for t in self.targets:
             U, _, V = self.basis[t.name]
             b = self._aligned(inputs[t.module_name] @ V, batch)  # (batch, offsets, k)
@@ -232,9 +240,10 @@ class _Stream:
                 continue
             grads = cap.grads[t.module_name][..., t.rows[0] : t.rows[1]].to(self.device).float()  # (batch, pos, rows)
             a = self._aligned(grads @ U, batch)  # (batch, offsets, k)
-            for r, j in enumerate(positions):
-                if j < self.window:  # b too, unless the ring keeps every example (exact mode): no copy
-                    self.head.setdefault(j, {})[t.name] = (a[r], None if self.ring_keeps_all else b[r])
+            if heads:
+                self.head_a[t.name][head_slots] = a[head_rows]
+                if not self.ring_keeps_all:
+                    self.head_b[t.name][head_slots] = b[head_rows]
             if rows:
                 self._accumulate(t.name, a, b, rows_t, partners_t)
         if full:
@@ -258,12 +267,11 @@ class _Stream:
                 continue
             rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
             partners_t = torch.tensor(partners, dtype=torch.long, device=self.device)
+            index = torch.tensor(heads, dtype=torch.long, device=self.device)
             for t in self.targets:
-                a = torch.stack([self.head[j][t.name][0] for j in heads])  # (heads, offsets, k)
-                if self.ring_keeps_all:
-                    b = self._ring_read(t.name, torch.tensor(heads, device=self.device))  # slot j: example j
-                else:
-                    b = torch.stack([self.head[j][t.name][1] for j in heads])
+                a = self.head_a[t.name][index]  # (heads, offsets, k)
+                # in exact mode ring slot j holds example j
+                b = self._ring_read(t.name, index) if self.ring_keeps_all else self.head_b[t.name][index]
                 self._accumulate(t.name, a, b, rows_t, partners_t)
             self.n_pairs += len(rows)
 
