@@ -52,6 +52,20 @@ def test_score_prune_export_generate(capsys, tmp_path, saved_model_dir, data_fil
     assert merged(ids).logits.shape[-1] == 320
 
 
+def test_device_map_auto_scores_like_a_plain_load(capsys, tmp_path, saved_model_dir, data_file):
+    """`--device-map auto` goes through accelerate's placement (one CPU here; several GPUs elsewhere)."""
+    from safetensors.torch import load_file
+
+    for name, extra in (("plain", []), ("auto", ["--device-map", "auto"])):
+        code, _, err = run_cli(capsys, "score", "--model", saved_model_dir, "--data", data_file,
+                               "--out", tmp_path / name, "--quiet", "--partners", "2", *extra)
+        assert code == 0, err
+    plain, auto = (load_file(tmp_path / n / "scores.safetensors") for n in ("plain", "auto"))
+    assert plain.keys() == auto.keys() and plain
+    for key in plain:
+        torch.testing.assert_close(auto[key], plain[key])
+
+
 def test_score_with_a_builtin_task(capsys, tmp_path, saved_gpt2_dir):
     code, out, err = run_cli(capsys, "score", "--model", saved_gpt2_dir, "--task", "int-mult", "--limit", "6",
                              "--out", tmp_path / "s", "--quiet")

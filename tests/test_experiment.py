@@ -47,6 +47,17 @@ def test_config_rerun_reproduces_the_report(finished_run, tmp_path):
     assert stable(again) == stable(first)
 
 
+def test_device_map_auto_runs_the_same_experiment(finished_run, tmp_path, saved_model_dir):
+    """accelerate's placement (one CPU here) changes nothing; config.json keeps it for a rerun."""
+    out = tmp_path / "auto"
+    code = main(["run", "--model", str(saved_model_dir), "--task", "int-mult", "--limit", "12", "--p", "0.05,0.3",
+                 "--out", str(out), "--quiet", "--n-boot", "200", "--device-map", "auto"])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["device_map"] == "auto"
+    first, auto = (json.loads((d / "report.json").read_text()) for d in (finished_run, out))
+    assert stable(auto) == stable(first)
+
+
 def test_a_failed_run_leaves_no_directory(tmp_path, saved_model_dir, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -29,6 +29,13 @@ def test_alias_without_the_package_says_how_to_install(monkeypatch):
         resolve(SMOLLM2_ALIAS)
 
 
+def test_device_map_without_accelerate_says_how_to_install(monkeypatch, saved_model_dir):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name))
+    with pytest.raises(UsageError, match="--device-map auto needs the accelerate package: pip install accelerate"):
+        load_model(saved_model_dir, device_map="auto")
+
+
 @pytest.mark.parametrize("spec, message", [
     ("/no/such/folder", "model not found"),
     ("missing.gguf", "model file not found"),

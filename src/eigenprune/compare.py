@@ -188,7 +188,7 @@ def compare(cfg: RunConfig, opts: CompareConfig, out: str | Path | None = None, 
     mode = cfg.eval_mode or task.eval_mode
     splits = split_task(task, cfg.dev_fraction, cfg.split_seed, cfg.limit)
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map)
     timings = {"load": time.perf_counter() - t0}
     warnings = next_token_warnings(tok, splits.train + splits.test) if mode == "next-token" else []
     harness = Harness(model, tok, splits, mode, cfg, quiet)

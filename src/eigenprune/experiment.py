@@ -53,6 +53,7 @@ class RunConfig:
     answers: list[str] | None = field(default=None, metadata={"help": "answer words override"})
     dtype: str = field(default="float32", metadata={"help": "model dtype"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
+    device_map: str | None = field(default=None, metadata={"help": "'auto': spread the model over devices"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples"})
 
     def __post_init__(self) -> None:
@@ -216,7 +217,7 @@ def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) 
     task = load_task(cfg.task, cfg.template, cfg.answers)
     mode = cfg.eval_mode or task.eval_mode
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map)
     load_s = time.perf_counter() - t0
     warnings, reports = [], []
     for seed in range(cfg.split_seed, cfg.split_seed + cfg.seeds):
@@ -326,6 +327,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answers", type=lambda s: s.split(","), help="comma-separated answer words")
     p.add_argument("--dtype")
     p.add_argument("--device")
+    p.add_argument("--device-map", help="'auto' spreads a large model over devices (accelerate)")
     p.add_argument("--n-boot", type=int)
 
 

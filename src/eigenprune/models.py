@@ -80,6 +80,10 @@ def _no_gguf_bar() -> Iterator[None]:
             gguf_utils.tqdm = original
 
 
+def _has(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
 def load_model(
     spec: str,
     dtype: str = "float32",
@@ -92,6 +96,8 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # eigenprune shows its own progress; loading bars are noise
+    if device_map is not None and not _has("accelerate"):
+        raise UsageError(f"--device-map {device_map} needs the accelerate package: pip install accelerate")
     source = resolve(spec)
     torch_dtype = parse_dtype(dtype)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
