@@ -148,10 +148,10 @@ class _Stream:
         self.sums = {m: torch.zeros(self.n_offsets, t_in, dtype=torch.float64, device=dev)
                      for m, t_in in {t.module_name: t.in_features for t in targets}.items()}
         self.counts = torch.zeros(self.n_offsets, dtype=torch.float64, device=dev)
-        # the partners' b by ring slot: (slots, offsets, k) for gathers, (k, offsets, slots) for matmuls
-        shape = (lambda k: (k, self.n_offsets, self.capacity)) if self.dense else (
-            lambda k: (self.capacity, self.n_offsets, k))
-        self.ring = {t.name: torch.zeros(shape(t.n_components), device=dev) for t in targets}
+        # the partners' b by ring slot: (k, offsets, slots) for matmuls, (slots, offsets, k) for gathers
+        self.ring = {t.name: torch.zeros((t.n_components, self.n_offsets, self.capacity) if self.dense
+                                         else (self.capacity, self.n_offsets, t.n_components), device=dev)
+                     for t in targets}
         self.ring_mask = torch.zeros(self.capacity, self.n_offsets, device=dev)
         # the first `window` examples' a (and b, unless the ring keeps every example) until finish_head
         self.head: list[int] = []  # stream positions held, in the order they came
