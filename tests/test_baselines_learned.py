@@ -253,8 +253,10 @@ def test_lora_then_eigenprune_gives_the_model_back_and_reloads(arch, tmp_path):
     tuned, pruned = lora.run_lora_and_eigenprune(harness, steps=20, lr=1e-2, checkpoints=2)
     assert_unchanged(harness.model, before)
     assert (tuned.method, pruned.method) == ("lora", "lora+eigenprune")
-    assert pruned.extra["fine_tuned"] == {"dev_acc": float(tuned.dev.float().mean()),
-                                          "test_acc": float(tuned.test.float().mean())}
+    stage = pruned.extra["stage"]
+    assert stage["method"] == "lora" and stage["wall_s"] == tuned.wall_s
+    assert stage["dev_acc"] == float(tuned.dev.double().mean())
+    assert stage["test_acc"] == float(tuned.test.double().mean())
     assert pruned.dev_evaluations == 2 + 1 + len(harness.config.p)  # checkpoints, fine-tuned model, each p
     assert pruned.config["p"] in (0.0, *harness.config.p) and pruned.config["chosen_step"] in (10, 20)
     pruned.save(tmp_path / "lp")

@@ -1,23 +1,31 @@
 """`eigenprune compare` end to end on a tiny saved model: files, keys, saved edits, choices made on dev
 only, implicit eigenprune, one-line errors and a directory that is complete or absent."""
 
-import importlib.util
 import json
 
 import pytest
+import torch
 from helpers import sensitive, write_task
 
 import eigenprune.compare as compare_module
 from eigenprune.artifact import load_edit
+from eigenprune.baselines import registry
+from eigenprune.baselines.base import MethodResult
 from eigenprune.cli import build_parser
-from eigenprune.compare import METHODS, CompareConfig, verdict
-from eigenprune.compare_report import method_order, render_markdown
+from eigenprune.compare import CompareConfig
+from eigenprune.compare_report import method_order, render_markdown, verdict
 from eigenprune.errors import UsageError
 from eigenprune.experiment import Harness
 
 SMALL = ["--limit", "12", "--split-seed", "2", "--targets", "all", "--p", "0.1,0.3,0.5",  # eigenprune picks 0.5
-         "--partners", "2", "--n-boot", "50", "--random-seeds", "2", "--laser-kinds", "mlp-in,mlp-out",
-         "--laser-keep", "0.5,0.1", "--icl-demos", "2", "--clip-keep", "1,0.5", "--quiet"]
+         "--partners", "2", "--n-boot", "50", "--quiet"]
+GRIDS = {"random": ["--random-seeds", "2"], "laser": ["--laser-kinds", "mlp-in,mlp-out", "--laser-keep", "0.5,0.1"],
+         "svd-clip": ["--set", "svd-clip.demos=2", "--set", "svd-clip.keep=[1, 0.5]"]}  # old flags and --set alike
+
+
+def small(*methods: str) -> list[str]:
+    """The shared small settings and the grids of the methods that run."""
+    return ["--methods", ",".join(methods), *SMALL, *(a for m in methods for a in GRIDS.get(m, []))]
 OPTIONAL = {"feature-space": ["--set", "feature-space.max_layers=1"],
             "lora": ["--set", "lora.steps=4", "--set", "lora.checkpoints=2"],
             "lora+eigenprune": ["--set", "lora+eigenprune.steps=4", "--set", "lora+eigenprune.checkpoints=2"]}
@@ -27,7 +35,7 @@ ROW_KEYS = {"config", "dev", "test", "diff_vs_base", "dev_evaluations", "wall_s"
 
 
 def available(method: str) -> bool:
-    return importlib.util.find_spec(f"eigenprune.baselines.{METHODS[method][0]}") is not None
+    return all(part in registry.methods() for part in method.split("+"))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +74,7 @@ def full(setup, tmp_path_factory):
 
             plain = lora._fine_tune
             mp.setattr(lora, "_fine_tune", lambda *a, **k: tunes.append(1) or plain(*a, **k))
-        code, err = run_compare("--model", model, "--task", task, "--methods", ",".join(names), *SMALL,
+        code, err = run_compare("--model", model, "--task", task, *small(*names),
                                 *extra_args, "--out", out)
     assert code == 0, err
     if {"lora", "lora+eigenprune"} <= set(names):
@@ -106,8 +114,8 @@ def test_choices_do_not_depend_on_test(full, setup, tmp_path, monkeypatch):
     plain = Harness.evaluate
     monkeypatch.setattr(Harness, "evaluate", lambda self, split: ~plain(self, split) if split == "test"
                         else plain(self, split))
-    code, err = run_compare("--model", model, "--task", task, "--methods", "eigenprune,random,smallest,laser,svd-clip",
-                            *SMALL, "--out", tmp_path / "flipped")
+    methods = small("eigenprune", "random", "smallest", "laser", "svd-clip")
+    code, err = run_compare("--model", model, "--task", task, *methods, "--out", tmp_path / "flipped")
     assert code == 0, err
     want = json.loads((out / "comparison.json").read_text())
     got = json.loads((tmp_path / "flipped" / "comparison.json").read_text())
@@ -120,7 +128,7 @@ def test_choices_do_not_depend_on_test(full, setup, tmp_path, monkeypatch):
 
 def test_random_runs_eigenprune_implicitly(setup, tmp_path):
     model, task = setup
-    code, err = run_compare("--model", model, "--task", task, "--methods", "random", *SMALL, "--out", tmp_path / "r")
+    code, err = run_compare("--model", model, "--task", task, *small("random"), "--out", tmp_path / "r")
     assert code == 0, err
     report = json.loads((tmp_path / "r" / "comparison.json").read_text())
     assert report["implicit"] == ["eigenprune"] and report["methods_run"] == ["eigenprune", "random"]
@@ -140,24 +148,32 @@ def test_failure_leaves_no_directory(setup, tmp_path, monkeypatch, where):
     else:
         monkeypatch.setattr(compare_module, "plot_comparison", boom)
     with pytest.raises(RuntimeError, match="boom"):
-        run_compare("--model", model, "--task", task, "--methods", "laser", *SMALL, "--out", tmp_path / "o")
+        run_compare("--model", model, "--task", task, *small("laser"), "--out", tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
 
 
 BAD = {
     "unknown method": (["--methods", "eigenprune,magic"], "unknown method 'magic'"),
-    "bad argument": (["--methods", "laser", "--set", "laser.steps=3"], "takes no argument 'steps'"),
+    "bad argument": (["--methods", "laser", "--set", "laser.steps=3"], "laser: unknown setting 'steps'"),
     "bad grid": (["--methods", "laser", "--laser-keep", "0"], "keep fractions"),
-    "random seeds": (["--random-seeds", "0"], "random_seeds"),
-    "missing module": (["--methods", "missing"], "is not available"),
-    "bad lora setting": (["--methods", "lora", "--set", "lora.stepz=3"], "LoRA has no setting 'stepz'"),
+    "bad grid by --set": (["--methods", "laser", "--set", "laser.keep=0.5,2"], "keep fractions"),
+    "wrong type": (["--methods", "random", "--set", "random.seeds=many"], "seeds must be an integer"),
+    "random seeds": (["--random-seeds", "0"], "seeds must be at least 1"),
+    "missing module": (["--methods", "missing"], "no_such_module could not be loaded"),
+    "bad lora setting": (["--methods", "lora", "--set", "lora.stepz=3"], "lora: unknown setting 'stepz'"),
+    "set for a method not run": (["--methods", "eigenprune", "--set", "lora.steps=5"], "'lora' is not among"),
+    "composite without a stage": (["--methods", "laser+eigenprune"], "'laser' is not a learned stage"),
+    "composite of two stages": (["--methods", "lora+lora"], "is itself a learned stage"),
+    "composite setting of neither part": (["--methods", "lora+laser", "--set", "lora+laser.p=3"],
+                                          "lora+laser has no setting 'p'"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_line(setup, tmp_path, monkeypatch, case):
     model, task = setup
-    monkeypatch.setitem(METHODS, "missing", ("no_such_module", "run_missing"))
+    registry.methods()
+    monkeypatch.setitem(registry._UNAVAILABLE, "no_such_module", "No module named 'no_such_module'")
     argv, message = BAD[case]
     code, err = run_compare("--model", model, "--task", task, *argv, "--out", tmp_path / "o")
     assert code == 2 and message in err and "\n" not in err
@@ -173,39 +189,66 @@ def test_an_existing_directory_is_refused_before_any_work(setup, tmp_path):
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep.txt"]
 
 
-def row(diff, lo, hi, acc=0.5):
-    return {"test": {"acc": acc}, "diff_vs_base": {"diff": diff, "lo": lo, "hi": hi}}
+def row(diff, lo, hi, acc=0.5, own=""):
+    return {"test": {"acc": acc}, "diff_vs_base": {"diff": diff, "lo": lo, "hi": hi}, "verdict": own}
 
 
 VERDICTS = [
-    ({"m": row(0.1, -0.1, 0.3)}, None, ["No method's test gain over the base model is significant"]),
-    ({"m": row(0.2, 0.05, 0.35)}, None, ["Significant test gain over the base model", "m (+0.200"]),
-    ({"m": row(-0.2, -0.35, -0.05)}, None, ["Significantly worse than base: m"]),
-    ({"eigenprune": row(0.0, 0.0, 0.0)}, {"n_frozen": 0, "diff": {"diff": 0, "lo": 0, "hi": 0},
-                                          "random_test_accs": [0.5]}, ["chose p = 0"]),
-    ({"eigenprune": row(0.1, -0.1, 0.3, acc=0.7)},
-     {"n_frozen": 9, "diff": {"diff": 0.2, "lo": 0.05, "hi": 0.3}, "random_test_accs": [0.4, 0.5]},
-     ["is distinguishable from freezing random", "lies above the random seeds' range"]),
-    ({"eigenprune": row(0.1, -0.1, 0.3, acc=0.45)},
-     {"n_frozen": 9, "diff": {"diff": 0.0, "lo": -0.1, "hi": 0.1}, "random_test_accs": [0.4, 0.5]},
-     ["not distinguishable from freezing random", "lies inside"]),
-    ({"svd-clip": row(0.25, 0.16, 0.35, acc=0.338) | {"extra": {"icl_only": {"test": {"acc": 0.35}}}}}, None,
-     ["Significant test gain", "the prompt change, not the clipping"]),
+    ({"m": row(0.1, -0.1, 0.3)}, ["No method's test gain over the base model is significant"]),
+    ({"m": row(0.2, 0.05, 0.35)}, ["Significant test gain over the base model", "m (+0.200"]),
+    ({"m": row(-0.2, -0.35, -0.05)}, ["Significantly worse than base: m"]),
+    ({"m": row(0.1, -0.1, 0.3, own="First words."), "n": row(0, 0, 0, own="Second words.")},
+     ["reaches 0 or below. First words. Second words."]),
 ]
 
 
-@pytest.mark.parametrize("methods,versus,phrases", VERDICTS)
-def test_verdict_words(methods, versus, phrases):
-    text = verdict({"methods": methods, "eigenprune_vs_random": versus})
+@pytest.mark.parametrize("methods,phrases", VERDICTS)
+def test_verdict_words(methods, phrases):
+    text = verdict({"methods": methods})
     assert all(p in text for p in phrases), text
 
 
+def result(test: list[float], **extra) -> MethodResult:
+    return MethodResult("m", {}, torch.tensor(test), torch.tensor(test), 1, 0.0, 0, extra=extra)
+
+
+VERSUS = [  # eigenprune's test correctness, the random control's seeds' test accuracies, n_frozen, phrases
+    ([1.0, 1.0, 0.0, 0.0], [0.5], 0, ["chose p = 0"]),
+    ([1.0] * 8, [0.25, 0.5], 9, ["is distinguishable from freezing random", "lies above the random seeds' range"]),
+    ([1.0, 0.0] * 4, [0.25, 0.75], 9, ["not distinguishable from freezing random", "lies inside"]),
+]
+
+
+@pytest.mark.parametrize("eigen,accs,n_frozen,phrases", VERSUS)
+def test_random_control_says_how_eigenprune_compares(eigen, accs, n_frozen, phrases):
+    from eigenprune.baselines.controls import _versus
+
+    rand = result([0.5] * len(eigen), n_frozen=n_frozen)
+    rand.runs = [{"test": {"acc": a}} for a in accs]
+    versus, text = _versus(result(eigen), rand, n_boot=200)
+    assert all(p in text for p in phrases), text
+    assert versus["n_frozen"] == n_frozen and versus["random_test_accs"] == accs
+
+
+@pytest.mark.parametrize("acc,icl,says", [(0.338, 0.35, True), (0.5, 0.35, False)])
+def test_svd_clip_says_when_the_demonstrations_carry_it(acc, icl, says):
+    from eigenprune.baselines.svd_clip import _icl_report
+
+    n = 1000
+    clip = result([1.0] * round(acc * n) + [0.0] * (n - round(acc * n)),
+                  icl_only={"dev": {"acc": icl, "lo": 0, "hi": 1}, "test": {"acc": icl, "lo": 0, "hi": 1}})
+    _icl_report(clip)
+    assert ("the prompt change, not the clipping" in clip.verdict) == says
+    assert clip.markers[0]["acc"] == icl and "demonstrations alone" in clip.sections[0]
+
+
 def test_config_validation_names_the_field():
-    for kwargs, field in (({"methods": ()}, "methods"), ({"methods": ("x",)}, "methods"),
-                          ({"method_args": {"x": {}}}, "method_args"), ({"laser_kinds": ("all",)}, "kinds"),
-                          ({"clip_keep": (2.0,)}, "keep")):
+    for kwargs, field in (({"methods": ("x",)}, "unknown method 'x'"), ({"method_args": {"x": {}}}, "'x' is not among"),
+                          ({"methods": ("laser",), "method_args": {"laser": {"kinds": ["all"]}}}, "kinds"),
+                          ({"methods": ("svd-clip",), "method_args": {"svd-clip": {"keep": [2.0]}}}, "keep")):
         with pytest.raises(ValueError, match=field):
             CompareConfig(**kwargs)
+    assert CompareConfig().methods == ("eigenprune", "random", "smallest", "laser", "svd-clip")
 
 
 def test_saved_json_re_renders_in_run_order(full):
@@ -223,7 +266,7 @@ def test_eigenprune_reuses_the_shared_base_evaluation(setup, tmp_path, monkeypat
     calls = []
     plain = Harness.evaluate
     monkeypatch.setattr(Harness, "evaluate", lambda self, split: calls.append(split) or plain(self, split))
-    code, err = run_compare("--model", model, "--task", task, "--methods", "eigenprune", *SMALL,
+    code, err = run_compare("--model", model, "--task", task, *small("eigenprune"),
                             "--out", tmp_path / "o")
     assert code == 0, err
     assert calls.count("dev") == 1 + 3 and calls.count("test") == 1 + 1  # base, 3 p on dev; the chosen p on test

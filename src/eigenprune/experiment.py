@@ -21,6 +21,7 @@ import torch
 
 from .errors import UsageError
 from .freeze import AGGREGATES, BIASES, SCOPES, FreezeConfig, apply_edit, remove_edit
+from .harness import Harness, base_correct, best_on_dev, ci, diff_ci  # noqa: F401  (re-exported)
 
 DEFAULT_PS = (0.01, 0.05, 0.1, 0.3)
 
@@ -75,50 +76,10 @@ class RunConfig:
         return FreezeConfig(p=p, scope=self.scope, aggregate=self.aggregate, bias=self.bias)
 
 
-def ci(correct: torch.Tensor, n_boot: int, seed: int = 0) -> dict:
-    from .stats import accuracy_ci
-
-    acc, lo, hi = accuracy_ci(correct.numpy(), n_boot=n_boot, seed=seed)
-    return {"acc": acc, "lo": lo, "hi": hi, "n": int(correct.numel())}
-
-
-def diff_ci(before: torch.Tensor, after: torch.Tensor, n_boot: int) -> dict:
-    from .stats import paired_diff_ci
-
-    diff, lo, hi = paired_diff_ci(before.numpy(), after.numpy(), n_boot=n_boot)
-    return {"diff": diff, "lo": lo, "hi": hi}
-
-
-class Harness:
-    """One model, one task split, one eval mode: what every method in a comparison shares."""
-
-    def __init__(self, model, tokenizer, splits, mode: str, config: RunConfig, quiet: bool) -> None:
-        self.model, self.tokenizer, self.splits, self.mode = model, tokenizer, splits, mode
-        self.config, self.quiet = config, quiet
-        self.dev_evaluations = 0
-
-    def evaluate(self, split: str) -> torch.Tensor:
-        from .evaluate import evaluate
-
-        self.dev_evaluations += split == "dev"
-        examples = getattr(self.splits, split)
-        return evaluate(self.model, self.tokenizer, examples, self.mode, self.config.eval_batch_size,
-                        progress=not self.quiet).correct
-
-
-def base_correct(harness: Harness, base: dict[str, torch.Tensor] | None, split: str) -> torch.Tensor:
-    """The unmodified model's (n,) correctness on `split`: the caller's (compare evaluates it once for every
-    method) when given, else evaluated now."""
-    return base[split] if base and split in base else harness.evaluate(split)
-
-
 def choose(base_dev: float, sweep: list[dict]) -> float:
-    """The p with the best dev accuracy; p = 0 (no edit) competes too, and ties favour the smaller p."""
-    best_p, best = 0.0, base_dev
-    for row in sweep:
-        if row["dev_acc"] > best:
-            best_p, best = row["p"], row["dev_acc"]
-    return best_p
+    """The p with the best dev accuracy (`harness.best_on_dev`: p = 0 competes, ties favour the smaller p)."""
+    best = best_on_dev(base_dev, [row["dev_acc"] for row in sweep])
+    return sweep[best]["p"] if best >= 0 else 0.0
 
 
 def _kind(target_name: str) -> str:

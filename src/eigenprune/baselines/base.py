@@ -4,15 +4,15 @@ space) uses, so that all of them evaluate, count, choose and save the same way."
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..artifact import save_edit
-from ..experiment import Harness
 from ..freeze import Edit, applied
+from ..harness import Harness, accuracy, best_on_dev  # noqa: F401  (re-exported for the methods)
 
 
 @dataclass
@@ -29,6 +29,12 @@ class MethodResult:
     save: Callable[[Path], None] | None = None  # writes the chosen edit to a directory (must not exist)
     runs: list[dict] = field(default_factory=list)  # extra per-run rows (e.g. the random control's seeds)
     extra: dict = field(default_factory=dict)  # method-specific details for the report
+    modules: list[str] = field(default_factory=list)  # modules whose weights the chosen configuration changes
+    # what the method wants said in the report (compare_report renders these without knowing the method):
+    notes: list[str] = field(default_factory=list)  # one bullet each under "Notes"
+    sections: list[str] = field(default_factory=list)  # markdown sections of its own (a per-seed table, ...)
+    markers: list[dict] = field(default_factory=list)  # extra points on its plot row: {"acc", "label", "marker"}
+    verdict: str = ""  # a sentence for the verdict (e.g. "the prompt change, not the clipping, carries it")
 
 
 def evaluate_edit(harness: Harness, edit: Edit, split: str) -> torch.Tensor:
@@ -57,18 +63,3 @@ def edit_saver(edit: Edit, meta: dict) -> Callable[[Path], None]:
         save_edit(out, edit, meta)
 
     return save
-
-
-def accuracy(correct: torch.Tensor) -> float:
-    """Mean correctness in float64, so that equal accuracies compare equal wherever they were computed."""
-    return float(correct.double().mean())
-
-
-def best_on_dev(base_acc: float | None, candidates: Sequence[float]) -> int:
-    """Index of the best dev accuracy, -1 for the base model. The base (when given) wins ties, then the
-    earliest candidate: callers list candidates from the mildest change to the strongest."""
-    best, best_acc = -1, base_acc if base_acc is not None else float("-inf")
-    for i, acc in enumerate(candidates):
-        if acc > best_acc:
-            best, best_acc = i, acc
-    return best

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +26,7 @@ from ..experiment import Harness, base_correct, ci, diff_ci
 from ..freeze import Edit, FreezeConfig, build_edit, make_edit
 from ..stats import mean_sd
 from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
+from .registry import Context, register
 
 
 def random_components(score_run: ScoreRun, n_frozen: int, seed: int) -> dict[str, torch.Tensor]:
@@ -108,6 +110,7 @@ def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int 
     return MethodResult(
         method="random", config=config, dev=dev, test=test, dev_evaluations=0, wall_s=time.perf_counter() - t0,
         changed_params=edit_changed_params(edits[0]), save=edit_saver(edits[0], meta), runs=runs, extra=extra,
+        modules=edits[0].modules,
     )
 
 
@@ -135,4 +138,65 @@ def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | No
         method="smallest", config=config, dev=dev, test=test, dev_evaluations=1 + len(ps),
         wall_s=time.perf_counter() - t0, changed_params=edit_changed_params(edit),
         save=edit_saver(edit, score_run.edit_meta() | {"method": "smallest"}), extra={"sweep": sweep},
+        modules=edit.modules,
     )
+
+
+@dataclass
+class RandomSettings:
+    """The random control: how many draws."""
+
+    seeds: int = field(default=5, metadata={"help": "random draws, one edit each"})
+    first_seed: int = field(default=0, metadata={"help": "seed of the first draw"})
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
+
+
+@dataclass
+class SmallestSettings:
+    """The smallest-singular-value control: which fractions."""
+
+    p: tuple[float, ...] | None = field(default=None, metadata={"help": "fractions to try; None: the run's --p"})
+
+
+def _versus(eigen: MethodResult, rand: MethodResult, n_boot: int) -> tuple[dict, str]:
+    """eigenprune against the random control: the paired test difference and one sentence for the verdict."""
+    n_frozen, accs = rand.extra["n_frozen"], [r["test"]["acc"] for r in rand.runs]
+    versus = {"n_frozen": n_frozen, "diff": diff_ci(rand.test, eigen.test, n_boot), "random_test_accs": accs}
+    if n_frozen == 0:
+        return versus, ("eigenprune chose p = 0 (the base model), so the random control is the base model too and "
+                        "there is no eigenprune effect to tell apart from freezing random components.")
+    d, eigen_acc = versus["diff"], accuracy(eigen.test)
+    where = "above" if eigen_acc > max(accs) else "below" if eigen_acc < min(accs) else "inside"
+    kind = ("distinguishable from freezing random components (the CI excludes 0)" if d["lo"] > 0 or d["hi"] < 0
+            else "not distinguishable from freezing random components (the CI includes 0)")
+    return versus, (f"eigenprune vs the random control ({n_frozen} components, {len(accs)} seeds): test difference "
+                    f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]; eigenprune's effect is {kind}, and its test "
+                    f"accuracy {eigen_acc:.3f} lies {where} the random seeds' range "
+                    f"[{min(accs):.3f}, {max(accs):.3f}].")
+
+
+@register("random", RandomSettings, default=2, needs=("eigenprune",), flags={"--random-seeds": "seeds"},
+          summary="freeze as many components as eigenprune chose, drawn at random (several seeds)")
+def random_control(harness: Harness, config: RandomSettings, ctx: Context) -> MethodResult:
+    eigen = ctx.result("eigenprune")
+    result = run_random(harness, eigen.extra["score_run"], eigen.extra["edit"].n_frozen, config.seeds,
+                        first_seed=config.first_seed, base=ctx.base)
+    result.extra["vs_eigenprune"], result.verdict = _versus(eigen, result, harness.config.n_boot)
+    result.markers = [{"acc": r["test"]["acc"], "marker": "x", "label": None} for r in result.runs]
+    ci_text = lambda c: f"{c['acc']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
+    result.sections = ["\n".join(["## Random control, per seed", "", "| seed | components | dev acc | test acc "
+                                  "[95% CI] |", "|---|---|---|---|",
+                                  *(f"| {r['seed']} | {r['n_frozen']} | {r['dev_acc']:.3f} | {ci_text(r['test'])} |"
+                                    for r in result.runs)])]
+    result.notes = ["random chooses nothing on dev (its number of components is eigenprune's dev choice), so its "
+                    "dev evals are 0; its dev/test are per-example correctness averaged over its seeds."]
+    return result
+
+
+@register("smallest", SmallestSettings, default=3, needs=("eigenprune",),
+          summary="freeze the components with the smallest singular values (p chosen on dev)")
+def smallest_control(harness: Harness, config: SmallestSettings, ctx: Context) -> MethodResult:
+    return run_smallest(harness, ctx.result("eigenprune").extra["score_run"], config.p, base=ctx.base)

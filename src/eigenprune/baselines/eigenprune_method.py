@@ -15,6 +15,7 @@ import torch
 
 from ..experiment import Harness, run_one
 from .base import MethodResult, edit_changed_params, edit_saver
+from .registry import Context, NoSettings, register
 
 
 def run_eigenprune(harness: Harness, seed: int | None = None,
@@ -35,4 +36,11 @@ def run_eigenprune(harness: Harness, seed: int | None = None,
         save=edit_saver(edit, run.edit_meta() | {"method": "eigenprune"}),
         extra={"score_run": run, "edit": edit, "report": report, "sweep": report["sweep"],
                "n_components": report["n_components"], "timings": report["timings"]},
+        modules=edit.modules,
     )
+
+
+@register("eigenprune", default=1, summary="score every component of the targets by attribution patching, "
+                                           "freeze the lowest fraction p (chosen on dev; the run's settings)")
+def eigenprune(harness: Harness, config: NoSettings, ctx: Context) -> MethodResult:
+    return run_eigenprune(harness, base=ctx.base)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from ..freeze import Edit, FreezeConfig
 from ..hooks import capture_io
 from ..targets import Target, find_targets, target_weight
 from .base import MethodResult, accuracy, edit_changed_params, edit_saver, evaluate_edit
+from .registry import Context, register
 
 # Down to a quarter is the usual compression range, but on a narrow task a quarter of the directions
 # can hold nearly all the output variance (99.5% for int-mult on SmolLM2-135M's mlp-out, where every
@@ -207,4 +208,30 @@ def run_feature_space(harness: Harness, targets: str = "mlp-out",
         changed_params=edit_changed_params(edit), save=edit_saver(edit, meta), runs=trials,
         extra={"chosen_ranks": chosen, "base_dev_acc": base_acc, "n_train_tokens": next(iter(bases.values())).n_tokens,
                "n_discarded": edit.n_frozen},
+        modules=edit.modules,
     )
+
+
+@dataclass
+class FeatureSpaceConfig:
+    """Where to project and the greedy search's grid."""
+
+    targets: str = field(default="mlp-out", metadata={"help": "target preset or regex whose outputs are projected"})
+    ranks: tuple[float, ...] = field(default=DEFAULT_FRACTIONS,
+                                     metadata={"help": "fractions of the output directions kept, tried largest first"})
+    layers: str | None = field(default=None, metadata={"help": "layer range, e.g. 20-"})
+    max_layers: int | None = field(default=None, metadata={"help": "try at most this many layers, from the last"})
+    batch_size: int | None = field(default=None, metadata={"help": "batch size of the covariance pass; None: run's"})
+
+    def __post_init__(self) -> None:
+        if not self.ranks or not all(0 < f <= 1 for f in self.ranks):
+            raise ValueError(f"ranks must be fractions in (0, 1], got {list(self.ranks)}")
+        if self.max_layers is not None and self.max_layers < 1:
+            raise ValueError(f"max_layers must be at least 1, got {self.max_layers}")
+
+
+@register("feature-space", FeatureSpaceConfig,
+          summary="keep the top principal directions of each layer's output, greedy from the last layer on dev")
+def feature_space(harness: Harness, config: FeatureSpaceConfig, ctx: Context) -> MethodResult:
+    return run_feature_space(harness, config.targets, config.ranks, config.layers, config.max_layers,
+                             config.batch_size, base=ctx.base)

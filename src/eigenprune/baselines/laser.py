@@ -28,6 +28,7 @@ from ..experiment import Harness, base_correct
 from ..freeze import Edit, FreezeConfig, build_edit
 from ..targets import PRESETS, Target, find_targets
 from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
+from .registry import Context, register
 
 DEFAULT_KEEP = (0.9, 0.5, 0.25, 0.1, 0.05, 0.01)
 
@@ -134,4 +135,13 @@ def run_laser(harness: Harness, config: LaserConfig | None = None,
         dev_evaluations=1 + len(sweep), wall_s=time.perf_counter() - t0,
         changed_params=edit_changed_params(edit), save=edit_saver(edit, meta | {"laser": chosen}),
         extra={"layers": layers, "kinds": list(config.kinds), "keep": keeps, "sweep": sweep},
+        modules=edit.modules if best >= 0 else [],
     )
+
+
+@register("laser", LaserConfig, default=4,
+          flags={"--laser-kinds": "kinds", "--laser-keep": "keep", "--laser-layers": "layers", "--laser-last": "last",
+                 "--laser-stride": "stride"},
+          summary="one matrix at one layer replaced by its best rank-k approximation (chosen on dev)")
+def laser(harness: Harness, config: LaserConfig, ctx: Context) -> MethodResult:
+    return run_laser(harness, config, base=ctx.base)

@@ -49,7 +49,7 @@ from ..errors import UsageError
 from ..experiment import Harness
 from ..targets import find_targets, weight_view
 from .base import MethodResult, accuracy
-from .eigenprune_method import run_eigenprune
+from .registry import Context, NoSettings, Stage, register, resolve, run
 
 LORA_FORMAT, LORA_VERSION, LORA_JSON = "eigenprune-lora", 1, "eigenprune_lora.json"
 _SHOWN = ("targets", "layers", "rank", "alpha", "steps", "lr", "batch_size", "seed")  # in a result's config
@@ -289,67 +289,61 @@ def _lora_result(harness: Harness, config: TuneConfig, base: _Base, tuned: _Tune
     )
 
 
+def lora_stage(harness: Harness, config: TuneConfig, ctx: Context | None = None) -> Stage:
+    """Fine-tune once: the LoRA row (adapters unmerged for its own dev/test) and the merged weights, which
+    `Stage.applied` puts into the shared model for the edits composed on top (`lora+eigenprune`)."""
+    t0 = time.perf_counter()
+    config = _resolve(harness, config, {})
+    model = harness.model
+    base = _Base.of(model, config)
+    before = harness.dev_evaluations
+    with lora_attached(model, base.modules, config) as peft_model:
+        tuned = _fine_tune(harness, peft_model, config)
+        test = harness.evaluate("test")  # the adapted model, adapters not merged
+        result = _lora_result(harness, config, base, tuned, test, harness.dev_evaluations - before,
+                              time.perf_counter() - t0)
+        peft_model.merge_and_unload()  # in place: the adapted modules now hold the fine-tuned weights
+        weights = {f"{m}.{n}": p.detach().clone() for m in base.modules
+                   for n, p in model.get_submodule(m).named_parameters()}
+    meta = {"format": LORA_FORMAT, "format_version": LORA_VERSION, "base_model": harness.config.model,
+            "data": harness.config.task, "config": dataclasses.asdict(config), "chosen_step": tuned.chosen_step,
+            "base_fingerprint": base.fingerprint}
+
+    def save_with_edit(path: Path, edit: MethodResult, composite: dict) -> None:
+        """adapter/ (as the LoRA row saves it), edit/ (made for the merged weights) and the composite's record;
+        `apply_saved_lora` merges the adapter and applies the edit."""
+        with atomic_dir(path) as tmp:
+            _write(tmp / "adapter", tuned.adapter, {**meta, "method": "lora"})
+            edit.save(tmp / "edit")  # made for the merged weights, which its fingerprint records
+            _write(tmp, {}, {**meta, "method": composite["method"], "edit": composite["edit"],
+                             "chosen_p": edit.config.get("p")})
+
+    return Stage(result=result, weights=weights, save_with_edit=save_with_edit)
+
+
+@register("lora", TuneConfig, stage=lora_stage,
+          summary="LoRA adapters on the target matrices, trained on train, checkpoint chosen on dev")
+def lora_method(harness: Harness, config: TuneConfig, ctx: Context) -> MethodResult:
+    return ctx.stage(harness, resolve("lora").method, config)[0].result
+
+
 def run_lora(harness: Harness, config: TuneConfig | None = None, **overrides: Any) -> MethodResult:
     """LoRA fine-tune on train, checkpoint chosen on dev, test once; the harness model is restored.
 
     `overrides` are `TuneConfig` fields, e.g. `run_lora(harness, steps=100, lr=5e-4)`.
     """
-    t0 = time.perf_counter()
-    config = _resolve(harness, config, overrides)
-    base = _Base.of(harness.model, config)
-    before = harness.dev_evaluations
-    with lora_attached(harness.model, base.modules, config) as peft_model:
-        tuned = _fine_tune(harness, peft_model, config)
-        test = harness.evaluate("test")  # the adapted model, adapters not merged
-    return _lora_result(harness, config, base, tuned, test, harness.dev_evaluations - before,
-                        time.perf_counter() - t0)
+    return lora_stage(harness, tune_config(overrides, config)).result
 
 
 def run_lora_and_eigenprune(harness: Harness, config: TuneConfig | None = None,
                             **overrides: Any) -> tuple[MethodResult, MethodResult]:
-    """One fine-tune, two results: LoRA alone, and LoRA merged then eigenpruned (`run_eigenprune`,
-    i.e. `experiment.run_one` with the harness's settings, on the fine-tuned weights; p = 0, the
-    fine-tuned model itself, competes). The harness model is restored."""
-    t0 = time.perf_counter()
-    config = _resolve(harness, config, overrides)
-    model, cfg = harness.model, harness.config
-    base = _Base.of(model, config)
-    before = harness.dev_evaluations
-    with lora_attached(model, base.modules, config) as peft_model:
-        tuned = _fine_tune(harness, peft_model, config)
-        test = harness.evaluate("test")
-        lora = _lora_result(harness, config, base, tuned, test, harness.dev_evaluations - before,
-                            time.perf_counter() - t0)
-        peft_model.merge_and_unload()  # in place: `model` now holds the fine-tuned weights
-        pruned = run_eigenprune(Harness(model, harness.tokenizer, harness.splits, harness.mode, cfg, harness.quiet))
-    meta = {"format": LORA_FORMAT, "format_version": LORA_VERSION, "method": "lora+eigenprune",
-            "base_model": cfg.model, "data": cfg.task, "config": dataclasses.asdict(config),
-            "chosen_step": tuned.chosen_step, "chosen_p": pruned.config["p"], "base_fingerprint": base.fingerprint}
-
-    def save(path: Path) -> None:
-        with atomic_dir(path) as tmp:
-            _write(tmp / "adapter", tuned.adapter, {**meta, "method": "lora"})
-            pruned.save(tmp / "edit")  # made for the merged weights, which its fingerprint records
-            _write(tmp, {}, meta)
-
-    edit = pruned.extra["edit"]
-    extra_weights = sum(weight_view(model.get_submodule(m)).numel() for m in edit.modules if m not in base.modules)
-    result = MethodResult(
-        method="lora+eigenprune",
-        config=lora.config | {f"prune_{k}" if k in lora.config else k: v for k, v in pruned.config.items()},
-        dev=pruned.dev, test=pruned.test, dev_evaluations=lora.dev_evaluations + pruned.dev_evaluations,
-        wall_s=time.perf_counter() - t0, changed_params=base.weights + extra_weights, save=save,
-        runs=pruned.extra["sweep"],
-        extra={**lora.extra, **pruned.extra,
-               "fine_tuned": {"dev_acc": accuracy(lora.dev), "test_acc": accuracy(lora.test)},
-               "changed_params_counts": "weights of the adapted modules and of any other pruned module"},
-    )
-    return lora, result
-
-
-def run_lora_eigenprune(harness: Harness, config: TuneConfig | None = None, **overrides: Any) -> MethodResult:
-    """LoRA fine-tune, merged, then eigenpruned; the fine-tuned-only numbers are in `extra["fine_tuned"]`."""
-    return run_lora_and_eigenprune(harness, config, **overrides)[1]
+    """One fine-tune, two results: LoRA alone, and `lora+eigenprune` (the merged fine-tuned model eigenpruned
+    with the harness's settings; p = 0, the fine-tuned model itself, competes). The harness model is restored."""
+    ctx = Context()
+    spec = resolve("lora+eigenprune")
+    stage_config = tune_config(overrides, config)
+    pruned = run(spec, harness, stage_config, NoSettings(), ctx)
+    return ctx.stage(harness, spec.stage, stage_config)[0].result, pruned
 
 
 def apply_saved_lora(model: nn.Module, directory: str | Path, merge: bool = False) -> nn.Module:

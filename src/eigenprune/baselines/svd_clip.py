@@ -29,6 +29,7 @@ from ..targets import PRESETS, find_targets
 from ..tasks import Splits
 from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
 from .laser import edit_meta, truncation_edit
+from .registry import Context, register
 
 GROUPS = {"attn": ("query", "key", "value", "attn-out"), "mlp": ("mlp-in", "mlp-out")}
 DEFAULT_KEEP = (1.0, 0.95, 0.5, 0.1, 0.05, 0.01)
@@ -153,4 +154,32 @@ def run_svd_clip(harness: Harness, config: ClipConfig | None = None,
         save=edit_saver(edit, meta | {"svd_clip": chosen}),
         extra={"icl_only": icl_only, "layers": layers, "groups": list(config.groups), "keep": [1.0, *keeps],
                "demonstrations": [d.prompt + d.answer for d in demos], "sweep": sweep},
+        modules=edit.modules if best >= 0 else [],
     )
+
+
+def _icl_report(result: MethodResult) -> None:
+    """What the report says about the demonstrations alone: clipping is worth something only beyond them."""
+    icl = result.extra["icl_only"]
+    text = lambda c: f"{c['acc']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
+    diff = icl.get("diff_vs_base")
+    diff_text = f", test - base {diff['diff']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}]" if diff else ""
+    result.sections = ["\n".join(["## svd-clip: demonstrations alone (ICL only)", "",
+                                  f"dev {text(icl['dev'])}, test {text(icl['test'])}{diff_text}. The prompt change "
+                                  "alone moves accuracy; clipping is worth something only beyond this."])]
+    result.markers = [{"acc": icl["test"]["acc"], "marker": "D",
+                       "label": f"svd-clip's demonstrations alone {icl['test']['acc']:.3f}"}]
+    acc = accuracy(result.test)
+    if acc <= icl["test"]["acc"]:
+        result.verdict = (f"svd-clip's test accuracy ({acc:.3f}) is no higher than its demonstrations alone "
+                          f"({icl['test']['acc']:.3f}): the prompt change, not the clipping, carries it.")
+
+
+@register("svd-clip", ClipConfig, default=5,
+          flags={"--icl-demos": "demos", "--icl-seed": "demo_seed", "--clip-keep": "keep"},
+          summary="in-context demonstrations, then one edge layer's attention or MLP clipped to its top singular "
+                  "values (chosen on dev)")
+def svd_clip(harness: Harness, config: ClipConfig, ctx: Context) -> MethodResult:
+    result = run_svd_clip(harness, config, base=ctx.base)
+    _icl_report(result)
+    return result
