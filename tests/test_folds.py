@@ -1,0 +1,136 @@
+"""Tests for cross-fitted folds (tasks.fold_splits): every example tested once, by a fold that never trained
+or chose on it; k = 1 is today's split exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from functools import cache
+
+import pytest
+
+from eigenprune.errors import UsageError
+from eigenprune.tasks import Task, fold_splits, load_task, split_task
+
+
+@cache
+def task(name: str) -> Task:
+    return load_task(name)
+
+
+def fingerprint(splits) -> str:
+    data = [[[e.prompt, e.answer, e.label] for e in part] for part in (splits.train, splits.dev, splits.test)]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+
+# split_task's output before fold_splits shared its code (computed on main at 7f74523): bit for bit
+@pytest.mark.parametrize("name, seed, frac, limit, want", [
+    ("int-mult", 0, 0.2, None, "3824121a6643f444"),
+    ("int-mult", 3, 0.3, None, "7226bce68dc385df"),
+    ("int-mult", 1, 0.2, 40, "16fac75b541c31ed"),
+    ("int-mult", 2, 0.5, 7, "d0bc03f89f823fd2"),
+    ("cb", 0, 0.2, None, "7a7f0c4c609ce855"),
+    ("cb", 3, 0.3, None, "2a4ff7d9446c4957"),
+    ("cb", 1, 0.2, 40, "bdc7b941e4076cd6"),
+    ("cb", 2, 0.5, 7, "e3e3f07cb7bb32f1"),
+    ("copa", 0, 0.2, None, "4d028dc13be6a6ad"),
+    ("copa", 1, 0.2, 40, "2a32a733cf71c619"),
+])
+def test_split_task_is_unchanged(name, seed, frac, limit, want):
+    assert fingerprint(split_task(task(name), frac, seed, limit)) == want
+
+
+@pytest.mark.parametrize("name, seed, frac, limit", [
+    ("int-mult", 0, 0.2, None), ("int-mult", 1, 0.2, 40), ("cb", 3, 0.3, None), ("copa", 2, 0.5, 7),
+])
+def test_one_fold_is_todays_split(name, seed, frac, limit):
+    folds = fold_splits(task(name), 1, seed, frac, limit)
+    today = split_task(task(name), frac, seed, limit)
+    (fold,) = folds
+    assert (fold.train, fold.dev, fold.test) == (today.train, today.dev, today.test)  # equal examples, equal order
+    for part, index in ((fold.train, fold.train_index), (fold.dev, fold.dev_index), (fold.test, fold.test_index)):
+        assert [folds.examples[i] for i in index] == part
+    assert folds.pooled == {}
+    assert folds.tested == sorted(fold.test_index)
+
+
+def check_cross_fitted(folds, n: int) -> None:
+    """Each pooled example in exactly one fold's test; within a fold, train/dev/test disjoint and complete."""
+    assert len(folds.examples) == n
+    tested = Counter(i for f in folds for i in f.test_index)
+    assert sorted(tested) == list(range(n)) and set(tested.values()) == {1}
+    for f in folds:
+        train, dev, test = set(f.train_index), set(f.dev_index), set(f.test_index)
+        assert not (train & test) and not (dev & test) and not (train & dev)
+        assert train | dev | test == set(range(n))
+        assert len(f.dev_index) == round(0.2 * (n - len(test)))
+        for part, index in ((f.train, f.train_index), (f.dev, f.dev_index), (f.test, f.test_index)):
+            assert [folds.examples[i] for i in index] == part
+            assert list(index) == sorted(index)  # pooled order inside every split
+
+
+@pytest.mark.parametrize("name, k, limit, n, pooled", [
+    ("int-mult", 5, None, 400, {"train": 320, "test": 80}),
+    ("int-mult", 2, None, 400, {"train": 320, "test": 80}),
+    ("cb", 5, None, 306, {"train": 250, "validation": 56}),
+    ("copa", 3, 50, 50, None),
+    ("int-sum", 7, 100, 100, None),
+])
+def test_every_example_is_tested_exactly_once(name, k, limit, n, pooled):
+    folds = fold_splits(task(name), k, seed=1, limit=limit)
+    assert len(folds) == k
+    check_cross_fitted(folds, n)
+    sizes = [len(f.test) for f in folds]
+    assert max(sizes) - min(sizes) <= 1
+    if pooled is not None:
+        assert folds.pooled == pooled
+    assert sum(folds.pooled.values()) == n
+
+
+def test_int_mult_five_folds_test_all_400():
+    t = task("int-mult")
+    folds = fold_splits(t, 5, seed=0)
+    tested = [ex for f in folds for ex in f.test]
+    assert len(tested) == 400 and set(tested) == set(t.train + t.test)
+    assert [len(f.test) for f in folds] == [80] * 5
+
+
+def test_folds_are_stratified_by_label():
+    folds = fold_splits(task("cb"), 4, seed=0)
+    labels = sorted({ex.label for ex in folds.examples})
+    for label in labels:
+        counts = [sum(ex.label == label for ex in f.test) for f in folds]
+        assert max(counts) - min(counts) <= 1, (label, counts)
+
+
+def test_folds_are_seeded_and_limit_keeps_the_same_examples_across_seeds():
+    a, b, c = (fold_splits(task("copa"), 4, seed=s, limit=60) for s in (0, 0, 1))
+    assert [f.test_index for f in a] == [f.test_index for f in b]
+    assert [f.dev_index for f in a] == [f.dev_index for f in b]
+    assert [f.test_index for f in a] != [f.test_index for f in c]
+    assert a.examples == c.examples  # the limit's subsample ignores the fold seed
+    assert set(a.examples) < set(task("copa").train + task("copa").test)
+
+
+def test_pool_puts_each_folds_values_back_in_pooled_order():
+    folds = fold_splits(task("int-mult"), 3, seed=2, limit=30)
+    values, fold_ids = folds.pool([[10_000 * f.fold + i for i in f.test_index] for f in folds])
+    assert [v % 10_000 for v in values] == list(range(30))
+    assert fold_ids == [v // 10_000 for v in values]
+    with pytest.raises(ValueError, match="fold 1 tests"):
+        folds.pool([list(f.test_index) if f.fold != 1 else [] for f in folds])
+
+
+@pytest.mark.parametrize("k, limit, match", [
+    (0, None, "folds"), (-2, None, "folds"), (True, None, "folds"), (2.0, None, "folds"),
+    (401, None, r"folds \(k\) must be at most .*400"),
+    (11, 10, r"folds \(k\) must be at most .*10"),
+    (2, 3, r"folds \(k\) = 2 over 3 examples"),
+    (2, 2, r"folds \(k\) = 2 over 2 examples"),
+    (1, 0, "limit"),
+])
+def test_bad_fold_counts_name_the_field(k, limit, match):
+    with pytest.raises(ValueError, match=match):
+        fold_splits(task("int-mult"), k, limit=limit)
+    assert issubclass(UsageError, ValueError)  # one line at the CLI
