@@ -1,5 +1,5 @@
-"""Tests for cross-fitted folds (tasks.fold_splits): every example tested once, by a fold that never trained
-or chose on it; k = 1 is today's split exactly."""
+"""Tests for cross-fitted folds: tasks.fold_splits (every example tested once, by a fold that never trained
+or chose on it; k = 1 is today's split exactly) and the fold-stratified bootstrap in stats.py."""
 
 from __future__ import annotations
 
@@ -8,9 +8,18 @@ import json
 from collections import Counter
 from functools import cache
 
+import numpy as np
 import pytest
 
 from eigenprune.errors import UsageError
+from eigenprune.stats import (
+    accuracy_ci,
+    bootstrap_means,
+    fold_accuracy_ci,
+    fold_paired_diff_ci,
+    paired_diff_ci,
+    stratified_bootstrap_means,
+)
 from eigenprune.tasks import Task, fold_splits, load_task, split_task
 
 
@@ -134,3 +143,61 @@ def test_bad_fold_counts_name_the_field(k, limit, match):
     with pytest.raises(ValueError, match=match):
         fold_splits(task("int-mult"), k, limit=limit)
     assert issubclass(UsageError, ValueError)  # one line at the CLI
+
+
+# -- stats: the bootstrap that resamples within folds ------------------------------------------------------
+
+def binary(n: int, p: float, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random(n) < p  # (n,) bool
+
+
+@pytest.mark.parametrize("n, n_boot", [(50, 300), (30_000, 150)])  # 30,000 x 150 draws span several chunks
+def test_one_fold_draws_exactly_what_the_plain_bootstrap_draws(n, n_boot):
+    before, after = binary(n, 0.5, 1), binary(n, 0.6, 2)
+    one = np.zeros(n, dtype=int)
+    values = after.astype(float)
+    assert np.array_equal(stratified_bootstrap_means(values, one, n_boot, seed=3), bootstrap_means(values, n_boot, 3))
+    assert fold_accuracy_ci(after, one, n_boot, seed=3) == accuracy_ci(after, n_boot, seed=3)
+    assert fold_paired_diff_ci(before, after, one, n_boot, seed=3) == paired_diff_ci(before, after, n_boot, seed=3)
+
+
+def test_stratified_means_match_a_direct_computation():
+    values = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])  # (7,)
+    folds = ["b", "a", "b", "a", "a", "c", "b"]  # interleaved: groups are by label, not by position
+    means = stratified_bootstrap_means(values, folds, n_boot=6, seed=11)
+    rng = np.random.default_rng(11)
+    want = np.zeros(6)
+    for label in ("a", "b", "c"):  # sorted labels; each group's values in their given order
+        group = values[[i for i, f in enumerate(folds) if f == label]]
+        draws = rng.integers(0, group.size, size=(6, group.size))
+        want += group[draws].sum(axis=1)
+    assert np.allclose(means, want / 7)
+
+
+def test_stratified_interval_matches_the_exact_distribution():
+    # fold 0 = [0, 1], fold 1 = [1, 1, 1]: a replicate's mean is (sum of two draws from {0, 1} + 3) / 5,
+    # i.e. 0.6, 0.8, 1.0 with probabilities 1/4, 1/2, 1/4, so the 90% interval is [0.6, 1.0]
+    correct, folds = [0, 1, 1, 1, 1], [0, 0, 1, 1, 1]
+    means = stratified_bootstrap_means(np.array(correct, float), folds, n_boot=20_000, seed=0)
+    freq = [np.mean(np.isclose(means, m)) for m in (0.6, 0.8, 1.0)]
+    assert freq == pytest.approx([0.25, 0.5, 0.25], abs=0.015)
+    assert fold_accuracy_ci(correct, folds, n_boot=20_000, level=0.9) == pytest.approx((0.8, 0.6, 1.0))
+
+
+def test_resampling_within_folds_keeps_each_folds_share():
+    # one fold all right, the other all wrong: any within-fold resample has mean 0.5, a plain one varies
+    correct, folds = [1] * 40 + [0] * 40, [0] * 40 + [1] * 40
+    assert fold_accuracy_ci(correct, folds) == (0.5, 0.5, 0.5)
+    _, lo, hi = accuracy_ci(correct)
+    assert hi - lo > 0.15
+    before = [0] * 80
+    assert fold_paired_diff_ci(before, correct, folds) == (0.5, 0.5, 0.5)
+
+
+def test_fold_intervals_check_their_inputs():
+    with pytest.raises(ValueError, match="one group per value"):
+        fold_accuracy_ci([1, 0, 1], [0, 1])
+    with pytest.raises(ValueError, match="same examples"):
+        fold_paired_diff_ci([1, 0], [1, 0, 1], [0, 0, 1])
+    with pytest.raises(ValueError, match="n_boot"):
+        fold_paired_diff_ci([1, 0], [1, 1], [0, 1], n_boot=0)
