@@ -93,7 +93,7 @@ def stratified_bootstrap_means(values: np.ndarray, groups: Sequence | np.ndarray
     members = [values[group_of == g] for g in range(labels.size)]  # each (n_g,)
     n = values.shape[0]
     rng = np.random.default_rng(seed)
-    per_chunk = max(1, _MAX_DRAWS_PER_CHUNK // n)  # as in bootstrap_means, so one group draws the same
+    per_chunk = max(1, _MAX_DRAWS_PER_CHUNK // n)  # a fixed constant: the draws never depend on the machine
     means = np.empty(n_boot)
     for start in range(0, n_boot, per_chunk):
         rows = min(per_chunk, n_boot - start)
