@@ -11,8 +11,10 @@ import pytest
 import torch
 from conftest import build
 from helpers import EXAMPLES
+from test_evaluate import CHOICE_EXAMPLES, fake_edit
 
 from eigenprune.data import encode
+from eigenprune.evaluate import choice_nll
 from eigenprune.search import (
     DEFAULT_GRID,
     Candidate,
@@ -127,7 +129,7 @@ def test_never_evaluates_a_value_twice_and_stays_in_range(seed):
     table: dict[float, float] = {}
     curve = Curve(lambda p: table.setdefault(p, round(rng.random(), 1)), nll=lambda p: float(rng.randint(0, 3)))
     grid = sorted(rng.sample([0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5], rng.randint(1, 4)))
-    result = search_p(curve, BASE, grid=grid + grid[:1], budget=rng.randint(len(grid), 15),
+    result = search_p(curve, BASE, grid=grid + grid[:1], budget=rng.randint(len(grid), 60),
                       select=rng.choice(["accuracy", "loss"]))
     values = [s.value for s in result.steps]
     assert len(values) == len(set(values)) and len(curve.calls) == result.evaluations
@@ -180,14 +182,18 @@ def test_candidates_check_their_numbers_and_evaluate_must_return_one():
 
 # -- dev_nll ---------------------------------------------------------------------------------------------
 
-def direct_nll(model, tokenizer, examples) -> torch.Tensor:
-    """One example at a time, no padding: -sum log_softmax at the positions that predict the answer."""
+def direct_nll(model, tokenizer, examples, table=None) -> torch.Tensor:
+    """One example at a time, no padding: -sum log_softmax at the positions that predict the answer (with
+    test_evaluate.fake_edit's offset-dependent bias added by hand when `table` is given)."""
     out = []
     for enc in encode(tokenizer, examples):
         ids = torch.tensor([enc.prompt_ids + enc.answer_ids])  # (1, pos)
         with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits.float(), -1)[0]  # (pos, vocab)
+            logits = model(ids).logits.float()[0]  # (pos, vocab)
         start = len(enc.prompt_ids) - 1
+        if table is not None:
+            logits = logits + table[(torch.arange(ids.shape[1]) - start).clamp(-1, 3) + 1]
+        logp = torch.log_softmax(logits, -1)  # (pos, vocab)
         out.append(-sum(float(logp[start + j, t]) for j, t in enumerate(enc.answer_ids)))
     return torch.tensor(out)
 
@@ -203,3 +209,13 @@ def test_dev_nll_matches_a_direct_log_softmax(name):
     assert torch.equal(dev_nll(model, tok, EXAMPLES, batch_size=1), dev_nll(model, tok, EXAMPLES, batch_size=1))
     assert torch.allclose(dev_nll(model, tok, EXAMPLES, batch_size=1), got, atol=1e-4)
     assert dev_nll(model, tok, []).shape == (0,)
+
+
+def test_dev_nll_tells_an_edited_model_where_prompts_end():
+    model, tok = build("gpt2")
+    with fake_edit(model, model.config.vocab_size) as table:
+        got = dev_nll(model, tok, CHOICE_EXAMPLES, batch_size=4)
+        by_choice = choice_nll(model, tok, CHOICE_EXAMPLES, batch_size=4)
+    assert torch.allclose(got, direct_nll(model, tok, CHOICE_EXAMPLES, table), atol=1e-4)
+    assert torch.allclose(got, torch.stack([n[ex.label] for n, ex in zip(by_choice, CHOICE_EXAMPLES, strict=True)]),
+                          atol=1e-4)  # what choice evaluation computes for the correct choice
