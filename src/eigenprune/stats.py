@@ -5,6 +5,10 @@ that moves accuracy by one point may be noise. `accuracy_ci` puts a percentile b
 on one accuracy; `paired_diff_ci` puts one on the change between two evaluations of the *same*
 examples, resampling example indices jointly so the pairing is kept. Everything is numpy and seeded:
 the same inputs and seed give the same interval on every platform.
+
+With cross-fitted folds (`tasks.fold_splits`) each fold's examples were judged by a different edit, so
+`fold_accuracy_ci` and `fold_paired_diff_ci` resample *within* folds (a stratified bootstrap: every
+replicate keeps each fold's size). With a single fold they draw exactly what the plain ones draw.
 """
 
 from __future__ import annotations
@@ -73,6 +77,54 @@ def paired_diff_ci(before: Sequence[bool] | np.ndarray, after: Sequence[bool] | 
         raise ValueError(f"before and after must cover the same examples, got {first.size} and {second.size}")
     diff = second - first  # (n,)
     return _percentile_interval(diff.mean(), bootstrap_means(diff, n_boot, seed), level)
+
+
+def stratified_bootstrap_means(values: np.ndarray, groups: Sequence | np.ndarray, n_boot: int = 1000,
+                                seed: int = 0) -> np.ndarray:
+    """Means of `n_boot` stratified resamples of `values`: (n_boot,).
+
+    Each replicate draws, for every group in sorted order, as many indices (with replacement) as the
+    group holds from that group's examples (kept in their given order), and averages all of them. With
+    one group this is `bootstrap_means(values, n_boot, seed)`, draw for draw.
+    """
+    labels, group_of = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)
+    if group_of.shape != values.shape:
+        raise ValueError(f"groups must give one group per value, got {group_of.size} for {values.size}")
+    members = [values[group_of == g] for g in range(labels.size)]  # each (n_g,)
+    n = values.shape[0]
+    rng = np.random.default_rng(seed)
+    per_chunk = max(1, _MAX_DRAWS_PER_CHUNK // n)  # a fixed constant: the draws never depend on the machine
+    means = np.empty(n_boot)
+    for start in range(0, n_boot, per_chunk):
+        rows = min(per_chunk, n_boot - start)
+        total = np.zeros(rows)
+        for group in members:
+            index = rng.integers(0, group.shape[0], size=(rows, group.shape[0]))  # (rows, n_g)
+            total += group[index].sum(axis=1)  # (rows,)
+        means[start:start + rows] = total / n
+    return means
+
+
+def fold_accuracy_ci(correct: Sequence[bool] | np.ndarray, folds: Sequence | np.ndarray, n_boot: int = 1000,
+                     seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(accuracy, lo, hi) of correctness pooled over folds, resampling within each fold (`folds`: the fold
+    of every example, e.g. from `tasks.Folds.pool`)."""
+    _check(n_boot, level)
+    values = _as_values(correct, "correct")  # (n,)
+    return _percentile_interval(values.mean(), stratified_bootstrap_means(values, folds, n_boot, seed), level)
+
+
+def fold_paired_diff_ci(before: Sequence[bool] | np.ndarray, after: Sequence[bool] | np.ndarray,
+                        folds: Sequence | np.ndarray, n_boot: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> tuple[float, float, float]:
+    """(after - before, lo, hi) pooled over folds: the paired bootstrap of `paired_diff_ci`, resampling
+    within each fold. With one fold it returns exactly what `paired_diff_ci` does for the same seed."""
+    _check(n_boot, level)
+    first, second = _as_values(before, "before"), _as_values(after, "after")  # (n,), (n,)
+    if first.shape != second.shape:
+        raise ValueError(f"before and after must cover the same examples, got {first.size} and {second.size}")
+    diff = second - first  # (n,)
+    return _percentile_interval(diff.mean(), stratified_bootstrap_means(diff, folds, n_boot, seed), level)
 
 
 def majority_rate(labels: Iterable[Hashable]) -> float:
