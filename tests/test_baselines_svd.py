@@ -23,6 +23,7 @@ from eigenprune.decompose import decompose_targets
 from eigenprune.errors import UsageError
 from eigenprune.experiment import Harness, RunConfig
 from eigenprune.freeze import FreezeConfig, applied, remove_edit
+from eigenprune.scoring import ScoreConfig
 from eigenprune.targets import find_targets, target_weight, weight_view
 from eigenprune.tasks import load_task, split_task
 
@@ -33,8 +34,8 @@ IDS = torch.tensor([[0, 17, 40, 99, 5, 230, 12, 7]])  # (1, pos)
 def harness(tmp_path_factory):
     task = write_task(tmp_path_factory.mktemp("task") / "sums.jsonl")
     model, tok = sensitive()
-    cfg = RunConfig(task=str(task), model="tiny-gpt2", targets="all", p=[0.1, 0.3, 0.5], split_seed=2, partners="2",
-                    n_boot=50)  # on this split eigenprune's dev choice is p = 0.5, not the base model
+    cfg = RunConfig(task=str(task), model="tiny-gpt2", targets="all", p=[0.1, 0.3, 0.5], split_seed=2,
+                    score=ScoreConfig(partners=2), n_boot=50)  # here eigenprune chooses p = 0.5 on dev, not the base
     return Harness(model, tok, split_task(load_task(str(task)), 0.2, 2, 12), "choice", cfg, quiet=True)
 
 

@@ -97,7 +97,7 @@ def test_test_split_never_influences_the_choice(saved_model_dir, monkeypatch, tm
 
 
 @pytest.mark.parametrize("kwargs, field", [({"p": []}, "p"), ({"p": [1.0]}, "p"), ({"seeds": 0}, "seeds"),
-                                           ({"bias": "x"}, "bias")])
+                                           ({"eval_mode": "x"}, "eval_mode"), ({"dev_fraction": 1.0}, "dev_fraction")])
 def test_run_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         RunConfig(task="int-mult", **kwargs)

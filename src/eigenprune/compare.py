@@ -29,8 +29,8 @@ import torch
 from .baselines import registry
 from .baselines.base import MethodResult
 from .compare_report import plot_comparison, render_markdown, verdict
+from .config import RunConfig, add_run_options, config_from_args
 from .errors import UsageError
-from .experiment import RunConfig, add_run_options
 from .harness import ci, diff_ci
 
 _NOT_JSON = ("score_run", "edit", "report")  # live objects (and run_one's full report) kept out of the JSON
@@ -179,14 +179,12 @@ def _names(text: str) -> list[str]:
 
 
 _NOT_COMPARE = ("seeds", "sweep_test")  # run settings compare does not use: one split seed, test only once
-_RUN_FIELDS = [f.name for f in dataclasses.fields(RunConfig) if f.name not in _NOT_COMPARE]
 _FLAG_DEST = "legacy_flag"  # dest prefix of the deprecated per-method flags (`--laser-keep` = `--set laser.keep=`)
 
 
 def cmd_compare(args) -> int:
     if not args.task:
         raise UsageError("compare needs --task")
-    values = {k: getattr(args, k) for k in _RUN_FIELDS if getattr(args, k, None) is not None}
     given: dict[str, dict] = {}
     for key, raw in vars(args).items():
         if key.startswith(_FLAG_DEST + ":") and raw is not None:
@@ -195,7 +193,8 @@ def cmd_compare(args) -> int:
     for method, arg, raw in args.method_args or []:
         given.setdefault(method, {})[arg] = raw
     try:
-        cfg, opts = RunConfig(**values), CompareConfig(methods=tuple(args.methods or ()), method_args=given)
+        cfg = config_from_args(args, exclude=_NOT_COMPARE)
+        opts = CompareConfig(methods=tuple(args.methods or ()), method_args=given)
     except ValueError as err:
         raise UsageError(str(err)) from None
     report = compare(cfg, opts, args.out, args.quiet)
@@ -229,7 +228,7 @@ def add_compare_parser(sub, fmt) -> None:
                            "  eigenprune compare --task cb --methods eigenprune,random,laser --set laser.layers=20,24\n"
                            "  eigenprune compare --task cb --methods lora,lora+eigenprune --set lora.steps=100\n\n"
                            + _methods_help()))
-    add_run_options(p)
+    add_run_options(p, exclude=_NOT_COMPARE)
     p.add_argument("--methods", type=_names, help="comma-separated method names or STAGE+METHOD composites "
                    f"(default {','.join(default_methods())}); see the list below")
     p.add_argument("--set", dest="method_args", action="append", type=_method_arg, metavar="METHOD.FIELD=VALUE",

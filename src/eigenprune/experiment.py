@@ -8,72 +8,19 @@ configuration that repeats the run bit for bit. The output directory appears onl
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_PS, RunConfig, add_run_options, config_from_args, config_from_file  # noqa: F401
 from .errors import UsageError
-from .freeze import AGGREGATES, BIASES, SCOPES, FreezeConfig, apply_edit, remove_edit
+from .freeze import apply_edit, remove_edit
 from .harness import Harness, base_correct, best_on_dev, ci, diff_ci  # noqa: F401  (re-exported)
-
-DEFAULT_PS = (0.01, 0.05, 0.1, 0.3)
-
-
-@dataclass
-class RunConfig:
-    """Everything that determines a run; saved as config.json and accepted back by --config."""
-
-    task: str = field(metadata={"help": "built-in task name or a task JSONL file"})
-    model: str = field(default="smollm2-135m", metadata={"help": "model spec (see `eigenprune targets`)"})
-    targets: str = field(default="key", metadata={"help": "target preset or regex"})
-    layers: str | None = field(default=None, metadata={"help": "layer range, e.g. 20-"})
-    per_head: bool = field(default=False, metadata={"help": "one component set per head"})
-    p: list[float] = field(default_factory=lambda: list(DEFAULT_PS), metadata={"help": "fractions to try"})
-    eval_mode: str | None = field(default=None, metadata={"help": "next-token, choice or exact; None: task default"})
-    dev_fraction: float = field(default=0.2, metadata={"help": "dev share carved from train"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the (first) dev split"})
-    seeds: int = field(default=1, metadata={"help": "repeat over this many split seeds"})
-    limit: int | None = field(default=None, metadata={"help": "cap each split at N examples"})
-    partners: str = field(default="4", metadata={"help": "partners per example or 'all'"})
-    window: int = field(default=32, metadata={"help": "partner window"})
-    score_seed: int = field(default=0, metadata={"help": "seed of the pairing"})
-    batch_size: int = field(default=8, metadata={"help": "scoring batch size"})
-    eval_batch_size: int = field(default=16, metadata={"help": "evaluation batch size"})
-    scope: str = field(default="global", metadata={"help": "global or per-target ranking"})
-    aggregate: str = field(default="max", metadata={"help": "max or mean over pairs"})
-    bias: str = field(default="position", metadata={"help": "position or constant bias"})
-    sweep_test: bool = field(default=True, metadata={"help": "also show every p's test accuracy (not used)"})
-    template: str | None = field(default=None, metadata={"help": "prompt template override"})
-    answers: list[str] | None = field(default=None, metadata={"help": "answer words override"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
-    device_map: str | None = field(default=None, metadata={"help": "'auto': spread the model over devices"})
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples"})
-
-    def __post_init__(self) -> None:
-        if not self.p:
-            raise ValueError("p needs at least one fraction")
-        for value in self.p:
-            if not 0 < value < 1:
-                raise ValueError(f"p values must be in (0, 1), got {value}")
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
-        if self.limit is not None and self.limit < 2:
-            raise ValueError(f"limit must be at least 2, got {self.limit}")
-        if self.n_boot < 1:
-            raise ValueError(f"n_boot must be at least 1, got {self.n_boot}")
-        FreezeConfig(scope=self.scope, aggregate=self.aggregate, bias=self.bias)
-        self.p = sorted(float(v) for v in self.p)
-
-    def freeze(self, p: float) -> FreezeConfig:
-        return FreezeConfig(p=p, scope=self.scope, aggregate=self.aggregate, bias=self.bias)
 
 
 def choose(base_dev: float, sweep: list[dict]) -> float:
@@ -93,7 +40,6 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
     split). `base`: the unmodified model's correctness on dev and test, when the caller has it (else
     evaluated here); `sweep_test`: overrides the config's (evaluate every p on test, or only the chosen)."""
     from .engine import score_run
-    from .scoring import ScoreConfig
 
     cfg, timings = harness.config, {}
     sweep_test = cfg.sweep_test if sweep_test is None else sweep_test
@@ -101,15 +47,14 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
     base = {split: base_correct(harness, base, split) for split in ("dev", "test")}
     timings["base_eval"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    score_cfg = ScoreConfig(partners=cfg.partners, window=cfg.window, seed=cfg.score_seed, batch_size=cfg.batch_size)
     run = score_run(harness.model, harness.tokenizer, harness.splits.train, cfg.targets, cfg.layers, cfg.per_head,
-                    score_cfg, progress=not harness.quiet, meta={"model": cfg.model, "dtype": cfg.dtype,
+                    cfg.score, progress=not harness.quiet, meta={"model": cfg.model, "dtype": cfg.dtype,
                                                                  "data": cfg.task, "split_seed": seed})
     timings["scoring"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sweep, results = [], {}
     for p in cfg.p:
-        edit = run.edit(cfg.freeze(p))
+        edit = run.edit(cfg.freeze_at(p))
         apply_edit(harness.model, edit)
         try:
             dev = harness.evaluate("dev")
@@ -128,7 +73,7 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
         row["chosen"] = row["p"] == chosen_p
     t0 = time.perf_counter()
     if chosen_p == 0:
-        edit, pruned = run.edit(cfg.freeze(0.0)), dict(base)
+        edit, pruned = run.edit(cfg.freeze_at(0.0)), dict(base)
     else:
         edit, dev, test = results[chosen_p]
         if test is None:
@@ -142,8 +87,8 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
     splits = harness.splits
     report = {
         "model": cfg.model, "task": cfg.task, "targets": cfg.targets, "layers": cfg.layers, "per_head": cfg.per_head,
-        "eval_mode": harness.mode, "split_seed": seed, "score_seed": cfg.score_seed,
-        "scope": cfg.scope, "aggregate": cfg.aggregate, "bias": cfg.bias,
+        "eval_mode": harness.mode, "split_seed": seed, "score_seed": cfg.score.seed,
+        "scope": cfg.freeze.scope, "aggregate": cfg.freeze.aggregate, "bias": cfg.freeze.bias,
         "split_sizes": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
         "base": base_ci,
         "pruned": {k: ci(v, cfg.n_boot) for k, v in pruned.items()},
@@ -211,34 +156,9 @@ def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) 
         save_scores(tmp / "scores", run.scores, run.targets, run.components, run.meta)
         save_edit(tmp / "edit", edit, run.edit_meta())
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        write_report(tmp, report, run.scores.max if cfg.aggregate == "max" else run.scores.mean, edit.removed)
+        write_report(tmp, report, run.scores.max if cfg.freeze.aggregate == "max" else run.scores.mean, edit.removed)
     report["out"] = str(out)
     return report
-
-
-def config_from_file(path: str | Path) -> RunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"config file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path} is not valid JSON ({err.msg})") from None
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UsageError(f"{path}: unknown setting '{unknown[0]}'")
-    try:
-        return RunConfig(**data)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"{path}: {err}") from None
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
 
 
 def cmd_run(args) -> int:
@@ -247,12 +167,7 @@ def cmd_run(args) -> int:
     else:
         if not args.task:
             raise UsageError("run needs --task (or --config DIR/config.json)")
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name, None)
-                  is not None}
-        try:
-            cfg = RunConfig(**values)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+        cfg = config_from_args(args)
     report = execute(cfg, args.out, args.quiet)
     pruned, base = report["pruned"]["test"], report["base"]["test"]
     d = report["diff_ci"]
@@ -264,34 +179,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """The experiment settings `run` and `compare` share (one definition, so the two never drift apart)."""
-    p.add_argument("--task", help="built-in task (int-sum, int-mult, cb, copa, rte) or a task JSONL file")
-    p.add_argument("--model", help="model spec (default smollm2-135m)")
-    p.add_argument("--targets", help="target preset or regex (default key)")
-    p.add_argument("--layers", help="layer range, e.g. 20-")
-    p.add_argument("--per-head", action="store_true", default=None)
-    p.add_argument("--p", type=_floats, help="comma-separated fractions (default 0.01,0.05,0.1,0.3)")
-    p.add_argument("--eval-mode", choices=("next-token", "choice", "exact"))
-    p.add_argument("--dev-fraction", type=float)
-    p.add_argument("--split-seed", type=int)
-    p.add_argument("--limit", type=int, help="cap each split at N examples (seeded)")
-    p.add_argument("--partners", help="partners per example or 'all' (default 4)")
-    p.add_argument("--window", type=int)
-    p.add_argument("--score-seed", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--scope", choices=SCOPES)
-    p.add_argument("--aggregate", choices=AGGREGATES)
-    p.add_argument("--bias", choices=BIASES)
-    p.add_argument("--template", help="prompt template with {field} placeholders")
-    p.add_argument("--answers", type=lambda s: s.split(","), help="comma-separated answer words")
-    p.add_argument("--dtype")
-    p.add_argument("--device")
-    p.add_argument("--device-map", help="'auto' spreads a large model over devices (accelerate)")
-    p.add_argument("--n-boot", type=int)
-
-
 def add_run_parser(sub, fmt) -> None:
     p = sub.add_parser("run", help="the whole experiment: base, score, choose p on dev, test once, report",
                        formatter_class=fmt, epilog=(
@@ -300,9 +187,6 @@ def add_run_parser(sub, fmt) -> None:
                            "  eigenprune run --config runs/mult/config.json --out runs/mult-again"))
     p.add_argument("--config", help="repeat a run from its config.json (other settings are ignored)")
     add_run_options(p)
-    p.add_argument("--seeds", type=int, help="repeat over N split seeds, report mean ± sd")
-    p.add_argument("--no-sweep-test", dest="sweep_test", action="store_false", default=None,
-                   help="do not evaluate every p on test (only the chosen one)")
     p.add_argument("--out", help="output directory (default runs/TASK-TIMESTAMP)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)

@@ -1,8 +1,8 @@
 """Settings defined once: a config dataclass is the schema for its CLI flags, its JSON and `--set`.
 
-Every field of a config dataclass carries `metadata={"help": ...}` and optionally `"flag"` (the
-command-line spelling when `--field-name` would be ambiguous across commands, e.g. ScoreConfig's
-`seed` is `--score-seed`) and `"aliases"` (old spellings, accepted with a deprecation warning).
+Every field of a config dataclass carries `metadata={"help": ...}` and optionally `"flag"` (its
+command-line spelling, when not `--field-name`); a field holding a nested config may rename the nested
+flags (RunConfig's `score.seed` is `--score-seed`) and accept old spellings with a deprecation warning.
 From that one definition come:
 
 - `add_flags(parser, cls)`: argparse flags with the field's help, type and default shown;
@@ -134,6 +134,8 @@ def coerce(cls, name: str, value: Any, from_text: bool = False, where: str = "")
     if name not in fields:
         raise ValueError(f"{where}unknown setting '{name}'; known: {', '.join(sorted(fields))}")
     tp = _hints(cls)[name]
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):  # its own fields name themselves
+        return from_dict(tp, value, where)
     try:
         return convert(tp, value, from_text)
     except (TypeError, ValueError):
@@ -166,8 +168,8 @@ def to_dict(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def flag(f: dataclasses.Field) -> str:
-    return "--" + f.metadata.get("flag", f.name.replace("_", "-"))
+def flag(f: dataclasses.Field, rename: dict[str, str] | None = None) -> str:
+    return "--" + (rename or {}).get(f.name, f.metadata.get("flag", f.name.replace("_", "-")))
 
 
 def _default_text(f: dataclasses.Field) -> str:
@@ -188,21 +190,25 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (), dest_prefix: str = "") -> None:
-    """One flag per field of `cls` (nested config dataclasses flattened), default None = not given."""
+def add_flags(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (), dest_prefix: str = "",
+              rename: dict[str, str] | None = None, aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+    """One flag per field of `cls`, default None = not given. A nested config dataclass is flattened; the
+    field holding it may say, in its metadata, which of its fields to leave out ("exclude"), which flags to
+    spell differently ("rename", e.g. {"seed": "score-seed"}) and which old spellings to accept ("aliases")."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in exclude or f.metadata.get("cli") is False:
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            add_flags(parser, tp, exclude, dest_prefix=f"{dest_prefix}{f.name}.")
+            add_flags(parser, tp, tuple(f.metadata.get("exclude", ())), f"{dest_prefix}{f.name}.",
+                      f.metadata.get("rename"), f.metadata.get("aliases"))
             continue
         dest = dest_prefix + f.name
         help_text = f.metadata.get("help", "") + _default_text(f)
         base, _ = _optional(tp)
         if base is bool:
-            parser.add_argument(flag(f), dest=dest, action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(flag(f, rename), dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
             continue
 
@@ -212,12 +218,12 @@ def add_flags(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (
             except (TypeError, ValueError):
                 raise argparse.ArgumentTypeError(f"{name} must be {_describe(tp)}, got '{text}'") from None
 
-        kwargs = {"dest": dest, "type": parse, "default": None, "help": help_text}
+        kwargs = {"dest": dest, "type": parse, "default": None, "help": help_text, "metavar": f.name.upper()}
         if "choices" in f.metadata:
             kwargs["help"] += f"; one of {', '.join(f.metadata['choices'])}"
-        parser.add_argument(flag(f), **kwargs)
-        for alias in f.metadata.get("aliases", ()):
-            action = type("Deprecated", (_Deprecated,), {"metavar_new": flag(f)})
+        parser.add_argument(flag(f, rename), **kwargs)
+        for alias in (aliases or {}).get(f.name, ()):
+            action = type("Deprecated", (_Deprecated,), {"metavar_new": flag(f, rename)})
             parser.add_argument(alias, dest=dest, type=parse, default=None, action=action, help=argparse.SUPPRESS)
 
 

@@ -71,7 +71,7 @@ def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int 
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     t0 = time.perf_counter()
     n_components = sum(t.n_components for t in score_run.targets)
-    freeze = dataclasses.replace(freeze or harness.config.freeze(0.0), p=min(n_frozen / n_components, 0.999999))
+    freeze = dataclasses.replace(freeze or harness.config.freeze_at(0.0), p=min(n_frozen / n_components, 0.999999))
     n_boot = harness.config.n_boot
     seed_list = list(range(first_seed, first_seed + seeds))
     edits, devs, tests = [], [], []
@@ -118,7 +118,7 @@ def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | No
                  freeze: FreezeConfig | None = None, base: dict[str, torch.Tensor] | None = None) -> MethodResult:
     """Sweep p over the smallest singular values, choose on dev (p = 0 competes; ties go to the smaller p)."""
     t0 = time.perf_counter()
-    freeze = freeze or harness.config.freeze(0.0)
+    freeze = freeze or harness.config.freeze_at(0.0)
     ps = sorted(float(p) for p in (ps if ps is not None else harness.config.p))
     base = _base(harness, base, ("dev",))
     edits = [smallest_edit(score_run, dataclasses.replace(freeze, p=p)) for p in ps]

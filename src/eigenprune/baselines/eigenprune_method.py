@@ -9,6 +9,7 @@ base model's evaluation, which `compare` does once for every method.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -29,7 +30,7 @@ def run_eigenprune(harness: Harness, seed: int | None = None,
     wall = time.perf_counter() - t0 - report["timings"]["base_eval"]
     cfg = harness.config
     config = {"p": report["chosen_p"], "n_frozen": edit.n_frozen, "targets": cfg.targets, "layers": cfg.layers,
-              "per_head": cfg.per_head, "scope": cfg.scope, "aggregate": cfg.aggregate, "bias": cfg.bias}
+              "per_head": cfg.per_head, **{k: v for k, v in dataclasses.asdict(cfg.freeze).items() if k != "p"}}
     return MethodResult(
         method="eigenprune", config=config, dev=chosen["dev"], test=chosen["test"], dev_evaluations=1 + len(cfg.p),
         wall_s=wall, changed_params=edit_changed_params(edit),

@@ -175,7 +175,7 @@ def run_feature_space(harness: Harness, targets: str = "mlp-out",
     t0 = time.perf_counter()
     model, cfg = harness.model, harness.config
     found = find_targets(model, targets, layers)
-    bases = output_bases(model, harness.tokenizer, harness.splits.train, found, batch_size or cfg.batch_size)
+    bases = output_bases(model, harness.tokenizer, harness.splits.train, found, batch_size or cfg.score.batch_size)
     best_dev = base_correct(harness, base, "dev")  # (n_dev,) the bar to meet
     best = base_acc = accuracy(best_dev)
     accepted: dict[str, int] = {}
