@@ -115,18 +115,15 @@ def current_components(weights: dict[str, torch.Tensor], rounds: Sequence[Edit])
     return out
 
 
-def _original_indices(original: Components, Vh: torch.Tensor, taken: set[int]) -> list[int]:
+def _original_indices(original: Components, Vh: torch.Tensor) -> list[int]:
     """For each frozen row of Vh (r, in), the original component it is (largest |v · v_orig|), greedily
     and without repeats."""
     overlap = (Vh.float() @ original.Vh.t().to(Vh.device).float()).abs()  # (r, k)
-    if taken:
-        overlap[:, sorted(taken)] = -1
     found = [-1] * len(Vh)
     for row in overlap.max(1).values.argsort(descending=True).tolist():
         j = int(overlap[row].argmax())
         found[row] = j
         overlap[:, j] = -1
-        taken.add(j)
     return found
 
 
@@ -148,7 +145,7 @@ def merge_rounds(targets: list[Target], original: dict[str, Components], rounds:
             removed[t.name] = torch.zeros(0, dtype=torch.long)
             continue
         U, S, Vh = (torch.cat(f, dim) for f, dim in zip(zip(*parts, strict=True), (1, 0, 0), strict=True))
-        index = torch.tensor(_original_indices(original[t.name], Vh, set()), dtype=torch.long)
+        index = torch.tensor(_original_indices(original[t.name], Vh), dtype=torch.long)
         order = index.argsort()  # ascending original index, factors alongside
         removed[t.name], factors[t.name] = index[order], (U[:, order], S[order], Vh[order])
     return Edit(targets, removed, factors, tables, offset_min, config)
