@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .positions import prompt_lengths
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,19 @@ def last_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], last: i
         handle.remove()
 
 
+def teacher_forced(model: torch.nn.Module, batch: Batch, last: int | None = None) -> torch.Tensor:
+    """The one teacher-forced forward of a `Batch`: logits of its `last` final positions (default: from
+    the shortest prompt's last token on), with autograd as the caller has it.
+
+    An edited model learns here where each row's prompt ends (`positions.prompt_lengths`), so no
+    caller can forget to tell it: scoring, choice evaluation and fine-tuning all come through this.
+    """
+    if last is None:
+        last = batch.input_ids.shape[1] - int(batch.prompt_lengths.min()) + 1
+    with prompt_lengths(model, batch.prompt_lengths):
+        return last_logits(model, batch.model_inputs(), last)
+
+
 def batch_nll(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Each example's summed answer NLL under teacher forcing, (batch,), with autograd as the caller has it.
 
@@ -156,7 +170,7 @@ def batch_nll(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     so the LM head only runs from there on: a vocabulary-wide logit row per position is most of a
     small model's forward+backward memory.
     """
-    logits = last_logits(model, batch.model_inputs(), batch.input_ids.shape[1] - int(batch.prompt_lengths.min()) + 1)
+    logits = teacher_forced(model, batch)  # (batch, last, vocab)
     return answer_nll(logits, batch.labels[:, batch.labels.shape[1] - logits.shape[1]:])
 
 

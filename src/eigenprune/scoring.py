@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Batch, Encoded, batch_nll, check_fits, collate
+from .data import Batch, Encoded, batch_nll, check_fits, collate, teacher_forced
 from .decompose import Components
 from .errors import UsageError
 from .hooks import activation_grads_only, capture_io
@@ -209,7 +209,7 @@ class _Stream:
             _loss_and_backward(self.model, batch)
         else:
             with torch.no_grad():
-                self.model(**batch.model_inputs(), use_cache=False)
+                teacher_forced(self.model, batch, last=1)  # only the captured inputs matter
         mask = self._aligned(batch.attention_mask[..., None].float(), batch)[..., 0]  # (batch, offsets)
         slots = torch.tensor(positions, device=self.device) % self.capacity
         self.ring_mask[slots] = mask
