@@ -146,7 +146,9 @@ def _read(path: Path) -> tuple[str, dict]:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
-            raise UsageError(f"{path}: not valid TOML ({err})") from None
+            found = re.search(r"\s*\(at line (\d+), column \d+\)$", str(err))
+            at = f"line {found[1]}: " if found else ""
+            raise UsageError(f"{path}: {at}not valid TOML ({str(err)[:found.start()] if found else err})") from None
     else:
         raise UsageError(f"{path}: a study spec is a .toml or .json file")
     if not isinstance(data, dict):
