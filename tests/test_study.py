@@ -327,3 +327,13 @@ def test_report_marks_significance_and_shows_side_effects_when_cells_have_them()
     md = render_markdown(study)
     assert "| ppl | kl |" in md and "| 0.25 | 0.01 |" in md and "| – | – |" in md
     assert "▲ gain" in md and "▼ loss" in md and "Significant test gains over the base model" in md
+
+
+def test_a_cell_that_fails_on_its_model_says_which_cell(folder, tmp_path):
+    """Targets are checked against the models only when a cell loads its model: the error names the cell."""
+    path = folder / "no-match.toml"
+    path.write_text(GOOD.replace('["all"]', '["no_such_module"]'))
+    code, err = run_cli(path, "--out", tmp_path / "o", "--quiet")
+    key = load_spec(path).cells[0].key
+    assert code == 2 and err.startswith(f"cell {key}: --targets 'no_such_module'") and "\n" not in err
+    assert not (tmp_path / "o" / "cells" / key).exists()

@@ -230,12 +230,18 @@ def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet:
         _write_atomic(out / f"spec{study.path.suffix}", study.text)
         if not quiet:
             print(f"study: {len(study.cells)} cells: {len(state.done)} finished earlier (skipped), {len(todo)} to run"
-                  + (f", {len(moved)} moved to {out}/stale/" if moved else ""), file=sys.stderr)
+                  + (f", {len(moved)} moved to {out}/stale/" if moved else "")
+                  + (f"; not in this spec (kept, not reported): {', '.join(state.orphans)}" if state.orphans else ""),
+                  file=sys.stderr)
         ran = []
         with _progress(len(todo), quiet) as bar:
             for cell in todo:
                 bar.set_description_str(f"study ({cell.key})")
-                compare(cell.run, cell.opts, out / "cells" / cell.key, quiet=True)
+                try:
+                    compare(cell.run, cell.opts, out / "cells" / cell.key, quiet=True)
+                except UsageError as err:  # e.g. targets that match no module of this model: say which cell
+                    raise UsageError(f"cell {cell.key}: {err} (finished cells are kept; fix the spec and run "
+                                     "again)") from None
                 index[cell.key] = _entry(cell)
                 _write_atomic(out / CELLS_JSON, _dump({"format": "eigenprune-study-cells", "format_version": 1,
                                                        "cells": index}))
