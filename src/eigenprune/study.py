@@ -289,7 +289,11 @@ def cmd_study(args) -> int:
 def add_study_parser(sub, fmt) -> None:
     """`study`: a spec file, an output folder, and how to treat cells whose settings changed."""
     p = sub.add_parser("study", help="a grid of compare runs (models x tasks x targets x methods), resumable",
-                       formatter_class=fmt, description=__doc__.split("\n\n")[1], epilog=(
+                       formatter_class=fmt, description=(
+                           "Run every model x task x target of a spec as one `eigenprune compare` of all its methods,\n"
+                           "then write OUT/study.md, study.json and study.png (test - base per task and method).\n"
+                           "Running again skips finished cells; a changed spec names the cells it invalidates."),
+                       epilog=(
                            "examples:\n  eigenprune study studies/smollm2-paper-tasks.toml --out runs/paper\n"
                            "  eigenprune study my-study.toml --out runs/s --plan     # what would run, skip, redo\n"
                            "  eigenprune study my-study.toml --out runs/s --rerun-changed\n\n"
