@@ -163,8 +163,8 @@ def _names(where: _Where, study: dict, key: str, default: list[str] | None) -> l
         return default
     values = study[key]
     if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
-        raise where.error(f"'{key}' in [study] must be a non-empty list of names, got {json.dumps(values)}",
-                          ("study",), key)
+        got = json.dumps(values, default=str)
+        raise where.error(f"'{key}' in [study] must be a non-empty list of names, got {got}", ("study",), key)
     for v in values:
         if values.count(v) > 1:
             raise where.error(f"'{v}' appears twice in '{key}' in [study]", ("study",), key, v)
