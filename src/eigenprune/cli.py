@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_parser(sub, fmt)
     add_compare_parser(sub, fmt)
+    from .study import add_study_parser
+
+    add_study_parser(sub, fmt)
     return parser
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 from . import settings as settings_module
 from .baselines import registry
 from .compare import _NOT_COMPARE, CompareConfig, _plain
+from .config import LEGACY, RunConfig
 from .errors import UsageError
-from .experiment import RunConfig
 
 SECTIONS = ("study", "settings", "task_settings", "method_args")
 STUDY_KEYS = ("models", "tasks", "targets", "methods")
@@ -229,7 +229,7 @@ def _settings(where: _Where, values, section: tuple[str, ...]) -> dict:
     label = _table(section)
     if not isinstance(values, dict):
         raise where.error(f"{label} must be a table of settings", section)
-    run_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)} | set(LEGACY)  # flat names, as the flags spell them
     compare_fields = {f.name for f in dataclasses.fields(CompareConfig)} - set(_COMPARE_OWN)
     for key, value in values.items():
         if key in GRID_FIELDS:
@@ -244,7 +244,11 @@ def _settings(where: _Where, values, section: tuple[str, ...]) -> dict:
             raise where.error(f"unknown key '{key}' in {label}; known: {', '.join(known)}", section, key)
         cls = RunConfig if key in run_fields else CompareConfig
         try:
-            settings_module.coerce(cls, key, value)
+            if key in LEGACY:  # e.g. score_seed is score.seed
+                outer, inner = LEGACY[key].split(".")
+                settings_module.coerce(type(getattr(RunConfig(task="-"), outer)), inner, value)
+            else:
+                settings_module.coerce(cls, key, value)
         except ValueError as err:
             raise where.error(f"{label}: {err}", section, key) from None
     return dict(values)
@@ -348,14 +352,16 @@ def _plan(where: _Where, spec: dict, model_specs: dict, task_specs: dict) -> lis
             merged = spec["settings"] | spec["task_settings"].get(task, {})
             sections = [("settings",), ("task_settings", task)]
             values = {("settings",): spec["settings"], ("task_settings", task): spec["task_settings"].get(task, {})}
-            run_part = {k: v for k, v in merged.items() if k in {f.name for f in dataclasses.fields(RunConfig)}}
+            run_part = {k: v for k, v in merged.items()
+                        if k in {f.name for f in dataclasses.fields(RunConfig)} | set(LEGACY)}
             compare_part = {k: v for k, v in merged.items() if k not in run_part}
             try:
                 parse_layers(merged.get("layers"))
                 opts = settings_module.from_dict(CompareConfig, {"methods": grid["methods"],
                                                                  "method_args": spec["method_args"], **compare_part})
                 runs = [settings_module.from_dict(RunConfig, {"task": task_path, "model": model_specs[model],
-                                                              "targets": t, **run_part}) for t in grid["targets"]]
+                                                              "targets": t, **run_part}, legacy=LEGACY)
+                        for t in grid["targets"]]
             except ValueError as err:
                 raise _blame(where, err, values, sections) from None
             load_key = (task_path, str(merged.get("template")), str(merged.get("answers")))
