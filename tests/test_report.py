@@ -79,8 +79,8 @@ def test_normal_run_writes_everything(tmp_path):
     assert verdict(report) in md
     assert "not used for selection" in md
     assert "p = 0.05" in md and "◀ chosen" in md
-    for row in report["sweep"]:
-        assert f"| {row['p']:g} | {row['n_frozen']} |" in md
+    for order, row in enumerate(report["sweep"], 1):
+        assert f"| {row['p']:g} | {order} | {row['n_frozen']} |" in md
     chosen_line = next(line for line in md.splitlines() if line.startswith("| 0.05 |"))
     assert "◀ chosen" in chosen_line
     assert "always the majority class" in md and "0.500" in md
@@ -158,6 +158,18 @@ def test_score_axis_follows_the_distribution(tmp_path, scale, values):
         report, scores, removed = make_report(scores={"model.layers.0.mlp.down_proj": values})
         md = read_outputs(tmp_path, write_report(tmp_path, report, scores, removed))
         assert "score_distribution.png" in md and "could not be drawn" not in md
+
+
+def test_a_searched_sweep_is_shown_in_order_of_p_with_the_order_tried(tmp_path):
+    report, scores, removed = make_report()
+    report["sweep"] = [report["sweep"][i] | {"dev_nll": 10.0 + i} for i in (2, 0, 3, 1)]  # tried 0.1, 0.01, 0.3, 0.05
+    report["p_search"] = {"mode": "auto", "select": "accuracy+loss", "budget": 10, "base_dev_nll": 12.5}
+    md = read_outputs(tmp_path, write_report(tmp_path, report, scores, removed))
+    lines = [line for line in md.splitlines() if line.startswith(("| 0.01 |", "| 0.05 |", "| 0.1 |", "| 0.3 |"))]
+    assert [line.split(" | ")[:2] for line in lines] == [["| 0.01", "2"], ["| 0.05", "4"], ["| 0.1", "1"],
+                                                          ["| 0.3", "3"]]
+    assert "--p auto" in md and "4 dev evaluations of 10 allowed" in md and "lower dev NLL" in md
+    assert "| 0 (base) | – | 0 |" in md and "12.500" in md
 
 
 def test_minimal_report_empty_sweep_no_scores(tmp_path):

@@ -23,6 +23,7 @@ from .scoring import ScoreConfig
 
 DEFAULT_PS = (0.01, 0.05, 0.1, 0.3)
 EVAL_MODES = ("next-token", "choice", "exact")
+SELECTS = ("accuracy", "accuracy+loss", "loss")
 SCORE_FLAGS = {"seed": "score-seed"}  # `--seed` alone would be ambiguous next to --split-seed and --seeds
 # config.json files from before nesting kept these at the top level
 LEGACY = {"partners": "score.partners", "window": "score.window", "score_seed": "score.seed",
@@ -41,8 +42,17 @@ class RunConfig:
                                                           "mlp-out, all) or a regex over module names"})
     layers: str | None = field(default=None, metadata={"help": "restrict to layers: N, A-B, A- or -B"})
     per_head: bool = field(default=False, metadata={"help": "one component set per attention head"})
-    p: list[float] = field(default_factory=lambda: list(DEFAULT_PS),
-                           metadata={"help": "comma-separated fractions of components to freeze, each tried on dev"})
+    p: list[float] | str = field(default_factory=lambda: list(DEFAULT_PS),
+                                 metadata={"help": "comma-separated fractions of components to freeze, each tried on "
+                                                   "dev, or 'auto': search p from the paper's grid (--p-budget)"})
+    p_budget: int = field(default=10, metadata={"help": "with --p auto: dev evaluations the search may spend, the "
+                                                        "grid's four included"})
+    select: str = field(default="accuracy", metadata={
+        "help": "how dev chooses: 'accuracy' (ties go to the smaller p), 'accuracy+loss' (ties go to the lower dev "
+                "NLL of the correct answers) or 'loss' (the lowest dev NLL)", "choices": ("accuracy", "accuracy+loss",
+                                                                                          "loss")})
+    folds: int = field(default=1, metadata={"help": "cross-fitted folds: every example tested once, by a run that "
+                                                    "chose on the other folds (1: the fixed train/dev/test split)"})
     eval_mode: str | None = field(default=None, metadata={"help": "next-token, choice or exact (default: the "
                                                                   "task's)", "choices": EVAL_MODES})
     dev_fraction: float = field(default=0.2, metadata={"help": "dev share carved from train"})
@@ -65,12 +75,22 @@ class RunConfig:
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples"})
 
     def __post_init__(self) -> None:
-        if not self.p:
-            raise ValueError("p needs at least one fraction")
-        for value in self.p:
-            if not 0 < value < 1:
-                raise ValueError(f"p values must be in (0, 1), got {value}")
-        self.p = sorted({float(v) for v in self.p})  # a fraction given twice is tried once
+        if isinstance(self.p, str):
+            if self.p != "auto":
+                raise ValueError(f"p must be fractions or 'auto', got '{self.p}'")
+        else:
+            if not self.p:
+                raise ValueError("p needs at least one fraction")
+            for value in self.p:
+                if not 0 < value < 1:
+                    raise ValueError(f"p values must be in (0, 1), got {value}")
+            self.p = sorted({float(v) for v in self.p})  # a fraction given twice is tried once
+        if self.select not in SELECTS:
+            raise ValueError(f"select must be one of {', '.join(SELECTS)}, got '{self.select}'")
+        if self.p_budget < len(DEFAULT_PS):
+            raise ValueError(f"p_budget must be at least {len(DEFAULT_PS)} (the starting grid), got {self.p_budget}")
+        if self.folds < 1:
+            raise ValueError(f"folds must be at least 1, got {self.folds}")
         if self.eval_mode is not None and self.eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {', '.join(EVAL_MODES)}, got '{self.eval_mode}'")
         if not 0 < self.dev_fraction < 1:
@@ -81,6 +101,11 @@ class RunConfig:
         if self.limit is not None and self.limit < 2:
             raise ValueError(f"limit must be at least 2, got {self.limit}")
         self.freeze = dataclasses.replace(self.freeze, p=0.0)
+
+    @property
+    def grid(self) -> list[float]:
+        """The fractions tried first: the given list, or the paper's grid that `--p auto` starts from."""
+        return list(DEFAULT_PS) if self.p == "auto" else list(self.p)
 
     def freeze_at(self, p: float) -> FreezeConfig:
         """The run's freezing rule at fraction p."""
@@ -103,7 +128,7 @@ def config_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()) ->
         cfg = settings.from_dict(RunConfig, values)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if given_p is not None and len(given_p) != len(cfg.p):
+    if isinstance(given_p, list) and len(given_p) != len(cfg.p):
         print(f"note: p values given twice are tried once: {', '.join(map(str, cfg.p))}", file=sys.stderr)
     return cfg
 

@@ -19,14 +19,50 @@ import torch
 
 from .config import DEFAULT_PS, RunConfig, add_run_options, config_from_args, config_from_file  # noqa: F401
 from .errors import UsageError
-from .freeze import apply_edit, remove_edit
+from .freeze import applied
 from .harness import Harness, base_correct, best_on_dev, ci, diff_ci  # noqa: F401  (re-exported)
 
 
 def choose(base_dev: float, sweep: list[dict]) -> float:
     """The p with the best dev accuracy (`harness.best_on_dev`: p = 0 competes, ties favour the smaller p)."""
-    best = best_on_dev(base_dev, [row["dev_acc"] for row in sweep])
-    return sweep[best]["p"] if best >= 0 else 0.0
+    best = best_on_dev(base_dev, [row["dev_acc"] for row in sorted(sweep, key=lambda r: r["p"])])
+    return sorted(sweep, key=lambda r: r["p"])[best]["p"] if best >= 0 else 0.0
+
+
+def sweep_p(harness: Harness, run, base_dev: torch.Tensor, base_nll: torch.Tensor,
+            sweep_test: bool) -> tuple[list[dict], dict, float]:
+    """Every p tried, in the order tried (the given grid, or `--p auto`'s search), each one dev evaluation of
+    an edit made from the same scores; returns (sweep rows, p -> (edit, dev, test or None), the chosen p).
+    Every row carries both dev numbers, accuracy and the summed NLL of the correct answers."""
+    from .search import Candidate, Step, search_p
+    from .search import choose as choose_step
+
+    cfg, results, sweep = harness.config, {}, []
+
+    def evaluate_p(p: float) -> Candidate:
+        edit = run.edit(cfg.freeze_at(p))
+        with applied(harness.model, edit):
+            dev, nll = harness.evaluate("dev"), harness.nll("dev")
+            test = harness.evaluate("test") if sweep_test else None
+        results[p] = (edit, dev, test)
+        row = {"p": p, "n_frozen": edit.n_frozen, **{f"dev_{k}": v for k, v in ci(dev, cfg.n_boot).items()},
+               "dev_nll": float(nll.double().sum())}
+        if test is not None:
+            row |= {f"test_{k}": v for k, v in ci(test, cfg.n_boot).items()}
+        sweep.append(row)
+        return Candidate.from_examples(dev, nll)
+
+    base = Candidate.from_examples(base_dev, base_nll)
+    if cfg.p == "auto":
+        n_components = sum(t.n_components for t in run.targets)
+        chosen = search_p(evaluate_p, base, grid=cfg.grid, budget=cfg.p_budget, select=cfg.select,
+                          min_p=1 / n_components).chosen.value
+    else:
+        steps = [Step(0.0, base, "base")] + [Step(p, evaluate_p(p), "grid") for p in cfg.p]
+        chosen = choose_step(steps, cfg.select).value
+    for row in sweep:
+        row["chosen"] = row["p"] == chosen
+    return sweep, results, chosen
 
 
 def _kind(target_name: str) -> str:
@@ -52,36 +88,18 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
                                                                  "data": cfg.task, "split_seed": seed})
     timings["scoring"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sweep, results = [], {}
-    for p in cfg.p:
-        edit = run.edit(cfg.freeze_at(p))
-        apply_edit(harness.model, edit)
-        try:
-            dev = harness.evaluate("dev")
-            test = harness.evaluate("test") if sweep_test else None
-        finally:
-            remove_edit(harness.model)
-        results[p] = (edit, dev, test)
-        row = {"p": p, "n_frozen": edit.n_frozen, **{f"dev_{k}": v for k, v in ci(dev, cfg.n_boot).items()}}
-        if test is not None:
-            row |= {f"test_{k}": v for k, v in ci(test, cfg.n_boot).items()}
-        sweep.append(row)
+    base_nll = harness.nll("dev")
+    sweep, results, chosen_p = sweep_p(harness, run, base["dev"], base_nll, sweep_test)
     timings["sweep"] = time.perf_counter() - t0
     base_ci = {k: ci(v, cfg.n_boot) for k, v in base.items()}
-    chosen_p = choose(base_ci["dev"]["acc"], sweep)  # the same computation as the sweep's dev_acc: exact ties
-    for row in sweep:
-        row["chosen"] = row["p"] == chosen_p
     t0 = time.perf_counter()
     if chosen_p == 0:
         edit, pruned = run.edit(cfg.freeze_at(0.0)), dict(base)
     else:
         edit, dev, test = results[chosen_p]
         if test is None:
-            apply_edit(harness.model, edit)
-            try:
+            with applied(harness.model, edit):
                 test = harness.evaluate("test")
-            finally:
-                remove_edit(harness.model)
         pruned = {"dev": dev, "test": test}
     timings["test_eval"] = time.perf_counter() - t0
     splits = harness.splits
@@ -100,6 +118,8 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
                               "n_frozen": len(edit.removed[t.name]), "n_components": t.n_components}
                              for t in run.targets],
         "n_pairs": run.scores.n_pairs, "timings": timings,
+        "p_search": {"mode": "auto" if cfg.p == "auto" else "grid", "select": cfg.select, "budget": cfg.p_budget,
+                     "tried": [row["p"] for row in sweep], "base_dev_nll": float(base_nll.double().sum())},
     }
     labels = [ex.label for ex in splits.test if ex.label is not None]
     if labels:

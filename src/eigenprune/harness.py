@@ -62,6 +62,13 @@ class Harness:
                         progress=not self.quiet).correct
 
 
+    def nll(self, split: str) -> torch.Tensor:
+        """(n,) summed NLL of each example's correct answer under the model as it is now (teacher forced)."""
+        from .search import dev_nll
+
+        return dev_nll(self.model, self.tokenizer, getattr(self.splits, split), self.config.eval_batch_size)
+
+
 def base_correct(harness: Harness, base: dict[str, torch.Tensor] | None, split: str) -> torch.Tensor:
     """The unmodified model's (n,) correctness on `split`: the caller's (compare evaluates it once for every
     method) when given, else evaluated now."""

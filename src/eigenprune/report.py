@@ -111,8 +111,9 @@ def _figure(width: float, height: float):
 
 
 def plot_accuracy_vs_p(report: dict, path: Path) -> None:
-    """Dev and test accuracy per candidate p (p = 0 is the base model) on a categorical axis."""
-    sweep = report.get("sweep") or []
+    """Dev and test accuracy per candidate p (p = 0 is the base model) on a categorical axis, in order of p;
+    each tick says when a searched p was tried (#1 first)."""
+    sweep = _by_p(report.get("sweep") or [])
     base_dev, base_test = _split(report, "base", "dev"), _split(report, "base", "test")
     rows = [{"p": 0.0, "n_frozen": 0, **{f"{s}_{k}": e.get(k) for s, e in (("dev", base_dev), ("test", base_test))
                                          for k in ("acc", "lo", "hi")}}, *sweep]
@@ -136,9 +137,9 @@ def plot_accuracy_vs_p(report: dict, path: Path) -> None:
     majority = _num((report.get("majority_rate") or {}).get("test"))
     if not math.isnan(majority):
         ax.axhline(majority, color="grey", linestyle="-.", linewidth=1, label=f"majority class, test ({majority:.3f})")
-    ax.set_xticks(x, ["0\n(base)"] + [f"{_p(r.get('p'))}\n({r.get('n_frozen', '?')})" for r in sweep])
+    ax.set_xticks(x, ["0\n(base)"] + [f"{_p(r.get('p'))}\n({r.get('n_frozen', '?')})\n#{r['_order']}" for r in sweep])
     ax.set_xlim(-0.6, len(rows) - 0.4)
-    ax.set_xlabel("pruning fraction p (components frozen); one tick per candidate")
+    ax.set_xlabel("pruning fraction p (components frozen), #order tried; one tick per candidate")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{report.get('task', 'task')} on {report.get('model', 'model')}: accuracy vs p")
     ax.grid(axis="y", alpha=0.3)
@@ -297,23 +298,42 @@ def _results_section(report: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _by_p(sweep: list[dict]) -> list[dict]:
+    """The sweep's rows in order of p, each with `_order`: its place in the order tried (1 first)."""
+    return sorted(({**r, "_order": i + 1} for i, r in enumerate(sweep)), key=lambda r: _num(r.get("p")))
+
+
+_SELECT_WORDS = {"accuracy": "the highest **dev accuracy** (ties go to the smaller p)",
+                 "accuracy+loss": "the highest **dev accuracy**, ties going to the lower dev NLL of the correct "
+                                  "answers, then to the smaller p",
+                 "loss": "the lowest **dev NLL** of the correct answers (ties go to the smaller p)"}
+
+
 def _sweep_section(report: dict) -> list[str]:
+    search = report.get("p_search") or {"mode": "grid", "select": "accuracy"}
+    how = ("searched (`--p auto`: the paper's grid, extended while the best p sat on its top edge, then refined "
+           f"between the best p and its neighbours; {len(report.get('sweep') or [])} dev evaluations of "
+           f"{search.get('budget')} allowed)" if search.get("mode") == "auto" else "the given grid")
     lines = ["## Sweep over p", "",
-             "p is chosen on **dev accuracy only** (p = 0, the base model, is always a candidate; ties go to the "
-             "smaller p). The test column is shown for transparency and was **not used for selection**.", ""]
-    sweep = report.get("sweep") or []
+             f"p is chosen on **dev only**, from {how}: {_SELECT_WORDS.get(search.get('select'), '?')}. p = 0, the "
+             "base model, is always a candidate. The test column is shown for transparency and was **not used "
+             "for selection**.", ""]
+    sweep = _by_p(report.get("sweep") or [])
     if not sweep:
         return [*lines, "No pruning fraction was swept, so the run keeps the base model.", ""]
     base_dev, base_test = _split(report, "base", "dev"), _split(report, "base", "test")
     chosen_p = _chosen_p(report)
-    rows = [["0 (base)", 0, _acc_ci(base_dev), _acc_ci(base_test), "**◀ chosen**" if chosen_p == 0 else ""]]
+    base_nll = _f(search.get("base_dev_nll")) if "base_dev_nll" in search else "–"
+    rows = [["0 (base)", "–", 0, _acc_ci(base_dev), base_nll, _acc_ci(base_test),
+             "**◀ chosen**" if chosen_p == 0 else ""]]
     for r in sweep:
         dev = f"{_f(r.get('dev_acc'))} {_interval(r.get('dev_lo'), r.get('dev_hi'))}"
         test = ("not evaluated" if r.get("test_acc") is None
                 else f"{_f(r.get('test_acc'))} {_interval(r.get('test_lo'), r.get('test_hi'))}")
         mark = "**◀ chosen**" if _is_chosen(r, report) else ""
-        rows.append([_p(r.get("p")), r.get("n_frozen", "?"), dev, test, mark])
-    return [*lines, *_table(["p", "components frozen", "dev accuracy [95% CI] (selects p)",
+        nll = _f(r.get("dev_nll")) if r.get("dev_nll") is not None else "–"
+        rows.append([_p(r.get("p")), r["_order"], r.get("n_frozen", "?"), dev, nll, test, mark])
+    return [*lines, *_table(["p", "tried", "components frozen", "dev accuracy [95% CI]", "dev NLL (correct answers)",
                              "test accuracy [95% CI] (not used for selection)", "chosen"], rows)]
 
 

@@ -5,8 +5,10 @@ A dev split of a few dozen examples moves accuracy in coarse steps: on CB every 
 left dev accuracy exactly where the base model had it. So every candidate carries two dev numbers,
 its accuracy and the summed NLL of the correct answers (`dev_nll`), and the choice is
 
-- `select="accuracy"`: the highest dev accuracy; ties go to the lower dev NLL, then the weaker edit;
-- `select="loss"`: the lowest dev NLL outright; ties go to the weaker edit.
+- `select="accuracy+loss"`: the highest dev accuracy; ties go to the lower dev NLL, then the weaker edit;
+- `select="loss"`: the lowest dev NLL outright; ties go to the weaker edit;
+- `select="accuracy"`: the highest dev accuracy; ties go to the weaker edit (the NLL is only reported:
+  eigenprune's choice before the search existed, kept so a fixed-grid run reports what it always did).
 
 The base model (p = 0) always competes. The search (`search_p`, or `search_strength` for any knob):
 
@@ -44,7 +46,7 @@ DEFAULT_GRID = (0.01, 0.05, 0.1, 0.3)  # the paper's
 DEFAULT_EXTEND = (0.5, 0.7, 0.9)
 DEFAULT_BUDGET = 10
 MAX_P = 0.999
-SELECTS = ("accuracy", "loss")
+SELECTS = ("accuracy", "accuracy+loss", "loss")
 PHASES = ("base", "grid", "extend", "refine")
 SIGNIFICANT_DIGITS = 3  # refined values are rounded: readable in a report, and a gap rounding closes is done
 
@@ -97,12 +99,14 @@ class SearchResult:
 def rank_key(step: Step, select: str, none: float = 0.0) -> tuple:
     """Sort key, best first: see the module docstring. `none`: the knob's unedited value."""
     c, strength = step.candidate, abs(step.value - none)
-    if select == "accuracy":
+    if select == "accuracy+loss":
         return (-c.accuracy, c.nll, strength)
+    if select == "accuracy":
+        return (-c.accuracy, strength)
     return (c.nll, strength)
 
 
-def choose(steps: Sequence[Step], select: str = "accuracy", none: float = 0.0) -> Step:
+def choose(steps: Sequence[Step], select: str = "accuracy+loss", none: float = 0.0) -> Step:
     """The best step by `select` (also for a fixed grid: include the base as a step with value `none`)."""
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
@@ -140,7 +144,7 @@ def _check(grid: Sequence[float], extend: Sequence[float], none: float, limit: f
 
 def search_strength(evaluate: Callable[[float], Candidate], base: Candidate, grid: Sequence[float], *,
                     none: float, limit: float, extend: Sequence[float] = (), budget: int = DEFAULT_BUDGET,
-                    select: str = "accuracy", min_strength: float = 0.0) -> SearchResult:
+                    select: str = "accuracy+loss", min_strength: float = 0.0) -> SearchResult:
     """Search a strength knob on dev (see the module docstring): grid, extend at the edge, refine."""
     _check(grid, extend, none, limit, budget, select)
 
@@ -205,7 +209,7 @@ def _refinement(best: Step, tried: list[float], steps: list[Step], none: float, 
 
 
 def search_p(evaluate: Callable[[float], Candidate], base: Candidate, grid: Sequence[float] = DEFAULT_GRID,
-             budget: int = DEFAULT_BUDGET, select: str = "accuracy", extend: Sequence[float] = DEFAULT_EXTEND,
+             budget: int = DEFAULT_BUDGET, select: str = "accuracy+loss", extend: Sequence[float] = DEFAULT_EXTEND,
              max_p: float = MAX_P, min_p: float = 0.0) -> SearchResult:
     """Search the fraction p of components to freeze: `search_strength` with p = 0 as the base; refinement
     never goes below `min_p`."""
@@ -215,10 +219,9 @@ def search_p(evaluate: Callable[[float], Candidate], base: Candidate, grid: Sequ
 
 def dev_nll(model: torch.nn.Module, tokenizer, examples: Sequence, batch_size: int = 16) -> torch.Tensor:
     """Each example's NLL of its correct answer (summed over answer tokens, teacher forced, as scoring and
-    `choice` evaluation compute it): (n,) float32 in the given order. Runs under inference mode inside
-    `prompt_lengths`, so an edited model knows where each prompt ends; the model's mode comes back."""
+    `choice` evaluation compute it): (n,) float32 in the given order. Runs under inference mode; `batch_nll`
+    tells an edited model where each prompt ends; the model's mode comes back."""
     from .data import batch_nll, batches, check_fits, encode
-    from .positions import prompt_lengths
 
     out = torch.empty(len(examples))  # (n,)
     if not examples:
@@ -232,8 +235,7 @@ def dev_nll(model: torch.nn.Module, tokenizer, examples: Sequence, batch_size: i
         with torch.inference_mode():
             for batch in batches(encoded, batch_size, tokenizer.pad_token_id):
                 batch = batch.to(device)
-                with prompt_lengths(model, batch.prompt_lengths):
-                    out[batch.index.cpu()] = batch_nll(model, batch).float().cpu()  # (batch,)
+                out[batch.index.cpu()] = batch_nll(model, batch).float().cpu()  # (batch,) prompt ends: batch_nll
     finally:
         model.train(was_training)
     return out

@@ -85,7 +85,7 @@ def _scalar(tp, value: Any, from_text: bool) -> Any:
     if typing.get_origin(tp) in (Union, types.UnionType):  # e.g. int | str: the first that accepts the value
         for option in typing.get_args(tp):
             try:
-                return _scalar(option, value, from_text)
+                return convert(option, value, from_text)
             except (TypeError, ValueError):
                 continue
         raise TypeError

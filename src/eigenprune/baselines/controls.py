@@ -119,7 +119,7 @@ def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | No
     """Sweep p over the smallest singular values, choose on dev (p = 0 competes; ties go to the smaller p)."""
     t0 = time.perf_counter()
     freeze = freeze or harness.config.freeze_at(0.0)
-    ps = sorted(float(p) for p in (ps if ps is not None else harness.config.p))
+    ps = sorted(float(p) for p in (ps if ps is not None else harness.config.grid))
     base = _base(harness, base, ("dev",))
     edits = [smallest_edit(score_run, dataclasses.replace(freeze, p=p)) for p in ps]
     devs = [evaluate_edit(harness, edit, "dev") for edit in edits]

@@ -32,7 +32,8 @@ def run_eigenprune(harness: Harness, seed: int | None = None,
     config = {"p": report["chosen_p"], "n_frozen": edit.n_frozen, "targets": cfg.targets, "layers": cfg.layers,
               "per_head": cfg.per_head, **{k: v for k, v in dataclasses.asdict(cfg.freeze).items() if k != "p"}}
     return MethodResult(
-        method="eigenprune", config=config, dev=chosen["dev"], test=chosen["test"], dev_evaluations=1 + len(cfg.p),
+        method="eigenprune", config=config, dev=chosen["dev"], test=chosen["test"],
+        dev_evaluations=1 + len(report["sweep"]),
         wall_s=wall, changed_params=edit_changed_params(edit),
         save=edit_saver(edit, run.edit_meta() | {"method": "eigenprune"}),
         extra={"score_run": run, "edit": edit, "report": report, "sweep": report["sweep"],

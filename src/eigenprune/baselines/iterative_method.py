@@ -39,7 +39,7 @@ class IterativeSettings:
 def eigenprune_iterative(harness: Harness, config: IterativeSettings, ctx: Context) -> MethodResult:
     t0 = time.perf_counter()
     cfg, model = harness.config, harness.model
-    ps = sorted(set(config.p if config.p is not None else cfg.p))
+    ps = sorted(set(config.p if config.p is not None else cfg.grid))
     candidates = [(p, s) for p in ps for s in sorted(set(config.steps))]  # mildest first: ties keep the smaller
     base_dev = base_correct(harness, ctx.base, "dev")
     edits, devs, sweep = [], [], []
