@@ -3,19 +3,15 @@
 Both are directories holding one JSON file (with a format name and version that loading checks)
 and safetensors files. An edit stores the removed components and bias tables, never the model:
 loading re-applies it to a freshly loaded base model and refuses one whose targeted weights differ.
-Directories are written under a temporary name and renamed when complete, so a failure leaves
-nothing half-written.
+Directories are claimed before the work and written under a temporary name that is renamed when
+complete (`outdir.py`), so a failure leaves nothing half-written and two runs never share one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -25,38 +21,12 @@ from . import __version__
 from .decompose import Components
 from .errors import UsageError
 from .freeze import Edit, FreezeConfig, apply_edit, make_edit
+from .outdir import atomic_dir, check_new_dir  # noqa: F401  (callers import them from here)
 from .scoring import InputMeans, Scores
 from .targets import Target, weight_view
 
 EDIT_FORMAT, EDIT_VERSION, EDIT_JSON = "eigenprune-edit", 1, "eigenprune_edit.json"
 SCORES_FORMAT, SCORES_VERSION, SCORES_JSON = "eigenprune-scores", 1, "score_config.json"
-
-
-# ---------------------------------------------------------------- writing directories safely
-def check_new_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Refuse an output path that holds something already (call before long work, not only at the end)."""
-    out = Path(out)
-    if out.is_file() or (out.is_dir() and not overwrite and any(out.iterdir())):
-        raise UsageError(f"{out} already exists; choose another --out or remove it")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out` only if the block completes."""
-    out = check_new_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def _write_json(path: Path, data: dict) -> None:

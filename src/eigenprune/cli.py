@@ -90,7 +90,9 @@ def cmd_score(args) -> int:
 
     config = _config(ScoreConfig, partners=args.partners, window=args.window, seed=args.seed,
                      batch_size=args.batch_size)
-    check_new_dir(args.out)  # before the long work, on every rank
+    import os
+
+    check_new_dir(args.out, claim=os.environ.get("RANK", "0") == "0")  # before the long work; rank 0 writes
     examples, meta = _scoring_examples(args)
     rank = _start_distributed(args)
     model, tok = _load(args)
