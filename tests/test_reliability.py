@@ -2,6 +2,8 @@
 one line (exit 2), not a traceback. Two real processes on one --out, killed runs, truncated files, a
 negated-weights model in another dtype, files from different scoring runs mixed in one folder."""
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -10,17 +12,27 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import build
 from helpers import EXAMPLES
 
-from eigenprune.artifact import atomic_dir, check_new_dir, load_scores, save_edit, save_scores
+from eigenprune.artifact import (
+    apply_saved_edit,
+    atomic_dir,
+    check_new_dir,
+    fingerprint,
+    load_edit,
+    load_scores,
+    save_edit,
+    save_scores,
+)
 from eigenprune.cli import main
 from eigenprune.data import encode
 from eigenprune.decompose import decompose_targets
 from eigenprune.errors import UsageError
-from eigenprune.freeze import FreezeConfig
+from eigenprune.freeze import FreezeConfig, apply_edit
 from eigenprune.scoring import ScoreConfig, score
-from eigenprune.targets import find_targets
+from eigenprune.targets import find_targets, weight_view
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
@@ -188,17 +200,206 @@ def test_a_claim_cleans_partials_of_dead_runs_in_the_same_folder(tmp_path):
     assert not stale.exists() and live.exists()
 
 
-@pytest.fixture
-def scores_dir(tmp_path):
-    model, tok = build("llama")
+def make_scores(directory, arch="llama", seed=0):
+    model, tok = build(arch, seed)
     targets = find_targets(model, "key")
     comps = decompose_targets(model, targets)
     scores = score(model, targets, comps, encode(tok, EXAMPLES), tok.pad_token_id, ScoreConfig(partners=2),
                    progress=False)
-    from eigenprune.artifact import fingerprint
-
-    meta = {"model": "tiny-llama", "base_fingerprint": fingerprint(model, sorted({t.module_name for t in targets}))}
-    return save_scores(tmp_path / "scores", scores, targets, comps, meta)
+    meta = {"model": f"tiny-{arch}", "base_fingerprint": fingerprint(model)}
+    return save_scores(directory, scores, targets, comps, meta)
 
 
-_unused = (load_scores, save_edit, FreezeConfig)
+@pytest.fixture
+def scores_dir(tmp_path):
+    return make_scores(tmp_path / "scores")
+
+
+@pytest.fixture
+def edit_dir(scores_dir, tmp_path):
+    run = load_scores(scores_dir)
+    return save_edit(tmp_path / "edit", run.edit(FreezeConfig(p=0.3)), run.edit_meta())
+
+
+# ---------------------------------------------------------------- silently wrong results: the base check
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def keys_negated(model):
+    with torch.no_grad():
+        for t in find_targets(model, "key"):
+            weight_view(model.get_submodule(t.module_name)).neg_()
+    return model
+
+
+@pytest.mark.parametrize("made_in,used_in", [("float32", "bfloat16"), ("float32", "float16"),
+                                             ("bfloat16", "float32"), ("float16", "bfloat16")])
+def test_the_same_base_in_another_dtype_is_accepted(tmp_path, arch, made_in, used_in):
+    model, _ = build(arch)
+    edit = load_scores(make_scores(tmp_path / "s", arch)).edit(FreezeConfig(p=0.3))
+    save_edit(tmp_path / "edit", edit, {"base_model": arch, "base_fingerprint": fingerprint(model.to(DTYPES[made_in]))})
+    fresh, _ = build(arch)
+    apply_saved_edit(fresh.to(DTYPES[used_in]), tmp_path / "edit")
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("change", ["keys negated", "embeddings changed", "an mlp changed"])
+def test_changed_base_weights_are_refused_in_every_dtype(tmp_path, edit_dir, dtype, change):
+    model, _ = build("llama")
+    with torch.no_grad():
+        if change == "keys negated":
+            keys_negated(model)
+        elif change == "embeddings changed":
+            emb = model.model.embed_tokens.weight
+            emb.add_(0.05 * emb.std() * torch.randn(emb.shape, generator=torch.Generator().manual_seed(3)))
+        else:
+            model.model.layers[1].mlp.up_proj.weight.copy_(build("llama", seed=7)[0].model.layers[1].mlp.up_proj.weight)
+    want = {"keys negated": "k_proj", "embeddings changed": "embed_tokens", "an mlp changed": "layers.1.mlp.up_proj"}
+    with pytest.raises(UsageError, match="other base weights") as info:
+        apply_saved_edit(model.to(DTYPES[dtype]), edit_dir)
+    assert want[change] in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+def test_a_tiny_change_is_refused_in_the_same_dtype(tmp_path, edit_dir):
+    model, _ = build("llama")
+    with torch.no_grad():
+        model.model.norm.weight[0] += 1e-3
+    with pytest.raises(UsageError, match="model.norm.weight differs"):
+        apply_saved_edit(model, edit_dir)
+
+
+def legacy_fingerprint(model, modules):
+    """What eigenprune 0.1 recorded: sha256 of the targeted weights as float32, and their norms."""
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        w = weight_view(model.get_submodule(name)).detach().float().contiguous()
+        digest.update(name.encode())
+        digest.update(w.numpy().tobytes())
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {"sha256": digest.hexdigest(), "dtype": dtype,
+            "norms": {m: float(weight_view(model.get_submodule(m)).detach().double().norm()) for m in modules}}
+
+
+def test_edits_with_the_old_fingerprint_still_apply_where_that_is_safe(tmp_path, edit_dir):
+    model, _ = build("llama")
+    edit, meta = load_edit(edit_dir)
+    meta["base_fingerprint"] = legacy_fingerprint(model, edit.modules)
+    save_edit(tmp_path / "old", edit, meta)
+    old = json.loads((tmp_path / "old" / "eigenprune_edit.json").read_text())
+    (tmp_path / "old" / "eigenprune_edit.json").write_text(json.dumps({**old, "format_version": 1}))
+    apply_saved_edit(build("llama")[0], tmp_path / "old")  # same weights, same dtype
+    with pytest.raises(UsageError, match="older eigenprune.*--dtype float32"):
+        apply_saved_edit(keys_negated(build("llama")[0]).to(torch.bfloat16), tmp_path / "old")
+    with pytest.raises(UsageError, match="other base weights"):
+        apply_saved_edit(keys_negated(build("llama")[0]), tmp_path / "old")
+
+
+def test_an_edit_for_another_architecture_is_one_line(capsys, tmp_path, edit_dir, saved_gpt2_dir):
+    gpt2, _ = build("gpt2")
+    with pytest.raises(UsageError, match="another architecture"):
+        apply_saved_edit(gpt2, edit_dir)
+    edit, _ = load_edit(edit_dir)
+    with pytest.raises(UsageError, match="another architecture"):
+        apply_edit(gpt2, edit)  # the library call, without the fingerprint check
+    assert not any("Frozen" in type(m).__name__ for m in gpt2.modules())
+    code = main(["generate", "--edit", str(edit_dir), "--model", str(saved_gpt2_dir), "--prompt", "1 + 2 ="])
+    err = capsys.readouterr().err
+    assert code == 2 and one_line(err) and "another architecture" in err
+
+
+# ---------------------------------------------------------------- tracebacks: damaged files
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_json(directory, change):
+    path = directory / "eigenprune_edit.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def _scores_json(directory, change):
+    path = directory / "score_config.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def _mix(directory, legacy=False):
+    """svd.safetensors from a scoring run of another model (with or without the run id of version 2)."""
+    other = make_scores(directory.parent / "other", "llama", seed=3)
+    if legacy:
+        from safetensors.torch import load_file
+        from safetensors.torch import save_file as plain_save
+
+        plain_save(load_file(other / "svd.safetensors"), directory / "svd.safetensors")
+        plain_save(load_file(other / "means.safetensors"), directory / "means.safetensors")
+        return
+    (directory / "svd.safetensors").write_bytes((other / "svd.safetensors").read_bytes())
+
+
+def _legacy_mix_of_another_architecture(directory):
+    from safetensors.torch import load_file
+    from safetensors.torch import save_file as plain_save
+
+    other = make_scores(directory.parent / "other", "gpt2")
+    plain_save(load_file(other / "svd.safetensors"), directory / "svd.safetensors")
+
+
+SCORE_FAULTS = {
+    "truncated svd": (lambda d: _truncate(d / "svd.safetensors"), "truncated or corrupt"),
+    "garbage scores": (lambda d: (d / "scores.safetensors").write_bytes(b"not a tensor file"), "truncated or corrupt"),
+    "missing means": (lambda d: (d / "means.safetensors").unlink(), "means.safetensors is missing"),
+    "no n_pairs": (lambda d: _scores_json(d, lambda m: {k: v for k, v in m.items() if k != "n_pairs"}),
+                   "lacks 'n_pairs'"),
+    "offset_min a string": (lambda d: _scores_json(d, lambda m: {**m, "offset_min": "-3"}),
+                            "'offset_min' should be int"),
+    "targets malformed": (lambda d: _scores_json(d, lambda m: {**m, "targets": [{"name": 1}]}),
+                          "a target is malformed"),
+    "not UTF-8 JSON": (lambda d: (d / "score_config.json").write_bytes(b'{"format": "\xff"}'), "not UTF-8"),
+    "mixed runs": (_mix, "mixes files of different runs"),
+    "mixed architectures, old files": (_legacy_mix_of_another_architecture, "files of different models or runs"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(SCORE_FAULTS))
+def test_a_damaged_scores_folder_is_one_line(capsys, tmp_path, scores_dir, fault):
+    damage, message = SCORE_FAULTS[fault]
+    damage(scores_dir)
+    code = main(["prune", "--scores", str(scores_dir), "--p", "0.1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and one_line(err) and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+EDIT_FAULTS = {
+    "truncated tensors": (lambda d: _truncate(d / "edit.safetensors"), "truncated or corrupt"),
+    "missing tensors": (lambda d: (d / "edit.safetensors").unlink(), "edit.safetensors is missing"),
+    "no offset_min": (lambda d: _edit_json(d, lambda m: {k: v for k, v in m.items() if k != "offset_min"}),
+                      "lacks 'offset_min'"),
+    "p out of range": (lambda d: _edit_json(d, lambda m: {**m, "freeze": {**m["freeze"], "p": 2}}),
+                       "'freeze' is invalid"),
+    "unknown freeze key": (lambda d: _edit_json(d, lambda m: {**m, "freeze": {**m["freeze"], "q": 1}}),
+                           "'freeze' is invalid"),
+    "fingerprint a list": (lambda d: _edit_json(d, lambda m: {**m, "base_fingerprint": []}),
+                           "'base_fingerprint' should be dict"),
+    "targets not a list": (lambda d: _edit_json(d, lambda m: {**m, "targets": "key"}), "'targets' should be list"),
+    "not JSON": (lambda d: (d / "eigenprune_edit.json").write_text("{"), "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(EDIT_FAULTS))
+def test_a_damaged_edit_is_one_line(capsys, tmp_path, edit_dir, saved_model_dir, fault):
+    damage, message = EDIT_FAULTS[fault]
+    damage(edit_dir)
+    code = main(["export", "--edit", str(edit_dir), "--merge", "--model", str(saved_model_dir),
+                 "--out", str(tmp_path / "merged")])
+    err = capsys.readouterr().err
+    assert code == 2 and one_line(err) and message in err, err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_an_edit_file_from_another_edit_is_refused(tmp_path, scores_dir):
+    run = load_scores(scores_dir)
+    a = save_edit(tmp_path / "a", run.edit(FreezeConfig(p=0.3)), run.edit_meta())
+    b = save_edit(tmp_path / "b", run.edit(FreezeConfig(p=0.1)), run.edit_meta())
+    (a / "edit.safetensors").write_bytes((b / "edit.safetensors").read_bytes())
+    with pytest.raises(UsageError, match="mixes files of different runs"):
+        load_edit(a)
