@@ -403,3 +403,37 @@ def test_an_edit_file_from_another_edit_is_refused(tmp_path, scores_dir):
     (a / "edit.safetensors").write_bytes((b / "edit.safetensors").read_bytes())
     with pytest.raises(UsageError, match="mixes files of different runs"):
         load_edit(a)
+
+
+# ---------------------------------------------------------------- tracebacks: text files
+def latin1_jsonl(path):
+    path.write_bytes('{"prompt": "1 + 1 =", "answer": " 2"}\n{"prompt": "café =", "answer": " 2"}\n'.encode("latin-1"))
+    return path
+
+
+@pytest.mark.parametrize("flag", ["--data", "--task"])
+def test_a_jsonl_file_that_is_not_utf8_is_one_line(capsys, tmp_path, saved_model_dir, flag):
+    data = latin1_jsonl(tmp_path / "latin1.jsonl")
+    code = main(["score", "--model", str(saved_model_dir), flag, str(data), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and one_line(err) and "latin1.jsonl:2: not UTF-8 text (byte 0xe9" in err
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_reads(tmp_path):
+    from eigenprune.data import load_prompt_answer_jsonl
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "1 + 1 =", "answer": " 2"}\n')
+    assert load_prompt_answer_jsonl(path)[0].answer == " 2"
+
+
+def test_a_jsonl_file_that_is_not_utf8_is_one_line_per_worker_under_torchrun(tmp_path, saved_model_dir):
+    data = latin1_jsonl(tmp_path / "latin1.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "eigenprune",
+                           "score", "--model", str(saved_model_dir), "--data", str(data), "--quiet",
+                           "--out", str(tmp_path / "o")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("eigenprune score: error:")]
+    assert lines and all("latin1.jsonl:2: not UTF-8 text" in line for line in lines)
+    assert "UnicodeDecodeError" not in proc.stderr  # the launcher's own ChildFailedError report is torchrun's
+    assert not (tmp_path / "o").exists()
