@@ -437,3 +437,26 @@ def test_a_jsonl_file_that_is_not_utf8_is_one_line_per_worker_under_torchrun(tmp
     assert lines and all("latin1.jsonl:2: not UTF-8 text" in line for line in lines)
     assert "UnicodeDecodeError" not in proc.stderr  # the launcher's own ChildFailedError report is torchrun's
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- tracebacks: generate
+GENERATE_FAULTS = {
+    "prompt past the context": (["--prompt", "1 + 2 = 3. " * 200], "tokens long but the model takes at most 256"),
+    "new tokens past the context": (["--prompt", "1 + 2 =", "--max-new-tokens", "300"], "use at most"),
+    "empty prompt": (["--prompt", ""], "--prompt is empty"),
+    "negative count": (["--prompt", "1 + 2 =", "--max-new-tokens", "-1"], "at least 1, got -1"),
+    "zero count": (["--prompt", "1 + 2 =", "--max-new-tokens", "0"], "at least 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(GENERATE_FAULTS))
+def test_generate_refuses_what_cannot_be_generated_in_one_line(capsys, saved_gpt2_dir, fault):
+    argv, message = GENERATE_FAULTS[fault]
+    code = main(["generate", "--model", str(saved_gpt2_dir), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and one_line(err) and message in err, err
+
+
+def test_generate_fills_the_context_exactly(capsys, saved_gpt2_dir):
+    code = main(["generate", "--model", str(saved_gpt2_dir), "--prompt", "1 + 2 =", "--max-new-tokens", "250"])
+    assert code == 0, capsys.readouterr().err
