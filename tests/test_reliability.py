@@ -210,6 +210,19 @@ def make_scores(directory, arch="llama", seed=0):
     return save_scores(directory, scores, targets, comps, meta)
 
 
+@pytest.fixture(scope="module")
+def arch_scores(tmp_path_factory):
+    """Scores of each tiny architecture, made once per module (read-only for the tests)."""
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            made[arch] = make_scores(tmp_path_factory.mktemp(arch) / "scores", arch)
+        return made[arch]
+
+    return get
+
+
 @pytest.fixture
 def scores_dir(tmp_path):
     return make_scores(tmp_path / "scores")
@@ -234,9 +247,9 @@ def keys_negated(model):
 
 @pytest.mark.parametrize("made_in,used_in", [("float32", "bfloat16"), ("float32", "float16"),
                                              ("bfloat16", "float32"), ("float16", "bfloat16")])
-def test_the_same_base_in_another_dtype_is_accepted(tmp_path, arch, made_in, used_in):
+def test_the_same_base_in_another_dtype_is_accepted(tmp_path, arch_scores, arch, made_in, used_in):
     model, _ = build(arch)
-    edit = load_scores(make_scores(tmp_path / "s", arch)).edit(FreezeConfig(p=0.3))
+    edit = load_scores(arch_scores(arch)).edit(FreezeConfig(p=0.3))
     save_edit(tmp_path / "edit", edit, {"base_model": arch, "base_fingerprint": fingerprint(model.to(DTYPES[made_in]))})
     fresh, _ = build(arch)
     apply_saved_edit(fresh.to(DTYPES[used_in]), tmp_path / "edit")
@@ -458,7 +471,12 @@ def test_generate_refuses_what_cannot_be_generated_in_one_line(capsys, saved_gpt
 
 
 def test_generate_fills_the_context_exactly(capsys, saved_gpt2_dir):
-    code = main(["generate", "--model", str(saved_gpt2_dir), "--prompt", "1 + 2 =", "--max-new-tokens", "250"])
+    from transformers import AutoTokenizer
+
+    prompt = "1 + 2 = 3. " * 30
+    room = 256 - len(AutoTokenizer.from_pretrained(saved_gpt2_dir)(prompt)["input_ids"])
+    assert 0 < room < 30
+    code = main(["generate", "--model", str(saved_gpt2_dir), "--prompt", prompt, "--max-new-tokens", str(room)])
     assert code == 0, capsys.readouterr().err
 
 

@@ -50,13 +50,14 @@ def _row_signs(n_rows: int) -> torch.Tensor:
 
 @torch.no_grad()
 def tensor_stats(w: torch.Tensor) -> dict:
-    """Norm and N_PROJ normalised projections of one tensor, computed in float32."""
-    flat = w.detach().reshape(-1).float()
+    """Norm and N_PROJ normalised projections of one tensor, computed in float32 on the CPU (the same
+    arithmetic wherever the model lives; a GPU's TF32 matmuls would add their own rounding)."""
+    flat = w.detach().reshape(-1).cpu().float()
     n_rows = -(-flat.numel() // BLOCK)
     if flat.numel() % BLOCK:  # zeros add nothing; one matmul per tensor (a vector @ matrix is slow on CPU)
         flat = torch.nn.functional.pad(flat, (0, n_rows * BLOCK - flat.numel()))
     norm = float(torch.linalg.vector_norm(flat))
-    cols, rows = _signs(1, BLOCK).to(flat.device), _row_signs(n_rows).to(flat.device)  # (BLOCK | rows, N_PROJ)
+    cols, rows = _signs(1, BLOCK), _row_signs(n_rows)  # (BLOCK, N_PROJ), (n_rows, N_PROJ)
     proj = ((flat.view(n_rows, BLOCK) @ cols) * rows).sum(0)  # (N_PROJ,)
     z = (proj / norm).tolist() if norm > 0 else [0.0] * N_PROJ
     return {"shape": list(w.shape), "norm": float(f"{norm:.8g}"), "proj": [round(v, 7) for v in z]}
