@@ -393,6 +393,8 @@ EDIT_FAULTS = {
                            "'freeze' is invalid"),
     "fingerprint a list": (lambda d: _edit_json(d, lambda m: {**m, "base_fingerprint": []}),
                            "'base_fingerprint' should be dict"),
+    "fingerprint entry damaged": (lambda d: _edit_json(d, lambda m: {**m, "base_fingerprint": {
+        **m["base_fingerprint"], "tensors": {"model.norm.weight": {"shape": [32]}}}}), "fingerprint is malformed"),
     "targets not a list": (lambda d: _edit_json(d, lambda m: {**m, "targets": "key"}), "'targets' should be list"),
     "not JSON": (lambda d: (d / "eigenprune_edit.json").write_text("{"), "not valid JSON"),
 }

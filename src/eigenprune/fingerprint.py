@@ -120,14 +120,23 @@ def _tolerance(a: str, b: str) -> float:
     return 2 * (UNIT.get(a, 2.0**-8) + UNIT.get(b, 2.0**-8)) + SLACK
 
 
+def _well_formed(stats) -> bool:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    return (isinstance(stats, dict) and isinstance(stats.get("shape"), list) and number(stats.get("norm"))
+            and isinstance(stats.get("proj"), list) and len(stats["proj"]) == N_PROJ
+            and all(number(v) for v in stats["proj"]) and isinstance(stats.get("dtype", ""), str))
+
+
 def check_fingerprint(model: nn.Module, expected: dict, what: str) -> None:
     """Refuse, in one line that says what differs, a model whose weights are not the artifact's base."""
     if "tensors" not in expected:
         return _check_legacy(model, expected, what)
-    if expected.get("version", VERSION) > VERSION:
-        raise UsageError(f"this {what} has a base fingerprint of version {expected['version']}; "
-                         "upgrade eigenprune to use it")
-    params, want = _parameters(model), expected["tensors"]
+    version, want = expected.get("version"), expected["tensors"]
+    if not isinstance(version, int) or not all(_well_formed(stats) for stats in want.values()):
+        raise UsageError(f"this {what}'s base fingerprint is malformed; the file is damaged")
+    if version > VERSION:
+        raise UsageError(f"this {what} has a base fingerprint of version {version}; upgrade eigenprune to use it")
+    params = _parameters(model)
     if _digest(params) == expected["sha256"]:  # the same bytes: no statistics needed
         return
     missing = [n for n in want if n not in params]
