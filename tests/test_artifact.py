@@ -7,6 +7,7 @@ from helpers import EXAMPLES
 from transformers import AutoModelForCausalLM
 
 from eigenprune.artifact import (
+    EDIT_VERSION,
     apply_saved_edit,
     atomic_dir,
     fingerprint,
@@ -111,7 +112,7 @@ def test_loading_checks_the_format(tmp_path):
     *_, edit, meta = prepare("llama")
     save_edit(tmp_path / "edit", edit, meta)
     path = tmp_path / "edit" / "eigenprune_edit.json"
-    path.write_text(path.read_text().replace('"format_version": 1', '"format_version": 99'))
+    path.write_text(path.read_text().replace(f'"format_version": {EDIT_VERSION}', '"format_version": 99'))
     with pytest.raises(UsageError, match="version 99"):
         load_edit(tmp_path / "edit")
     with pytest.raises(UsageError, match="no eigenprune_edit.json"):

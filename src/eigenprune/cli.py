@@ -90,7 +90,9 @@ def cmd_score(args) -> int:
 
     config = _config(ScoreConfig, partners=args.partners, window=args.window, seed=args.seed,
                      batch_size=args.batch_size)
-    check_new_dir(args.out)  # before the long work, on every rank
+    import os
+
+    check_new_dir(args.out, claim=os.environ.get("RANK", "0") == "0")  # before the long work; rank 0 writes
     examples, meta = _scoring_examples(args)
     rank = _start_distributed(args)
     model, tok = _load(args)
@@ -146,9 +148,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _check_generation_fits(model, n_prompt: int, max_new_tokens: int) -> None:
+    """A prompt plus the new tokens must fit the model's context (past it, positions index out of range)."""
+    if n_prompt == 0:
+        raise UsageError("--prompt tokenizes to nothing; give some text to continue")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and n_prompt >= limit:
+        raise UsageError(f"the prompt is {n_prompt} tokens long but the model takes at most {limit}; shorten it")
+    if limit and n_prompt + max_new_tokens > limit:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} after a {n_prompt}-token prompt passes the model's "
+                         f"context of {limit} tokens; use at most {limit - n_prompt}")
+
+
 def cmd_generate(args) -> int:
     import torch
 
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not args.prompt:
+        raise UsageError("--prompt is empty; give some text to continue")
     if args.edit:
         model, tok = _load_with_edit(args)
     else:
@@ -156,6 +174,7 @@ def cmd_generate(args) -> int:
         args.dtype = args.dtype or "float32"
         model, tok = _load(args)
     inputs = tok(args.prompt, return_tensors="pt").to(args.device)
+    _check_generation_fits(model, inputs["input_ids"].shape[1], args.max_new_tokens)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id)

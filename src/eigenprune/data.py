@@ -180,8 +180,13 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise UsageError(f"file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a leading byte-order mark is fine
+            except UnicodeDecodeError as err:
+                raise UsageError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                 f"{err.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

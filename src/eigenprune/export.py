@@ -55,24 +55,20 @@ def export_merged(model: nn.Module, tokenizer, out: str | Path, overwrite: bool 
     """Fold the model's applied edit into its weights and save a plain Hugging Face folder."""
     from transformers import AutoModelForCausalLM
 
-    added = merge_edit(model)
-    config = model.config
-    if added:
-        config = _config_with_biases(model, added)
-        dtype = next(model.parameters()).dtype
-        state = model.state_dict()
-        fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        missing, unexpected = fresh.load_state_dict(state, strict=False)
+    with atomic_dir(out, overwrite) as tmp:  # claimed before the model changes; nothing left on failure
+        added = merge_edit(model)
+        config = _config_with_biases(model, added) if added else copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):  # a GGUF source is de-quantized already
+            delattr(config, "quantization_config")
+        # Always a fresh model from the config: one loaded from GGUF stays marked as quantized, and
+        # transformers refuses to save it ("not serializable").
+        fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+        missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
         if unexpected or any(not k.endswith("bias") for k in missing):
             raise UsageError(f"cannot export a merged model: weights do not line up ({(unexpected or missing)[0]})")
         for key in missing:
             fresh.get_parameter(key).zero_()
-        model = fresh
-    for attr in ("quantization_config",):  # a GGUF source is de-quantized already
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        fresh.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)

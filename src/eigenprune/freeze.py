@@ -162,10 +162,26 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _check_fits(model: nn.Module, edit: Edit) -> None:
+    """Every module the edit changes exists here as a linear layer of the edit's shape (checked before any change)."""
+    for t in edit.targets:
+        if t.module_name not in edit.modules:
+            continue
+        try:
+            shape = tuple(weight_view(model.get_submodule(t.module_name)).shape)
+        except (AttributeError, TypeError):
+            raise UsageError(f"this edit changes {t.module_name}, which this model has no linear layer for "
+                             "(an edit made for another architecture?)") from None
+        if shape != (t.module_out, t.in_features):
+            raise UsageError(f"this edit changes {t.module_name} as a {t.module_out}x{t.in_features} weight; "
+                             f"this model's is {shape[0]}x{shape[1]} (another architecture or size?)")
+
+
 def apply_edit(model: nn.Module, edit: Edit) -> nn.Module:
     """Wrap every layer the edit touches (in place); returns the model. p = 0 wraps nothing."""
     if tracker_of(model) is not None:
         raise UsageError("this model already carries an eigenprune edit; remove it first")
+    _check_fits(model, edit)
     tracker = OffsetTracker()
     for module in edit.modules:
         base = model.get_submodule(module)
