@@ -91,6 +91,8 @@ class RunConfig:
             raise ValueError(f"p_budget must be at least {len(DEFAULT_PS)} (the starting grid), got {self.p_budget}")
         if self.folds < 1:
             raise ValueError(f"folds must be at least 1, got {self.folds}")
+        if self.folds > 1 and self.seeds > 1:
+            raise ValueError("folds and seeds: choose one way to repeat (folds test every example once)")
         if self.eval_mode is not None and self.eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {', '.join(EVAL_MODES)}, got '{self.eval_mode}'")
         if not 0 < self.dev_fraction < 1:

@@ -145,8 +145,16 @@ def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) 
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map)
     load_s = time.perf_counter() - t0
-    warnings, reports = [], []
-    for seed in range(cfg.split_seed, cfg.split_seed + cfg.seeds):
+    warnings, reports, fold_edits = [], [], []
+    if cfg.folds > 1:
+        from .crossfit import run_folds
+
+        if mode == "next-token":
+            warnings += next_token_warnings(tok, task.train + task.test)
+        pooled, fold_edits = run_folds(model, tok, task, mode, cfg, quiet)
+        reports.append(pooled)
+        _, run, edit = fold_edits[0]  # fold 1's scores and edit are the ones saved at the top level
+    for seed in range(cfg.split_seed, cfg.split_seed + cfg.seeds) if cfg.folds == 1 else ():
         splits = split_task(task, cfg.dev_fraction, seed, cfg.limit)
         if mode == "next-token":
             warnings += [w for w in next_token_warnings(tok, splits.train + splits.test) if w not in warnings]
@@ -175,6 +183,8 @@ def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) 
         (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
         save_scores(tmp / "scores", run.scores, run.targets, run.components, run.meta)
         save_edit(tmp / "edit", edit, run.edit_meta())
+        for fold, fold_run, fold_edit in fold_edits:
+            save_edit(tmp / "folds" / f"fold-{fold + 1}" / "edit", fold_edit, fold_run.edit_meta() | {"fold": fold + 1})
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         write_report(tmp, report, run.scores.max if cfg.freeze.aggregate == "max" else run.scores.mean, edit.removed)
     report["out"] = str(out)

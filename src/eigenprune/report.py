@@ -59,6 +59,10 @@ def _is_chosen(row: dict, report: dict) -> bool:
 
 def verdict(report: dict) -> str:
     """One paragraph in plain words: did pruning help on test, and is the gain outside the noise?"""
+    if report.get("folds"):
+        from .crossfit import folds_verdict
+
+        return folds_verdict(report)
     base_dev, base_test = _split(report, "base", "dev"), _split(report, "base", "test")
     pruned_test = _split(report, "pruned", "test")
     p = _chosen_p(report)
@@ -337,6 +341,14 @@ def _sweep_section(report: dict) -> list[str]:
                              "test accuracy [95% CI] (not used for selection)", "chosen"], rows)]
 
 
+def _folds_section(report: dict) -> list[str]:
+    if not report.get("folds"):
+        return []
+    from .crossfit import folds_section
+
+    return folds_section(report)
+
+
 def _repeats_section(repeats: dict) -> list[str]:
     lines = ["## Repeats over split seeds", "",
              f"Seeds {', '.join(str(s) for s in repeats.get('seeds', []))}; each seed re-splits train/dev, "
@@ -391,7 +403,7 @@ def write_report(out_dir: Path, report: dict, scores: dict[str, torch.Tensor] | 
     out_dir, written, notes = Path(out_dir), [], []
     md = [f"# eigenprune: {report.get('task', 'task')} on {report.get('model', 'model')}", "",
           "## Verdict", "", report.get("verdict") or verdict(report), "", *_results_section(report),
-          *_sweep_section(report)]
+          *_folds_section(report), *_sweep_section(report)]
     if _plot("accuracy_vs_p.png", lambda path: plot_accuracy_vs_p(report, path), out_dir, written, notes):
         md += ["![accuracy vs p](accuracy_vs_p.png)", ""]
     md += ["## Where the pruned components sit", ""]
