@@ -109,7 +109,16 @@ def method_row(result: MethodResult, base: dict[str, torch.Tensor], n_boot: int)
 
 def compare(cfg: RunConfig, opts: CompareConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
     """Run every method on the same splits and write the comparison directory; returns the report."""
-    from .artifact import atomic_dir, check_new_dir, fingerprint
+    from .artifact import check_new_dir
+    from .outdir import released_on_error
+
+    out = check_new_dir(out or f"runs/compare-{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with released_on_error(out):
+        return _compare(cfg, opts, out, quiet)
+
+
+def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dict:
+    from .artifact import atomic_dir, fingerprint
     from .evaluate import next_token_warnings
     from .harness import Harness
     from .models import load_model
@@ -117,7 +126,6 @@ def compare(cfg: RunConfig, opts: CompareConfig, out: str | Path | None = None, 
     from .targets import linear_modules
     from .tasks import load_task, split_task
 
-    out = check_new_dir(out or f"runs/compare-{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     specs, implicit, configs = opts.plan()  # a bad --set fails now, not after an hour of other methods
     task = load_task(cfg.task, cfg.template, cfg.answers)
     mode = cfg.eval_mode or task.eval_mode

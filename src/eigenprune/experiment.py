@@ -131,15 +131,24 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
 
 
 def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
-    """Run the experiment and write its directory; returns the report."""
-    from .artifact import atomic_dir, check_new_dir, save_edit, save_scores
+    """Run the experiment and write its directory; returns the report. `out` is claimed first, so a clash or
+    an unwritable destination fails before any work, and a failure leaves nothing there."""
+    from .artifact import check_new_dir
+    from .outdir import released_on_error
+
+    out = check_new_dir(out or f"runs/{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with released_on_error(out):
+        return _execute(cfg, out, quiet)
+
+
+def _execute(cfg: RunConfig, out: Path, quiet: bool) -> dict:
+    from .artifact import atomic_dir, save_edit, save_scores
     from .evaluate import next_token_warnings
     from .models import load_model
     from .report import verdict, write_report
     from .stats import mean_sd
     from .tasks import load_task, split_task
 
-    out = check_new_dir(out or f"runs/{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     task = load_task(cfg.task, cfg.template, cfg.answers)
     mode = cfg.eval_mode or task.eval_mode
     t0 = time.perf_counter()

@@ -183,6 +183,17 @@ def check_new_dir(out: str | Path, overwrite: bool = False, claim: bool = True) 
     return given
 
 
+@contextlib.contextmanager
+def released_on_error(out: str | Path) -> Iterator[Path]:
+    """For the work between claiming `out` (check_new_dir) and writing it (atomic_dir): a failure gives the
+    claim up, so nothing of the run is left behind, not even its lock."""
+    try:
+        yield Path(out)
+    except BaseException:
+        release(out)
+        raise
+
+
 def _commit(tmp: Path, real: Path, given: Path, overwrite: bool) -> None:
     refused = UsageError(f"{given} appeared while this run was writing it (not from eigenprune, which claims "
                          f"it first) and was left as it is; this run's output is in {tmp}")
