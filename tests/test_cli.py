@@ -1,6 +1,7 @@
 """The command line: score -> prune -> export/generate on a tiny saved model, and bad input -> one line, exit 2."""
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -100,7 +101,29 @@ CASES = {
     "not a score dir": (lambda t, m: ["prune", "--scores", t, "--p", "0.1", "--out", t / "o"], "no score_config.json"),
     "bad partners": (lambda t, m: ["score", "--model", m, "--task", "int-mult", "--partners", "x", "--out", t / "o"],
                      "partners"),
+    "negative limit": (lambda t, m: ["score", "--model", m, "--task", "int-mult", "--limit", "-3", "--out", t / "o"],
+                       "limit must be at least 2"),
+    "zero limit": (lambda t, m: ["score", "--model", m, "--task", "int-mult", "--limit", "0", "--out", t / "o"],
+                   "limit must be at least 2"),
+    "negative batch": (lambda t, m: ["score", "--model", m, "--task", "int-mult", "--batch-size", "-1", "--out",
+                                     t / "o"], "batch_size must be at least 1"),
+    "no p": (lambda t, m: ["prune", "--scores", t, "--out", t / "o"], "prune needs --p"),
 }
+
+
+def test_score_spells_the_pairing_seed_as_run_does_and_keeps_the_old_flag(capsys, tmp_path, saved_model_dir,
+                                                                          data_file):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, flag in (("new", "--score-seed"), ("old", "--seed")):
+        with pytest.warns(FutureWarning, match="--seed is deprecated") if name == "old" else nullcontext():
+            code, out, err = run_cli(capsys, "score", "--model", saved_model_dir, "--data", data_file, "--out",
+                                     tmp_path / name, "--quiet", "--partners", "2", flag, "3")
+        assert code == 0, err
+        runs[name] = load_file(tmp_path / name / "scores.safetensors")
+    assert runs["new"].keys() == runs["old"].keys()
+    assert all(torch.equal(runs["new"][k], runs["old"][k]) for k in runs["new"])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -10,7 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from . import settings
+from .config import SCORE_FLAGS
 from .errors import UsageError
+from .freeze import FreezeConfig
+from .scoring import ScoreConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -48,6 +52,8 @@ def _load(args):
 
 
 def _scoring_examples(args):
+    if args.limit is not None and args.limit < 2:  # the rule every command applies (RunConfig.limit)
+        raise UsageError(f"limit must be at least 2, got {args.limit}")
     from .data import load_prompt_answer_jsonl
 
     if args.data:
@@ -86,10 +92,8 @@ def _start_distributed(args) -> int:
 def cmd_score(args) -> int:
     from .artifact import check_new_dir, save_scores
     from .engine import score_run
-    from .scoring import ScoreConfig
 
-    config = _config(ScoreConfig, partners=args.partners, window=args.window, seed=args.seed,
-                     batch_size=args.batch_size)
+    config = _from_flags(ScoreConfig, args)
     import os
 
     check_new_dir(args.out, claim=os.environ.get("RANK", "0") == "0")  # before the long work; rank 0 writes
@@ -109,9 +113,10 @@ def cmd_score(args) -> int:
 
 def cmd_prune(args) -> int:
     from .artifact import check_new_dir, load_scores, save_edit
-    from .freeze import FreezeConfig
 
-    config = _config(FreezeConfig, p=args.p, scope=args.scope, aggregate=args.aggregate, bias=args.bias)
+    if args.p is None:
+        raise UsageError("prune needs --p, the fraction of components to freeze (e.g. --p 0.05)")
+    config = _from_flags(FreezeConfig, args)
     check_new_dir(args.out)
     run = load_scores(args.scores)
     edit = run.edit(config)
@@ -182,9 +187,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _config(cls, **kwargs):
+def _from_flags(cls, args):
+    """A config from the flags `settings.add_flags` made for it; a bad value is one line."""
     try:
-        return cls(**kwargs)
+        return settings.from_dict(cls, settings.flag_values(args, cls))
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -217,10 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _target_args(p)
     _data_args(p)
-    p.add_argument("--partners", default="4", help="partners per example, or 'all' for every pair (default 4)")
-    p.add_argument("--window", type=int, default=32, help="partners come from this many neighbours (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pairing (default 0)")
-    p.add_argument("--batch-size", type=int, default=8)
+    settings.add_flags(p, ScoreConfig, rename=SCORE_FLAGS, aliases={"seed": ("--seed",)})  # as `run` spells them
     p.add_argument("--out", required=True, help="directory to write (must not exist)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_score)
@@ -231,10 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "  eigenprune prune --scores runs/scores --p 0.1 --scope per-target --bias constant "
                            "--out e"))
     p.add_argument("--scores", required=True, help="directory written by `eigenprune score`")
-    p.add_argument("--p", type=float, required=True, help="fraction of components to freeze, in [0, 1)")
-    p.add_argument("--scope", default="global", help="global (default) or per-target ranking")
-    p.add_argument("--aggregate", default="max", help="max over pairs (default, the paper) or mean")
-    p.add_argument("--bias", default="position", help="position (mean input per offset, default) or constant")
+    settings.add_flags(p, FreezeConfig)  # --p (required), --scope, --aggregate, --bias, as `run` spells them
     p.add_argument("--out", required=True, help="edit directory to write (must not exist)")
     p.set_defaults(func=cmd_prune)
 
