@@ -130,7 +130,8 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
     return report, run, edit, pruned
 
 
-def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
+def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False, expected: dict | None = None,
+            allow_changed: bool = False) -> dict:
     """Run the experiment and write its directory; returns the report. `out` is claimed first, so a clash or
     an unwritable destination fails before any work, and a failure leaves nothing there."""
     from .artifact import check_new_dir
@@ -138,10 +139,28 @@ def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) 
 
     out = check_new_dir(out or f"runs/{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     with released_on_error(out):
-        return _execute(cfg, out, quiet)
+        return _execute(cfg, out, quiet, expected, allow_changed)
 
 
-def _execute(cfg: RunConfig, out: Path, quiet: bool) -> dict:
+def _check_recorded(expected: dict | None, recorded: dict, allow_changed: bool) -> list[str]:
+    """A rerun from config.json: refuse changed data or weights (unless allowed); say which versions changed."""
+    from .provenance import compare
+
+    if not expected:
+        return []
+    inputs, versions = compare(expected, recorded)
+    if inputs and not allow_changed:
+        raise UsageError(f"{'; '.join(inputs)}: this rerun would answer another question "
+                         "(--allow-changed runs it anyway)")
+    notes = [f"rerun with changed inputs (--allow-changed): {'; '.join(inputs)}"] if inputs else []
+    if versions:
+        notes.append(f"rerun with other versions than the recorded run: {', '.join(versions)}")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return notes
+
+
+def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allow_changed: bool) -> dict:
     from .artifact import atomic_dir, save_edit, save_scores
     from .evaluate import next_token_warnings
     from .models import load_model
@@ -154,7 +173,10 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool) -> dict:
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map)
     load_s = time.perf_counter() - t0
-    warnings, reports, fold_edits = [], [], []
+    from .provenance import record
+
+    recorded = record(task, model, cfg.device)
+    warnings, reports, fold_edits = _check_recorded(expected, recorded, allow_changed), [], []
     if cfg.folds > 1:
         from .crossfit import run_folds
 
@@ -177,6 +199,7 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool) -> dict:
     report = reports[0]
     report["timings"] = {"load": load_s, **report["timings"]}
     report["warnings"] = warnings
+    report["versions"] = recorded["versions"]
     report["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
     if cfg.seeds > 1:
         rows = [{"seed": r["split_seed"], "base_test": r["base"]["test"]["acc"],
@@ -189,7 +212,8 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool) -> dict:
                              "chosen_p": [r["chosen_p"] for r in rows], "runs": rows}
     report["verdict"] = verdict(report)
     with atomic_dir(out) as tmp:
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"recorded": recorded}, indent=2,
+                                                    sort_keys=True) + "\n")
         save_scores(tmp / "scores", run.scores, run.targets, run.components, run.meta)
         save_edit(tmp / "edit", edit, run.edit_meta())
         for fold, fold_run, fold_edit in fold_edits:
@@ -201,13 +225,15 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool) -> dict:
 
 
 def cmd_run(args) -> int:
+    expected = None
     if args.config:
         cfg = config_from_file(args.config)
+        expected = json.loads(Path(args.config).read_text(encoding="utf-8")).get("recorded")
     else:
         if not args.task:
             raise UsageError("run needs --task (or --config DIR/config.json)")
         cfg = config_from_args(args)
-    report = execute(cfg, args.out, args.quiet)
+    report = execute(cfg, args.out, args.quiet, expected, args.allow_changed)
     pruned, base = report["pruned"]["test"], report["base"]["test"]
     d = report["diff_ci"]
     print(f"{report['task']}: base test {base['acc']:.3f} [{base['lo']:.3f}, {base['hi']:.3f}] -> "
@@ -225,6 +251,8 @@ def add_run_parser(sub, fmt) -> None:
                            "  eigenprune run --model ./gpt2 --task cb --targets key --p 0.01,0.05,0.1 --seeds 3\n"
                            "  eigenprune run --config runs/mult/config.json --out runs/mult-again"))
     p.add_argument("--config", help="repeat a run from its config.json (other settings are ignored)")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="with --config: run even if the task data or the model weights differ from the recorded run")
     add_run_options(p)
     p.add_argument("--out", help="output directory (default runs/TASK-TIMESTAMP)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

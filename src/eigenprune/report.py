@@ -375,7 +375,8 @@ def _settings_section(report: dict) -> list[str]:
              ("split seed", report.get("split_seed")), ("score seed", report.get("score_seed")),
              ("split sizes", ", ".join(f"{k} {v}" for k, v in sizes.items()) or None),
              ("scoring pairs", report.get("n_pairs")), ("scope", report.get("scope")),
-             ("aggregate", report.get("aggregate")), ("bias", report.get("bias")), ("machine", report.get("machine"))]
+             ("aggregate", report.get("aggregate")), ("bias", report.get("bias")), ("machine", report.get("machine")),
+             ("versions", ", ".join(f"{k} {v}" for k, v in (report.get("versions") or {}).items()) or None)]
     return ["## Settings", "", *(f"- {k}: `{v}`" for k, v in items if v is not None), ""]
 
 
