@@ -112,3 +112,16 @@ def saved_gpt2_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def sums_setup(tmp_path_factory):
+    """A saved tiny model whose edits do change answers (`helpers.sensitive`) and a two-choice sums task:
+    (model folder, task JSONL). Read-only: a test that changes either makes its own copy."""
+    from helpers import sensitive, write_task
+
+    folder = tmp_path_factory.mktemp("sums")
+    model, tok = sensitive()
+    model.save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    return folder / "model", write_task(folder / "sums.jsonl")

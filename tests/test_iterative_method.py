@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from helpers import sensitive, write_task
 
 from eigenprune.artifact import apply_saved_edit
 from eigenprune.cli import main
@@ -18,13 +17,9 @@ ARGS = ["--limit", "12", "--split-seed", "2", "--targets", "all", "--p", "0.1,0.
         "--n-boot", "50", "--eval-mode", "choice", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("iterative")
-    model, tok = sensitive()
-    model.save_pretrained(folder / "model")
-    tok.save_pretrained(folder / "model")
-    return folder / "model", write_task(folder / "sums.jsonl")
+@pytest.fixture(scope="session")
+def setup(sums_setup):
+    return sums_setup
 
 
 def compare(setup, out, *extra):

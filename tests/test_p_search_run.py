@@ -4,7 +4,6 @@ the report shows every p tried with both dev numbers; the chosen p follows the s
 import json
 
 import pytest
-from helpers import sensitive, write_task
 
 from eigenprune.cli import main
 
@@ -12,13 +11,9 @@ ARGS = ["--limit", "12", "--split-seed", "2", "--targets", "all", "--partners", 
         "--eval-mode", "choice", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("psearch")
-    model, tok = sensitive()
-    model.save_pretrained(folder / "model")
-    tok.save_pretrained(folder / "model")
-    return folder / "model", write_task(folder / "sums.jsonl")
+@pytest.fixture(scope="session")
+def setup(sums_setup):
+    return sums_setup
 
 
 def run(setup, out, *extra) -> dict:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import sensitive, write_task
 
 import eigenprune
 from eigenprune.baselines import registry
@@ -60,13 +59,9 @@ def flip_registered(monkeypatch):
     monkeypatch.setitem(registry._METHODS, "flip", registry.Method("flip", FlipSettings, flip, "a toy edit"))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("registry")
-    model, tok = sensitive()
-    model.save_pretrained(folder / "model")
-    tok.save_pretrained(folder / "model")
-    return folder / "model", write_task(folder / "sums.jsonl")
+@pytest.fixture(scope="session")
+def setup(sums_setup):
+    return sums_setup
 
 
 ARGS = ["--limit", "12", "--split-seed", "2", "--targets", "all", "--p", "0.1,0.5", "--partners", "2",

@@ -4,7 +4,6 @@ pools per-example results with fold-stratified CIs; `--folds 1` is today's run."
 import json
 
 import pytest
-from helpers import sensitive, write_task
 
 from eigenprune import harness as harness_module
 from eigenprune.cli import main
@@ -13,13 +12,9 @@ ARGS = ["--split-seed", "2", "--targets", "all", "--p", "0.3,0.7", "--partners",
         "--eval-mode", "choice", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("folds")
-    model, tok = sensitive()
-    model.save_pretrained(folder / "model")
-    tok.save_pretrained(folder / "model")
-    return folder / "model", write_task(folder / "sums.jsonl")
+@pytest.fixture(scope="session")
+def setup(sums_setup):
+    return sums_setup
 
 
 def run(setup, out, *extra) -> dict:

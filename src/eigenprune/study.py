@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -28,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .outdir import remove_stale
 from .study_spec import Cell, Study, load_spec
 
 CELLS_JSON, LOCK = "cells.json", ".study.lock"
-_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")
 
 
 @dataclass
@@ -144,27 +142,6 @@ def _locked(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_partials(folder: Path) -> list[str]:
-    """Remove the `.KEY.partial-PID` folders `atomic_dir` leaves when its process is killed (PID gone)."""
-    removed = []
-    for path in folder.iterdir() if folder.is_dir() else ():
-        found = _PARTIAL.match(path.name)
-        if found and path.is_dir() and not _alive(int(found["pid"])):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
-    return removed
-
-
 def _stale_message(out: Path, stale: list[tuple[Cell, str]]) -> str:
     listed = "; ".join(f"cells/{c.key} ({why})" for c, why in stale)
     return (f"the spec changed for {len(stale)} finished cell(s) in {out}: {listed}. Run again with "
@@ -210,7 +187,8 @@ def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet:
     t0 = time.perf_counter()
     (out / "cells").mkdir(parents=True, exist_ok=True)
     with _locked(out):
-        clean_partials(out / "cells")
+        if (out / "cells").is_dir():
+            remove_stale(out / "cells")  # what killed cells left behind
         state = plan(study, out)  # again, under the lock
         index = _read_index(out)
         stamp = time.strftime("%Y%m%d-%H%M%S")
