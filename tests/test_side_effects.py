@@ -28,8 +28,11 @@ MAX_TOKENS = 24  # the tiny tokenizers split English into many pieces; keep the 
 
 @pytest.fixture(scope="module")
 def documents() -> list[se.Document]:
+    """Four RTE and three CB documents (cut to MAX_TOKENS) and two short ones, so that batches are padded."""
     docs = se.load_documents()
-    return [d for d in docs if d.source == "rte"][:4] + [d for d in docs if d.source == "cb"][:3]
+    short = [se.Document("short/0", "short", "The cat sat on the mat."),
+             se.Document("short/1", "short", "What happened as a result?")]
+    return [d for d in docs if d.source == "rte"][:4] + short + [d for d in docs if d.source == "cb"][:3]
 
 
 def edited(arch: str, p: float, targets: str = "all"):
@@ -120,6 +123,7 @@ def test_numbers_equal_a_direct_computation(arch, documents):
     model, tok, edit = edited(arch, 0.4)
     probe = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS)  # padded batches
     base_nll, _, tokens = direct(model, model, tok, documents)
+    assert len(set(tokens)) > 2
     np.testing.assert_allclose(probe.base.nll, base_nll, rtol=1e-5)
     np.testing.assert_array_equal(probe.base.tokens, tokens)
     np.testing.assert_array_equal(probe.base.kl, 0.0)
@@ -138,6 +142,19 @@ def test_another_model_of_the_same_tokenizer_is_measured_against_the_stored_base
     probe = se.SideEffectProbe(base, tok, documents, batch_size=4, max_tokens=MAX_TOKENS)
     measured = probe.measure(other)
     nll, kl, _ = direct(base, other, tok, documents)
+    np.testing.assert_allclose(measured.nll, nll, rtol=1e-5)
+    np.testing.assert_allclose(measured.kl, kl, rtol=1e-4)
+
+
+def test_weights_changed_in_place_head_included_are_measured_against_the_stored_base(documents):
+    model, tok = build("gpt2")  # tied embeddings: the LM head is the input embedding
+    base_copy, _ = build("gpt2")
+    probe = se.SideEffectProbe(model, tok, documents, batch_size=4, max_tokens=MAX_TOKENS)
+    with torch.no_grad():  # as merging an edit into the weights, or loading fine-tuned ones, would
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
+    measured = probe.measure(model)
+    nll, kl, _ = direct(base_copy, model, tok, documents)
     np.testing.assert_allclose(measured.nll, nll, rtol=1e-5)
     np.testing.assert_allclose(measured.kl, kl, rtol=1e-4)
 
@@ -236,8 +253,8 @@ def test_section_is_json_ready_and_renders_a_table_and_a_plot(tmp_path, document
         effects.measure("eigenprune", model)
     section = json.loads(json.dumps(effects.section(n_boot=100)))
     assert section["model_order"] == ["base", "eigenprune"]
-    assert section["sample"] == {"documents": 7, "tokens": int(effects.text.base.tokens.sum()),
-                                 "sources": {"rte": 4, "cb": 3}}
+    assert section["sample"] == {"documents": 9, "tokens": int(effects.text.base.tokens.sum()),
+                                 "sources": {"rte": 4, "short": 2, "cb": 3}}
     row = section["models"]["eigenprune"]
     assert row["delta_perplexity"]["diff"] == pytest.approx(row["perplexity"]["value"]
                                                             - section["models"]["base"]["perplexity"]["value"])
