@@ -278,3 +278,19 @@ def test_logits_changed_after_the_head_are_refused(documents):
             se.SideEffectProbe(model, tok, documents, max_tokens=MAX_TOKENS)
     finally:
         handle.remove()
+
+
+def test_sweep_bench_times_one_side_effect_pass_per_model(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ sits beside src/, not installed
+    from bench import sweep
+
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--model", "tiny-llama", "--n", "8", "--dev-n", "4", "--p", "0.1,0.5",
+                       "--side-effect-docs", "5", "--json", str(out)]) == 0
+    s = json.loads(out.read_text())["side_effects"]
+    assert s["documents"] == 5 and s["one_pass_per_model"] and s["forwards"] == s["batches"] == 1
+    assert s["base_pass_s"] > 0 and s["floor_s"] > 0 and s["measure_s"] > 0
+    assert s["perplexity"]["lo"] <= s["perplexity"]["value"] <= s["perplexity"]["hi"]
