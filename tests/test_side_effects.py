@@ -109,6 +109,7 @@ def test_documents_overlapping_a_custom_tasks_prompts_are_left_out(tmp_path):
     (lambda: se.sample(["rte", "cb"]), "no side-effect documents are left"),
     (lambda: se.SideEffectProbe(*build("gpt2"), []), "the side-effect sample is empty"),
     (lambda: se.SideEffectProbe(*build("gpt2"), [se.Document("x/1", "x", "a")]), "fewer than 2 tokens"),
+    (lambda: se.SideEffectProbe(*build("gpt2"), se.load_documents()[:2], batch_size=0), "at least 1"),
 ])
 def test_bad_input_is_one_usage_error_line(call, message):
     with pytest.raises(UsageError) as err:

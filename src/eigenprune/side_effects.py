@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .data import Encoded, batches, check_fits, read_jsonl
 from .errors import UsageError
@@ -131,6 +132,8 @@ class SideEffectProbe:
                  max_tokens: int | None = None, progress: bool = False) -> None:
         if not documents:
             raise UsageError("the side-effect sample is empty")
+        if batch_size < 1:
+            raise UsageError(f"side-effect batch size must be at least 1, got {batch_size}")
         if max_tokens is not None and max_tokens < 2:
             raise UsageError(f"max_tokens must be at least 2, got {max_tokens}")
         self.documents = list(documents)
@@ -161,7 +164,9 @@ class SideEffectProbe:
         device = next(model.parameters()).device
         start = time.perf_counter()
         with _evaluating(model), capture_io(model, [self._head_name], grads=False) as captured:
-            for i, batch in enumerate(batches(self.encoded, self.batch_size, self.pad_id)):
+            groups = tqdm(batches(self.encoded, self.batch_size, self.pad_id), total=-(-n // self.batch_size),
+                          disable=not self.progress, desc="side effects", unit="batch", leave=False)
+            for i, batch in enumerate(groups):
                 batch = batch.to(device)
                 with prompt_lengths(model, batch.prompt_lengths):
                     logits = model(**batch.model_inputs(), use_cache=False).logits  # (batch, pos, vocab)
