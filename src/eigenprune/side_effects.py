@@ -14,8 +14,8 @@ general text it continues. (Treating the whole document as prompt instead would 
 a negative offset that depends on the document's length, which no deployed call reproduces.)
 
 Memory. KL(base ‖ edit) needs the base's full next-token distribution at every scored token; as
-log-probs that is tokens × vocab (10,600 × 49,152 in float32 on SmolLM2-135M: 2.1 GB). The probe
-keeps instead the base's final hidden states (tokens × d_model: 25 MB) and a copy of its LM head,
+log-probs that is tokens × vocab (10,901 × 49,152 in float32 on SmolLM2-135M: 2.0 GiB). The probe
+keeps instead the base's final hidden states (tokens × d_model: 25 MiB) and a copy of its LM head,
 and recomputes the base logits with one head matmul per batch: exact (the same values as the base
 pass, which the first batch checks) for one head's share of a forward.
 """
