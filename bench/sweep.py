@@ -7,6 +7,11 @@ phases, so they are known to count), and a forward pre-hook counts model calls: 
 the loop made no SVD and no scoring call and each p made exactly as many model calls as one
 unedited dev evaluation.
 
+With side effects on (the default; `--no-side-effects` skips them), the base model's pass over the
+packaged text sample (`eigenprune.side_effects`, the pruned task's text left out) is timed against a
+bare forward loop over the same batches, and every p adds one edited pass (perplexity, KL): the run
+fails unless each pass made exactly one model call per batch (no second base pass).
+
     python bench/sweep.py --model smollm2-135m --task int-sum --p 0.01,0.05,0.1,0.3 --json sweep.json
     python bench/sweep.py --model tiny-llama --n 16 --dev-n 16 --p 0.1,0.3   # CI smoke run
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import statistics
 import sys
 from collections.abc import Iterator
@@ -28,7 +34,8 @@ if __package__ in (None, ""):  # run as `python bench/sweep.py`: make the `bench
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import eigenprune.scoring  # noqa: E402
-from bench import add_common_options, cli_main, load, machine, set_threads, shuffled_examples, timed  # noqa: E402
+from bench import TINY, add_common_options, cli_main, load, machine, set_threads, shuffled_examples, timed  # noqa: E402
+from eigenprune import side_effects  # noqa: E402
 from eigenprune.data import Example, batch_nll, batches, encode  # noqa: E402
 from eigenprune.decompose import decompose_targets  # noqa: E402
 from eigenprune.errors import UsageError  # noqa: E402
@@ -36,6 +43,7 @@ from eigenprune.freeze import FreezeConfig, apply_edit, make_edit, remove_edit  
 from eigenprune.positions import prompt_lengths  # noqa: E402
 from eigenprune.scoring import ScoreConfig  # noqa: E402
 from eigenprune.targets import find_targets  # noqa: E402
+from eigenprune.tasks import load_task  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -90,7 +98,62 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8, help="scoring batch size")
     p.add_argument("--partners", type=int, default=4)
+    p.add_argument("--no-side-effects", action="store_true", help="skip the side-effect passes")
+    p.add_argument("--side-effect-docs", type=int, default=None,
+                   help=f"a seeded subset of this many documents (default: all; {TINY}: 8)")
+    p.add_argument("--side-effect-max-tokens", type=int, default=None,
+                   help=f"cut documents to this many tokens (default: none; {TINY}: 32, its context is 128)")
+    p.add_argument("--side-effect-batch-size", type=int, default=8)
     return p
+
+
+class SideEffectBench:
+    """The base pass (timed against a bare forward loop over the same batches), then one pass per edit."""
+
+    def __init__(self, model: nn.Module, tokenizer, args: argparse.Namespace, calls: dict, device) -> None:
+        docs = side_effects.sample_for_task(load_task(args.task))
+        n_docs, max_tokens = args.side_effect_docs, args.side_effect_max_tokens
+        if args.model == TINY:
+            n_docs, max_tokens = n_docs or 8, max_tokens or 32
+        if n_docs is not None and n_docs < len(docs):
+            docs = [docs[i] for i in sorted(random.Random(args.seed).sample(range(len(docs)), n_docs))]
+        self.model, self.calls, self.device = model, calls, device
+        self.batch_size = args.side_effect_batch_size
+        forwards = calls["forward"].call_count
+        wall, cpu, self.probe = timed(lambda: side_effects.SideEffectProbe(model, tokenizer, docs, self.batch_size,
+                                                                            max_tokens), device)
+        self.batches = -(-len(docs) // self.batch_size)
+        self.base = {"base_pass_s": wall, "base_pass_cpu_s": cpu, "forwards": calls["forward"].call_count - forwards}
+        self.base["floor_s"], self.base["floor_cpu_s"], _ = timed(self._bare_forwards, device)
+
+    def _bare_forwards(self) -> None:
+        """The model alone over the same batches: what any pass over the sample must cost."""
+        with torch.inference_mode():
+            for batch in batches(self.probe.encoded, self.batch_size, self.probe.pad_id):
+                batch = batch.to(self.device)
+                self.model(**batch.model_inputs(), use_cache=False)
+
+    def measure(self) -> dict:
+        forwards = self.calls["forward"].call_count
+        wall, cpu, scores = timed(lambda: self.probe.measure(self.model), self.device)
+        return {"side_effects_s": wall, "side_effects_cpu_s": cpu,
+                "side_effects_forwards": self.calls["forward"].call_count - forwards,
+                "perplexity": side_effects.perplexity_ci(scores),
+                "delta_perplexity": side_effects.delta_perplexity_ci(self.probe.base, scores),
+                "kl": side_effects.kl_ci(scores)}
+
+    def summary(self, rows: list[dict]) -> dict:
+        probe = self.probe
+        hidden = sum(h.numel() * h.element_size() for h in probe._hidden)
+        head = sum(t.numel() * t.element_size() for t in probe._head.parameters())
+        return {**self.base, "documents": len(probe.documents), "tokens": probe.n_tokens, "batches": self.batches,
+                "sources": sorted({d.source for d in probe.documents}),
+                "perplexity": side_effects.perplexity_ci(probe.base),
+                "stored_hidden_mib": hidden / 2**20, "head_copy_mib": head / 2**20,
+                "log_probs_float32_mib": probe.n_tokens * probe.vocab * 4 / 2**20,
+                "measure_s": statistics.median(r["side_effects_s"] for r in rows),
+                "one_pass_per_model": self.base["forwards"] == self.batches
+                and all(r["side_effects_forwards"] == self.batches for r in rows)}
 
 
 def _eval_mode(args: argparse.Namespace) -> str:
@@ -132,6 +195,7 @@ def measure(argv: list[str]) -> dict:
         forwards = calls["forward"].call_count
         base_s, _, base = timed(lambda: dev_evaluation(model, tokenizer, dev, mode, args.eval_batch_size), device)
         forwards_per_eval = calls["forward"].call_count - forwards
+        side = None if args.no_side_effects else SideEffectBench(model, tokenizer, args, calls, device)
         svd_before, score_before = svd_calls(calls), calls["score"].call_count
         rows = []
         for p in ps:
@@ -143,9 +207,11 @@ def measure(argv: list[str]) -> dict:
             try:
                 row["eval_s"], _, row["dev_metric"] = timed(
                     lambda: dev_evaluation(model, tokenizer, dev, mode, args.eval_batch_size), device)
+                row["forwards"] = calls["forward"].call_count - forwards
+                if side is not None:
+                    row.update(side.measure())
             finally:
                 row["remove_edit_s"], _, _ = timed(lambda: remove_edit(model), device)
-            row["forwards"] = calls["forward"].call_count - forwards
             row["n_frozen"] = edit.n_frozen
             row["total_s"] = row["make_edit_s"] + row["apply_edit_s"] + row["eval_s"] + row["remove_edit_s"]
             rows.append(row)
@@ -165,6 +231,7 @@ def measure(argv: list[str]) -> dict:
         "svd_calls_in_loop": svd_in_loop, "score_calls_in_loop": score_in_loop,
         "forwards_per_eval": forwards_per_eval,
         "one_eval_per_p": all(r["forwards"] == forwards_per_eval for r in rows),
+        "side_effects": side.summary(rows) if side is not None else None,
     }
 
 
@@ -184,6 +251,21 @@ def report(r: dict) -> str:
               f"= {r['extra_p_over_eval']:.2f} x one unedited dev evaluation",
               f"during the p loop: {r['svd_calls_in_loop']} SVD calls, {r['score_calls_in_loop']} scoring calls, "
               f"{'one dev evaluation' if r['one_eval_per_p'] else 'NOT one dev evaluation'} of model calls per p"]
+    s = r["side_effects"]
+    if s is not None:
+        ci = lambda c, f: f"{c.get('value', c.get('diff')):{f}} [{c['lo']:{f}}, {c['hi']:{f}}]"
+        lines += [f"side effects: {s['documents']} documents ({', '.join(s['sources'])}), {s['tokens']} tokens, "
+                  f"{s['batches']} batches; base pass {s['base_pass_s']:.2f} s ({s['base_pass_cpu_s']:.1f} CPU s), "
+                  f"bare forward loop {s['floor_s']:.2f} s ({s['floor_cpu_s']:.1f} CPU s); base perplexity "
+                  f"{ci(s['perplexity'], '.2f')}; stores {s['stored_hidden_mib']:.1f} MiB of hidden states + "
+                  f"{s['head_copy_mib']:.1f} MiB head copy (float32 log-probs: {s['log_probs_float32_mib']:.0f} MiB)"]
+        for row in r["rows"]:
+            lines.append(f"  p={row['p']:<6} pass {row['side_effects_s']:.2f} s "
+                         f"({row['side_effects_cpu_s']:.1f} CPU s, {row['side_effects_forwards']} calls)  "
+                         f"perplexity {ci(row['perplexity'], '.2f')}  "
+                         f"delta {ci(row['delta_perplexity'], '+.3f')}  KL {ci(row['kl'], '.3g')}")
+        lines.append(f"side-effect pass per edit: {s['measure_s']:.2f} s = {s['measure_s'] / s['floor_s']:.2f} x the "
+                     f"bare forward loop; {'one' if s['one_pass_per_model'] else 'NOT one'} forward pass per model")
     return "\n".join(lines)
 
 
@@ -192,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def passed(r: dict) -> bool:
-    """No SVD and no scoring in the p loop, and exactly one dev evaluation's model calls per p."""
-    return r["svd_calls_in_loop"] == 0 and r["score_calls_in_loop"] == 0 and r["one_eval_per_p"]
+    """No SVD and no scoring in the p loop, exactly one dev evaluation's model calls per p, and one forward
+    pass over the side-effect sample per model."""
+    side = r["side_effects"] is None or r["side_effects"]["one_pass_per_model"]
+    return r["svd_calls_in_loop"] == 0 and r["score_calls_in_loop"] == 0 and r["one_eval_per_p"] and side
 
 
 if __name__ == "__main__":
