@@ -203,7 +203,8 @@ def test_merged_edit_saves_loads_and_merges(tmp_path):
     modules = sorted({t.module_name for t in iterative.targets})
     with iterative.applied(model):
         want = logits(model, tok)
-    save_edit(tmp_path / "edit", iterative.merged(), {"base_fingerprint": fingerprint(model, modules)})
+    meta = {"base_model": "tiny", "base_fingerprint": fingerprint(model, modules)}
+    save_edit(tmp_path / "edit", iterative.merged(), meta)
     fresh, _ = build("llama")
     apply_saved_edit(fresh, tmp_path / "edit")
     assert torch.equal(logits(fresh, tok), want)

@@ -57,7 +57,8 @@ def test_duplicate_p_values_are_tried_once_and_said(capsys):
 @pytest.mark.parametrize("data, message", [
     ({"per_head": "no"}, "per_head must be true or false"),
     ({"sweep_test": "false"}, "sweep_test must be true or false"),
-    ({"p": "0.1"}, "p must be a list of float"),
+    ({"p": "0.1"}, "p must be fractions or .auto."),
+    ({"p": [True]}, "p must be a list of float or a string"),
     ({"limit": 2.5}, "limit must be an integer"),
     ({"score": {"seed": "x"}}, "seed must be an integer"),
     ({"score": {"colour": 1}}, "unknown setting 'colour'"),

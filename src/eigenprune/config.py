@@ -65,6 +65,11 @@ class RunConfig:
                                  metadata={"help": "how to freeze them (p comes from the run's p list)",
                                            "exclude": ("p",)})
     eval_batch_size: int = field(default=16, metadata={"help": "evaluation batch size"})
+    side_effects: bool = field(default=True, metadata={
+        "help": "measure what the chosen edit costs elsewhere: perplexity and KL(base ‖ edit) on a general-English "
+                "sample that ships with the package (one pass per model)"})
+    also: list[str] | None = field(default=None, metadata={
+        "help": "comma-separated other tasks (built-in or JSONL) to evaluate base and edit on, with paired CIs"})
     sweep_test: bool = field(default=True, metadata={"help": "also evaluate every p on test (shown, never used)"})
     template: str | None = field(default=None, metadata={"help": "prompt template with {field} placeholders"})
     answers: list[str] | None = field(default=None, metadata={"help": "comma-separated answer words"})

@@ -130,6 +130,23 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
     return report, run, edit, pruned
 
 
+def measure_side_effects(model, tokenizer, task, cfg: RunConfig, edits: list[tuple[str, object]],
+                         quiet: bool) -> dict:
+    """The "Side effects" section: the base model and each named edit that froze something, measured on the
+    shipped general-English sample (the task's own text left out) and on `cfg.also` tasks."""
+    from .side_effects import SideEffects, sample_for_task
+
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    effects = SideEffects(model, tokenizer, sample_for_task(task), also=cfg.also or (), max_tokens=context,
+                          eval_batch_size=cfg.eval_batch_size, progress=not quiet)  # documents cut to the context
+    for name, edit in edits:
+        if edit.n_frozen:
+            with applied(model, edit):
+                effects.measure(name, model)
+    return effects.section(cfg.n_boot)
+
+
 def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False, expected: dict | None = None,
             allow_changed: bool = False) -> dict:
     """Run the experiment and write its directory; returns the report. `out` is claimed first, so a clash or
@@ -198,6 +215,12 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
                   f"pruned {one['pruned']['test']['acc']:.3f} (p={one['chosen_p']})", file=sys.stderr)
     report = reports[0]
     report["timings"] = {"load": load_s, **report["timings"]}
+    if cfg.side_effects or cfg.also:
+        t0 = time.perf_counter()
+        chosen = [(f"fold {fold + 1} (p = {e.config.p:g})", e) for fold, _, e in fold_edits] or [
+            (f"edit (p = {edit.config.p:g})", edit)]
+        report["side_effects"] = measure_side_effects(model, tok, task, cfg, chosen, quiet)
+        report["timings"]["side_effects"] = time.perf_counter() - t0
     report["warnings"] = warnings
     report["versions"] = recorded["versions"]
     report["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -421,6 +421,12 @@ def write_report(out_dir: Path, report: dict, scores: dict[str, torch.Tensor] | 
     elif _plot("score_distribution.png", lambda path: plot_score_distribution(report, scores, removed, path),
                out_dir, written, notes):
         md += ["![score distribution](score_distribution.png)", ""]
+    if report.get("side_effects"):
+        from . import side_effects
+
+        drawn = _plot("side_effects.png", lambda path: side_effects.plot(report["side_effects"], path), out_dir,
+                      written, notes)
+        md += [side_effects.render_markdown(report["side_effects"], "side_effects.png" if drawn else None)]
     if report.get("repeats"):
         md += _repeats_section(report["repeats"])
     md += _settings_section(report)

@@ -1,0 +1,49 @@
+"""`run` reports what the chosen edit costs elsewhere: perplexity and KL on the shipped text sample, and
+accuracy on `--also` tasks; `--no-side-effects` skips it."""
+
+import json
+
+import pytest
+
+from eigenprune.cli import main
+
+ARGS = ["--limit", "12", "--split-seed", "2", "--targets", "all", "--p", "0.5,0.9", "--partners", "2",
+        "--n-boot", "50", "--eval-mode", "choice", "--quiet"]
+
+
+def run(setup, out, *extra) -> dict:
+    model, task = setup
+    assert main(["run", "--model", str(model), "--task", str(task), *ARGS, *extra, "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_the_chosen_edit_is_measured_beside_the_base(sums_setup, tmp_path):
+    report = run(sums_setup, tmp_path / "r", "--also", "int-sum")
+    section = report["side_effects"]
+    assert report["chosen_p"] == 0.5  # on this split dev prefers an edit (see test_p_search_run)
+    assert section["model_order"] == ["base", "edit (p = 0.5)"]
+    edit = section["models"]["edit (p = 0.5)"]
+    assert edit["kl"]["value"] > 0 and "diff_vs_base" in edit["also"]["int-sum"]
+    assert section["sample"]["documents"] > 100
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Side effects" in md and "side_effects.png" in md and (tmp_path / "r" / "side_effects.png").exists()
+    assert "side_effects" in report["timings"]
+
+
+def test_no_side_effects_skips_them(sums_setup, tmp_path):
+    report = run(sums_setup, tmp_path / "r", "--no-side-effects")
+    assert "side_effects" not in report and "## Side effects" not in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_an_unknown_also_task_is_one_line(sums_setup, tmp_path, capsys):
+    model, task = sums_setup
+    code = main(["run", "--model", str(model), "--task", str(task), *ARGS, "--also", "int-div", "--out",
+                 str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "int-div" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="session")
+def setup(sums_setup):
+    return sums_setup
