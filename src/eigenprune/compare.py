@@ -11,6 +11,13 @@ Methods come from the registry (`baselines.registry`): this module never names o
 needs another's results (the random control takes eigenprune's number of frozen components) has it
 run first, implicitly if the user did not ask for it, and the report says so. `A+B` runs edit method
 B on learned stage A's model; composites with the same stage settings share one training run.
+
+With `--folds K` (K > 1, `tasks.fold_splits`) all of this runs once per fold, that fold as test (a fresh
+harness and context each time, so no fold's choices see its test), and every row pools the folds' test
+correctness over the same N examples: CIs resample within folds, dev is the mean of the folds' dev
+accuracies, `runs` is the per-fold table, each fold's edit is saved under edits/<method>/fold-<k>, and a
+method's `pool` hook (`registry.Pooled`) writes its words from the pooled numbers. `--folds 1` is the fixed
+split, and its comparison.json is what it was before folds existed.
 """
 
 from __future__ import annotations

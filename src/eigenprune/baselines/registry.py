@@ -279,8 +279,9 @@ class Pooled:
 
     `result` is the row `compare` reports: its `test` is the per-example correctness of every fold's chosen
     configuration on that fold's test examples, pooled over all N examples (in `Folds.tested` order), and
-    its words (`verdict`, `sections`, `markers`, `notes`) are the hook's to write. `ci` and `diff` are the
-    intervals of the pooled report: they resample within folds (`stats.fold_accuracy_ci`,
+    its words (`verdict`, `sections`, `markers`, `notes`) are the hook's to write. Its `dev` is the folds' dev
+    correctness one after another (dev splits overlap across folds: a mean, never a sample for a CI). `ci`
+    and `diff` are the intervals of the pooled report: they resample within folds (`stats.fold_accuracy_ci`,
     `stats.fold_paired_diff_ci`).
     """
 
