@@ -11,6 +11,13 @@ Methods come from the registry (`baselines.registry`): this module never names o
 needs another's results (the random control takes eigenprune's number of frozen components) has it
 run first, implicitly if the user did not ask for it, and the report says so. `A+B` runs edit method
 B on learned stage A's model; composites with the same stage settings share one training run.
+
+With `--folds K` (K > 1, `tasks.fold_splits`) all of this runs once per fold, that fold as test (a fresh
+harness and context each time, so no fold's choices see its test), and every row pools the folds' test
+correctness over the same N examples: CIs resample within folds, dev is the mean of the folds' dev
+accuracies, `runs` is the per-fold table, each fold's edit is saved under edits/<method>/fold-<k>, and a
+method's `pool` hook (`registry.Pooled`) writes its words from the pooled numbers. `--folds 1` is the fixed
+split, and its comparison.json is what it was before folds existed.
 """
 
 from __future__ import annotations
@@ -34,6 +41,12 @@ from .errors import UsageError
 from .harness import ci, diff_ci
 
 _NOT_JSON = ("score_run", "edit", "report")  # live objects (and run_one's full report) kept out of the JSON
+
+
+def _json_extra(extra: dict) -> dict:
+    """A result's `extra` for the JSON: without live objects, nor keys starting with '_' (a method's own
+    per-example data, e.g. for pooling over folds)."""
+    return _plain({k: v for k, v in extra.items() if k not in _NOT_JSON and not k.startswith("_")})
 
 
 def default_methods() -> tuple[str, ...]:
@@ -102,13 +115,34 @@ def method_row(result: MethodResult, base: dict[str, torch.Tensor], n_boot: int)
     return {"config": _plain(result.config), "dev": ci(result.dev, n_boot), "test": ci(result.test, n_boot),
             "diff_vs_base": diff_ci(base["test"], result.test, n_boot), "dev_evaluations": result.dev_evaluations,
             "wall_s": result.wall_s, "changed_params": result.changed_params, "runs": _plain(result.runs),
-            "extra": _plain({k: v for k, v in result.extra.items() if k not in _NOT_JSON}), "saved_edit": None,
+            "extra": _json_extra(result.extra), "saved_edit": None,
             "notes": result.notes, "sections": result.sections, "markers": _plain(result.markers),
             "verdict": result.verdict}
 
 
+def _run_fold(split, model, tok, mode: str, cfg: RunConfig, quiet: bool, specs: list[registry.Spec],
+              configs: dict[str, tuple], check, fold: str = "") -> tuple[dict, dict[str, MethodResult], float]:
+    """Every method on one split (one fold): (base correctness, results by name, base evaluation seconds).
+    A fresh harness and context: nothing another fold's methods learned or chose is seen here."""
+    from .harness import Harness
+
+    harness = Harness(model, tok, split, mode, cfg, quiet)
+    t0 = time.perf_counter()
+    base = {"dev": harness.evaluate("dev"), "test": harness.evaluate("test")}
+    base_s = time.perf_counter() - t0
+    ctx = registry.Context(base)
+    results: dict[str, MethodResult] = {}
+    for spec in specs:
+        if not quiet:
+            print(f"compare: {fold}running {spec.name}", file=sys.stderr)
+        results[spec.name] = registry.run(spec, harness, *configs[spec.name], ctx)
+        check(spec.name)
+    return base, results, base_s
+
+
 def compare(cfg: RunConfig, opts: CompareConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
-    """Run every method on the same splits and write the comparison directory; returns the report."""
+    """Run every method on the same splits (on every fold, with `cfg.folds` > 1) and write the comparison
+    directory; returns the report. `out` is claimed first; a failure leaves nothing there."""
     from .artifact import check_new_dir
     from .outdir import released_on_error
 
@@ -120,50 +154,64 @@ def compare(cfg: RunConfig, opts: CompareConfig, out: str | Path | None = None, 
 def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dict:
     from .artifact import atomic_dir, fingerprint
     from .evaluate import next_token_warnings
-    from .harness import Harness
     from .models import load_model
     from .positions import tracker_of
     from .targets import linear_modules
-    from .tasks import load_task, split_task
+    from .tasks import fold_splits, load_task
 
     specs, implicit, configs = opts.plan()  # a bad --set fails now, not after an hour of other methods
     task = load_task(cfg.task, cfg.template, cfg.answers)
     mode = cfg.eval_mode or task.eval_mode
-    splits = split_task(task, cfg.dev_fraction, cfg.split_seed, cfg.limit)
+    folds = fold_splits(task, cfg.folds, cfg.split_seed, cfg.dev_fraction, cfg.limit)  # k = 1: today's split
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map)
     timings = {"load": time.perf_counter() - t0}
-    warnings = next_token_warnings(tok, splits.train + splits.test) if mode == "next-token" else []
-    harness = Harness(model, tok, splits, mode, cfg, quiet)
-    t0 = time.perf_counter()
-    base = {"dev": harness.evaluate("dev"), "test": harness.evaluate("test")}
-    timings["base_eval"] = time.perf_counter() - t0
+    checked = folds.examples if len(folds) > 1 else folds[0].train + folds[0].test
+    warnings = next_token_warnings(tok, checked) if mode == "next-token" else []
     weights = lambda: fingerprint(model, [n for n, _ in linear_modules(model)])  # every linear layer's weights
     untouched = weights()
-    ctx = registry.Context(base)
-    results: dict[str, MethodResult] = {}
-    for spec in specs:
-        if not quiet:
-            print(f"compare: running {spec.name}", file=sys.stderr)
-        results[spec.name] = registry.run(spec, harness, *configs[spec.name], ctx)
+
+    def check(name: str) -> None:
         if tracker_of(model) is not None or weights() != untouched:
-            raise RuntimeError(f"method '{spec.name}' left the shared model changed; it must restore it")
+            raise RuntimeError(f"method '{name}' left the shared model changed; it must restore it")
+
+    runs = []
+    for split in folds:
+        fold = f"fold {split.fold + 1}/{len(folds)}: " if len(folds) > 1 else ""
+        runs.append(_run_fold(split, model, tok, mode, cfg, quiet, specs, configs, check, fold))
+        if len(folds) > 1:  # live objects (SVDs) of a finished fold are not needed again
+            for result in runs[-1][1].values():
+                for key in _NOT_JSON:
+                    result.extra.pop(key, None)
+    timings["base_eval"] = sum(r[2] for r in runs)
     report = {
         "model": cfg.model, "task": cfg.task, "eval_mode": mode, "split_seed": cfg.split_seed,
-        "split_sizes": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
+        "split_sizes": {"train": len(folds[0].train), "dev": len(folds[0].dev), "test": len(folds[0].test)},
         "methods_asked": list(opts.methods), "methods_run": [s.name for s in specs], "implicit": implicit,
-        "base": {k: ci(v, cfg.n_boot) for k, v in base.items()},
-        "methods": {name: method_row(r, base, cfg.n_boot) for name, r in results.items()},
-        "timings": timings, "warnings": warnings,
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
+    if len(folds) == 1:
+        base, results, _ = runs[0]
+        report |= {"base": {k: ci(v, cfg.n_boot) for k, v in base.items()},
+                   "methods": {name: method_row(r, base, cfg.n_boot) for name, r in results.items()}}
+        saves = [(name, None, r.save) for name, r in results.items()]
+    else:
+        report |= pooled_report(folds, runs, specs, cfg.n_boot)
+        saves = [(name, i, r[1][name].save) for name in report["methods"] for i, r in enumerate(runs)]
+    report |= {"timings": timings, "warnings": warnings,
+               "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"}
     report["verdict"] = verdict(report)
     with atomic_dir(out) as tmp:
-        for name, result in results.items():
-            if result.save is not None:
-                folder = Path("edits") / name
-                result.save(tmp / folder)
-                report["methods"][name]["saved_edit"] = str(folder)
+        for name, i, save in saves:  # with folds, every fold's chosen edit: edits/<method>/fold-<k>
+            if save is None:
+                continue
+            row = report["methods"][name]
+            folder = Path("edits") / name if i is None else Path("edits") / name / f"fold-{i + 1}"
+            save(tmp / folder)
+            if i is None:
+                row["saved_edit"] = str(folder)
+            else:
+                row["saved_edit"].append(str(folder))
+                row["runs"][i]["saved_edit"] = str(folder)
         run_settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_COMPARE}
         (tmp / "config.json").write_text(json.dumps(
             {"run": run_settings, "compare": _plain(dataclasses.asdict(opts))}, indent=2, sort_keys=True) + "\n")
@@ -172,6 +220,59 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
         (tmp / "comparison.md").write_text(render_markdown(report))
     report["out"] = str(out)
     return report
+
+
+def _mean_dev(devs: list[torch.Tensor]) -> dict:
+    """Dev accuracy over folds: the mean of the per-fold dev accuracies (dev splits overlap across folds, so
+    they are not pooled and get no CI)."""
+    accs = [float(d.double().mean()) for d in devs]
+    return {"acc": sum(accs) / len(accs), "per_fold": accs, "n": [int(d.numel()) for d in devs]}
+
+
+def pooled_report(folds, runs: list[tuple[dict, dict[str, MethodResult], float]], specs: list[registry.Spec],
+                  n_boot: int) -> dict:
+    """The report's folds, base and method rows for K > 1 folds: every method's test correctness pooled over
+    all N examples, CIs resampling within folds, and a per-fold table of what each fold chose."""
+    from .stats import fold_accuracy_ci
+
+    bases = [r[0] for r in runs]
+    base_test = torch.tensor(folds.pool([b["test"] for b in bases])[0])  # (N,)
+    pooled: dict[str, registry.Pooled] = {}
+    rows = {}
+    for spec in specs:
+        per_fold = [r[1][spec.name] for r in runs]
+        first = per_fold[0]
+        row = registry.Pooled(MethodResult(
+            method=first.method, config=first.config | {"per_fold": [r.config for r in per_fold]},
+            dev=torch.cat([r.dev for r in per_fold]), test=torch.tensor(folds.pool([r.test for r in per_fold])[0]),
+            dev_evaluations=sum(r.dev_evaluations for r in per_fold), wall_s=sum(r.wall_s for r in per_fold),
+            changed_params=max(r.changed_params for r in per_fold),
+            runs=[{"fold": i + 1, "config": r.config, "dev_acc": float(r.dev.double().mean()),
+                   "test_acc": float(r.test.double().mean()), "n_test": int(r.test.numel()),
+                   "changed_params": r.changed_params, "dev_evaluations": r.dev_evaluations}
+                  for i, r in enumerate(per_fold)],
+            extra={"per_fold": [{"extra": _json_extra(r.extra), "runs": r.runs} for r in per_fold]}),
+            per_fold, base_test, folds, n_boot)
+        prefix = f"{spec.stage.name}+" if spec.stage is not None else ""
+        row.needed = {need: pooled[prefix + need] for need in spec.method.needs}
+        registry.pool_words(spec, row)
+        pooled[spec.name] = row
+        r = row.result
+        rows[spec.name] = {
+            "config": _plain(r.config), "dev": _mean_dev([f.dev for f in per_fold]), "test": row.ci(r.test),
+            "diff_vs_base": row.diff(base_test, r.test), "dev_evaluations": r.dev_evaluations, "wall_s": r.wall_s,
+            "changed_params": r.changed_params, "runs": _plain(r.runs), "saved_edit": [],
+            "extra": _json_extra(r.extra),
+            "notes": r.notes, "sections": r.sections, "markers": _plain(r.markers), "verdict": r.verdict}
+    acc, lo, hi = fold_accuracy_ci(base_test.numpy(), folds.pool([b["test"] for b in bases])[1], n_boot=n_boot)
+    per_fold = [{"fold": f.fold + 1, "train": len(f.train), "dev": len(f.dev), "test": len(f.test),
+                 "base_dev_acc": float(b["dev"].double().mean()), "base_test_acc": float(b["test"].double().mean())}
+                for f, b in zip(folds, bases, strict=True)]
+    return {"folds": {"k": len(folds), "seed": folds.seed, "limit": folds.limit, "pooled": dict(folds.pooled),
+                      "n_tested": len(folds.tested), "per_fold": per_fold},
+            "base": {"dev": _mean_dev([b["dev"] for b in bases]),
+                     "test": {"acc": acc, "lo": lo, "hi": hi, "n": int(base_test.numel())}},
+            "methods": rows}
 
 
 def _method_arg(text: str) -> tuple[str, str, str]:

@@ -26,7 +26,7 @@ from ..experiment import Harness, base_correct, ci, diff_ci
 from ..freeze import Edit, FreezeConfig, build_edit, make_edit
 from ..stats import mean_sd
 from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
-from .registry import Context, register
+from .registry import Context, Pooled, register
 
 
 def random_components(score_run: ScoreRun, n_frozen: int, seed: int) -> dict[str, torch.Tensor]:
@@ -163,33 +163,65 @@ class SmallestSettings:
 
 def _versus(eigen: MethodResult, rand: MethodResult, n_boot: int) -> tuple[dict, str]:
     """eigenprune against the random control: the paired test difference and one sentence for the verdict."""
-    n_frozen, accs = rand.extra["n_frozen"], [r["test"]["acc"] for r in rand.runs]
-    versus = {"n_frozen": n_frozen, "diff": diff_ci(rand.test, eigen.test, n_boot), "random_test_accs": accs}
-    if n_frozen == 0:
-        return versus, ("eigenprune chose p = 0 (the base model), so the random control is the base model too and "
-                        "there is no eigenprune effect to tell apart from freezing random components.")
-    d, eigen_acc = versus["diff"], accuracy(eigen.test)
+    accs = [r["test"]["acc"] for r in rand.runs]
+    return _versus_words(rand.extra["n_frozen"], accs, diff_ci(rand.test, eigen.test, n_boot), accuracy(eigen.test))
+
+
+def _versus_words(n_frozen: int | list[int], accs: list[float], d: dict, eigen_acc: float) -> tuple[dict, str]:
+    """The comparison and its sentence from eigenprune's test accuracy, the seeds' test accuracies and the paired
+    difference (random -> eigenprune); `n_frozen` is one number, or one per fold when pooled over folds."""
+    versus = {"n_frozen": n_frozen, "diff": d, "random_test_accs": accs}
+    per_fold = isinstance(n_frozen, list)
+    if not any(n_frozen if per_fold else [n_frozen]):
+        return versus, ("eigenprune chose p = 0 (the base model)" + (" in every fold" if per_fold else "") +
+                        ", so the random control is the base model too and there is no eigenprune effect to tell "
+                        "apart from freezing random components.")
     where = "above" if eigen_acc > max(accs) else "below" if eigen_acc < min(accs) else "inside"
     kind = ("distinguishable from freezing random components (the CI excludes 0)" if d["lo"] > 0 or d["hi"] < 0
             else "not distinguishable from freezing random components (the CI includes 0)")
-    return versus, (f"eigenprune vs the random control ({n_frozen} components, {len(accs)} seeds): test difference "
+    components = (f"{', '.join(map(str, n_frozen))} components in folds 1-{len(n_frozen)}, pooled over the folds"
+                  if per_fold else f"{n_frozen} components")
+    return versus, (f"eigenprune vs the random control ({components}, {len(accs)} seeds): test difference "
                     f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]; eigenprune's effect is {kind}, and its test "
                     f"accuracy {eigen_acc:.3f} lies {where} the random seeds' range "
                     f"[{min(accs):.3f}, {max(accs):.3f}].")
 
 
+def _ci_text(c: dict) -> str:
+    return f"{c['acc']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
+
+
+def _pool_random(pooled: Pooled) -> None:
+    """The random control over folds: each seed's test accuracy pooled over all folds' test examples, and the
+    comparison with eigenprune's pooled result (its CI resampling within folds)."""
+    rand, folds = pooled.result, pooled.folds
+    eigen = pooled.need("eigenprune").result
+    n_frozen = [f.extra["n_frozen"] for f in folds]
+    n = sum(int(f.test.numel()) for f in folds)
+    seeds = [r["seed"] for r in folds[0].runs]
+    accs = [sum(f.runs[j]["test"]["acc"] * f.runs[j]["test"]["n"] for f in folds) / n for j in range(len(seeds))]
+    devs = [sum(f.runs[j]["dev_acc"] for f in folds) / len(folds) for j in range(len(seeds))]
+    rand.extra["vs_eigenprune"], rand.verdict = _versus_words(n_frozen, accs, pooled.diff(rand.test, eigen.test),
+                                                              accuracy(eigen.test))
+    rand.markers = [{"acc": a, "marker": "x", "label": None} for a in accs]
+    rand.sections = ["\n".join([f"## Random control, per seed (pooled over {len(folds)} folds)", "",
+                                 "| seed | components per fold | dev acc (mean over folds) | test acc (pooled) |",
+                                 "|---|---|---|---|",
+                                 *(f"| {s} | {', '.join(map(str, n_frozen))} | {d:.3f} | {a:.3f} |"
+                                   for s, d, a in zip(seeds, devs, accs, strict=True))])]
+
+
 @register("random", RandomSettings, default=2, needs=("eigenprune",), flags={"--random-seeds": "seeds"},
-          summary="freeze as many components as eigenprune chose, drawn at random (several seeds)")
+          pool=_pool_random, summary="freeze as many components as eigenprune chose, drawn at random (several seeds)")
 def random_control(harness: Harness, config: RandomSettings, ctx: Context) -> MethodResult:
     eigen = ctx.result("eigenprune")
     result = run_random(harness, eigen.extra["score_run"], eigen.extra["edit"].n_frozen, config.seeds,
                         first_seed=config.first_seed, base=ctx.base)
     result.extra["vs_eigenprune"], result.verdict = _versus(eigen, result, harness.config.n_boot)
     result.markers = [{"acc": r["test"]["acc"], "marker": "x", "label": None} for r in result.runs]
-    ci_text = lambda c: f"{c['acc']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
     result.sections = ["\n".join(["## Random control, per seed", "", "| seed | components | dev acc | test acc "
                                   "[95% CI] |", "|---|---|---|---|",
-                                  *(f"| {r['seed']} | {r['n_frozen']} | {r['dev_acc']:.3f} | {ci_text(r['test'])} |"
+                                  *(f"| {r['seed']} | {r['n_frozen']} | {r['dev_acc']:.3f} | {_ci_text(r['test'])} |"
                                     for r in result.runs)])]
     result.notes = ["random chooses nothing on dev (its number of components is eigenprune's dev choice), so its "
                     "dev evals are 0; its dev/test are per-example correctness averaged over its seeds."]

@@ -16,6 +16,10 @@ A method is one module under `eigenprune.baselines` (or a third-party module ann
 - `stage`: for a learned stage (LoRA, fine-tuning), `stage(harness, config, ctx) -> Stage` trains once and
   hands back the changed weights. Such a method composes: `A+B` runs edit method B on A's model (B's base
   candidate is A's model), and every composite with the same stage settings shares one training run.
+- `pool`: with `--folds K` (K > 1) `compare` runs every method once per fold and pools the test correctness
+  over all folds; `pool(pooled: Pooled)` writes the pooled row's words (verdict, sections, markers, notes)
+  from the pooled numbers. Without a hook a method keeps the notes that every fold said alike, and its
+  fold-specific words are left out (they would describe one fold, not the pooled result).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class Method:
     stage: Callable[[Harness, Any, Context], Stage] | None = None
     flags: dict[str, str] = field(default_factory=dict)  # shorthand `compare` flag -> config field
     default: int = 0  # its place in `compare`'s default method list (0: not in it)
+    pool: Callable[[Pooled], None] | None = None  # fills a row pooled over folds with words of its own
 
 
 _METHODS: dict[str, Method] = {}
@@ -96,7 +101,8 @@ _DISCOVERED = False
 
 
 def register(name: str, config: type = NoSettings, *, summary: str, needs: tuple[str, ...] = (),
-             stage: Callable | None = None, flags: dict[str, str] | None = None, default: int = 0) -> Callable:
+             stage: Callable | None = None, flags: dict[str, str] | None = None, default: int = 0,
+             pool: Callable | None = None) -> Callable:
     """Decorator: register `run` as method `name` (a name may contain neither '+' nor ',')."""
     if not name or "+" in name or "," in name or "." in name:
         raise ValueError(f"a method name may not be empty or contain '+', ',' or '.': '{name}'")
@@ -104,7 +110,7 @@ def register(name: str, config: type = NoSettings, *, summary: str, needs: tuple
         raise TypeError(f"method '{name}': config must be a dataclass, got {config!r}")
 
     def wrap(run: Callable) -> Callable:
-        _METHODS[name] = Method(name, config, run, summary, tuple(needs), stage, dict(flags or {}), default)
+        _METHODS[name] = Method(name, config, run, summary, tuple(needs), stage, dict(flags or {}), default, pool)
         return run
 
     return wrap
@@ -265,3 +271,69 @@ def compose(name: str, stage: Stage, inner: MethodResult, changed_params: int) -
         changed_params=changed_params, save=save, runs=inner.runs, extra=extra, modules=inner.modules,
         notes=notes + inner.notes, sections=inner.sections, markers=inner.markers, verdict=inner.verdict,
     )
+
+
+@dataclass
+class Pooled:
+    """One method's results over K > 1 cross-fitted folds (`tasks.Folds`), as its `pool` hook sees them.
+
+    `result` is the row `compare` reports: its `test` is the per-example correctness of every fold's chosen
+    configuration on that fold's test examples, pooled over all N examples (in `Folds.tested` order), and
+    its words (`verdict`, `sections`, `markers`, `notes`) are the hook's to write. Its `dev` is the folds' dev
+    correctness one after another (dev splits overlap across folds: a mean, never a sample for a CI). `ci`
+    and `diff` are the intervals of the pooled report: they resample within folds (`stats.fold_accuracy_ci`,
+    `stats.fold_paired_diff_ci`).
+    """
+
+    result: MethodResult
+    folds: list[MethodResult]  # the method's own result on each fold, in fold order
+    base: torch.Tensor  # (N,) the unmodified model's pooled test correctness
+    splits: Any  # the `tasks.Folds` the folds came from
+    n_boot: int
+    needed: dict[str, Pooled] = field(default_factory=dict)  # the pooled methods it `needs`, by plain name
+
+    @property
+    def fold_of(self) -> list[int]:
+        """The fold of each pooled test example."""
+        return self.splits.pool([f.test for f in self.folds])[1]
+
+    def pool(self, per_fold: list) -> torch.Tensor:
+        """Per-fold test values (each in its fold's test order) as one (N,) tensor in pooled order."""
+        return torch.tensor(self.splits.pool(per_fold)[0])
+
+    def ci(self, correct: torch.Tensor) -> dict:
+        """Pooled accuracy with its 95% CI resampling within folds: {"acc", "lo", "hi", "n"}."""
+        from ..stats import fold_accuracy_ci
+
+        acc, lo, hi = fold_accuracy_ci(correct.numpy(), self.fold_of, n_boot=self.n_boot)
+        return {"acc": acc, "lo": lo, "hi": hi, "n": int(correct.numel())}
+
+    def diff(self, before: torch.Tensor, after: torch.Tensor) -> dict:
+        """Pooled paired difference (after - before) with its 95% CI resampling within folds."""
+        from ..stats import fold_paired_diff_ci
+
+        diff, lo, hi = fold_paired_diff_ci(before.numpy(), after.numpy(), self.fold_of, n_boot=self.n_boot)
+        return {"diff": diff, "lo": lo, "hi": hi}
+
+    def need(self, name: str) -> Pooled:
+        if name not in self.needed:
+            raise RuntimeError(f"'{name}' has not been pooled; declare it in the method's `needs`")
+        return self.needed[name]
+
+
+def pool_words(spec: Spec, pooled: Pooled) -> None:
+    """The pooled row's words: the notes (and sections) every fold said alike, then the method's `pool` hook.
+    A fold's verdict, markers and other sections judge that fold's numbers, so without a hook they are left
+    out, and a note says so."""
+    result, folds = pooled.result, pooled.folds
+    alike = lambda words: [w for w in getattr(folds[0], words) if all(w in getattr(f, words) for f in folds)]
+    result.notes, result.sections, result.markers, result.verdict = alike("notes"), alike("sections"), [], ""
+    if spec.method.pool is not None:
+        spec.method.pool(pooled)
+        return
+    dropped = [f for f in folds if f.verdict or f.markers or len(f.sections) > len(result.sections)
+               or len(f.notes) > len(result.notes)]
+    if dropped:
+        result.notes.append(f"{spec.name}: its words about single folds (verdict, sections, plot marks or notes "
+                            "that differ between folds) are left out of this pooled report; comparison.json "
+                            "holds each fold's numbers.")

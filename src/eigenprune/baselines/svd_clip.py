@@ -29,7 +29,7 @@ from ..targets import PRESETS, find_targets
 from ..tasks import Splits
 from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
 from .laser import edit_meta, truncation_edit
-from .registry import Context, register
+from .registry import Context, Pooled, register
 
 GROUPS = {"attn": ("query", "key", "value", "attn-out"), "mlp": ("mlp-in", "mlp-out")}
 DEFAULT_KEEP = (1.0, 0.95, 0.5, 0.1, 0.05, 0.01)
@@ -153,7 +153,8 @@ def run_svd_clip(harness: Harness, config: ClipConfig | None = None,
         wall_s=time.perf_counter() - t0, changed_params=edit_changed_params(edit),
         save=edit_saver(edit, meta | {"svd_clip": chosen}),
         extra={"icl_only": icl_only, "layers": layers, "groups": list(config.groups), "keep": [1.0, *keeps],
-               "demonstrations": [d.prompt + d.answer for d in demos], "sweep": sweep},
+               "demonstrations": [d.prompt + d.answer for d in demos], "sweep": sweep,
+               "_icl_test": icl_test},  # per-example, for pooling over folds (not written to JSON)
         modules=edit.modules if best >= 0 else [],
     )
 
@@ -161,12 +162,15 @@ def run_svd_clip(harness: Harness, config: ClipConfig | None = None,
 def _icl_report(result: MethodResult) -> None:
     """What the report says about the demonstrations alone: clipping is worth something only beyond them."""
     icl = result.extra["icl_only"]
-    text = lambda c: f"{c['acc']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
+    text = lambda c: f"{c['acc']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]" if "lo" in c else f"{c['acc']:.3f}"
     diff = icl.get("diff_vs_base")
     diff_text = f", test - base {diff['diff']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}]" if diff else ""
+    folds = icl.get("folds")
+    over = (f" Pooled over {folds} folds: dev is the mean of the folds' dev accuracies, test pools every fold's "
+            "test examples (CIs resample within folds).") if folds else ""
     result.sections = ["\n".join(["## svd-clip: demonstrations alone (ICL only)", "",
                                   f"dev {text(icl['dev'])}, test {text(icl['test'])}{diff_text}. The prompt change "
-                                  "alone moves accuracy; clipping is worth something only beyond this."])]
+                                  f"alone moves accuracy; clipping is worth something only beyond this.{over}"])]
     result.markers = [{"acc": icl["test"]["acc"], "marker": "D",
                        "label": f"svd-clip's demonstrations alone {icl['test']['acc']:.3f}"}]
     acc = accuracy(result.test)
@@ -175,7 +179,18 @@ def _icl_report(result: MethodResult) -> None:
                           f"({icl['test']['acc']:.3f}): the prompt change, not the clipping, carries it.")
 
 
-@register("svd-clip", ClipConfig, default=5,
+def _pool_icl(pooled: Pooled) -> None:
+    """svd-clip over folds: its demonstrations alone, pooled like its result (every fold's ICL-only test)."""
+    folds = pooled.folds
+    icl_test = pooled.pool([f.extra["_icl_test"] for f in folds])  # (N,)
+    dev = [f.extra["icl_only"]["dev"]["acc"] for f in folds]
+    pooled.result.extra["icl_only"] = {
+        "dev": {"acc": sum(dev) / len(dev), "per_fold": dev}, "test": pooled.ci(icl_test),
+        "diff_vs_base": pooled.diff(pooled.base, icl_test), "folds": len(folds)}
+    _icl_report(pooled.result)
+
+
+@register("svd-clip", ClipConfig, default=5, pool=_pool_icl,
           flags={"--icl-demos": "demos", "--icl-seed": "demo_seed", "--clip-keep": "keep"},
           summary="in-context demonstrations, then one edge layer's attention or MLP clipped to its top singular "
                   "values (chosen on dev)")
