@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import write_task
 
 from eigenprune.baselines import registry
 from eigenprune.baselines.base import MethodResult
