@@ -60,16 +60,16 @@ def settings(cfg: RunConfig) -> tuple[int, int, int]:
 
 def run_once(cfg: RunConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         report = execute(cfg, Path(tmp) / "run", quiet=True)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     phases = {k: float(report["timings"][k]) for k in PHASES}
-    return {"wall": wall, **phases, "other": wall - sum(phases.values())}
+    return {"wall": wall, **phases, "other": wall - sum(phases.values()), "cpu": cpu}
 
 
 def floor_once(cfg: RunConfig, task_name: str, limit: int | None, eval_mode: str | None, n_p: int) -> dict:
     score_batch, eval_batch, seed = settings(cfg)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model, tok = load_model(cfg.model)
     out = {"load": time.perf_counter() - start}
     task = load_task(task_name)
@@ -95,6 +95,7 @@ def floor_once(cfg: RunConfig, task_name: str, limit: int | None, eval_mode: str
     out["sweep"] = evaluations(n_p)
     out["test_eval"] = 0.0
     out["wall"] = sum(out.values())
+    out["cpu"] = time.process_time() - cpu
     return out
 
 
@@ -194,7 +195,8 @@ def measure(argv: list[str]) -> dict:
     run = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     floor = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
     result = {"machine": machine(), "argv": argv, "first_load_s": first_load, "run": run, "floor": floor,
-              "ratio": run["wall"] / floor["wall"], "repeats": args.repeats}
+              "ratio": run["wall"] / floor["wall"], "cpu_ratio": run["cpu"] / floor["cpu"], "repeats": args.repeats,
+              "load_average": os.getloadavg()}
     if args.choice_check and (args.eval_mode or load_task(args.task).eval_mode) == "choice":
         result["choice_check"] = choice_check(cfg, args.task, args.limit)
     if args.load_check:
@@ -208,8 +210,8 @@ def report(r: dict) -> str:
         run, floor = r["run"][k], r["floor"].get(k, 0.0)
         ratio = f"{run / floor:6.2f}" if floor > 0 else "     -"
         lines.append(f"{'total' if k == 'wall' else k:<10} {run:8.2f} {floor:8.2f} {ratio}")
-    lines.append(f"whole run / floor: {r['ratio']:.2f}x (median of {r['repeats']}); "
-                 f"first load {r['first_load_s']:.1f} s")
+    lines.append(f"whole run / floor: {r['ratio']:.2f}x wall, {r['cpu_ratio']:.2f}x CPU time (median of "
+                 f"{r['repeats']}); first load {r['first_load_s']:.1f} s; load average {r['load_average'][1]:.1f}")
     check = r.get("choice_check")
     if check:
         for name, c in check.items():
