@@ -169,7 +169,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--p", default="0.01,0.05,0.1,0.3", help="comma-separated fractions, as `run --p`")
     p.add_argument("--eval-mode", default=None, choices=("next-token", "choice", "exact"))
-    p.add_argument("--repeats", type=int, default=1, help="run and floor this many times each (alternating)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run and floor this many times each, alternating (0: only the checks asked for)")
     p.add_argument("--choice-check", action="store_true", help="KV-cache choice scoring vs teacher forcing")
     p.add_argument("--load-check", action="store_true", help="time loads without, into and from the cache")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -192,11 +193,12 @@ def measure(argv: list[str]) -> dict:
                 runs.append(run_once(cfg))
             else:
                 floors.append(floor_once(cfg, args.task, args.limit, args.eval_mode, len(cfg.p)))
-    run = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    floor = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
-    result = {"machine": machine(), "argv": argv, "first_load_s": first_load, "run": run, "floor": floor,
-              "ratio": run["wall"] / floor["wall"], "cpu_ratio": run["cpu"] / floor["cpu"], "repeats": args.repeats,
-              "load_average": os.getloadavg()}
+    result = {"machine": machine(), "argv": argv, "first_load_s": first_load, "repeats": args.repeats}
+    if runs:
+        run = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        floor = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
+        result |= {"run": run, "floor": floor, "ratio": run["wall"] / floor["wall"],
+                   "cpu_ratio": run["cpu"] / floor["cpu"], "load_average": os.getloadavg()}
     if args.choice_check and (args.eval_mode or load_task(args.task).eval_mode) == "choice":
         result["choice_check"] = choice_check(cfg, args.task, args.limit)
     if args.load_check:
@@ -205,13 +207,15 @@ def measure(argv: list[str]) -> dict:
 
 
 def report(r: dict) -> str:
-    lines = [f"{'phase':<10} {'run s':>8} {'floor s':>8} {'ratio':>6}"]
-    for k in (*PHASES, "other", "wall"):
-        run, floor = r["run"][k], r["floor"].get(k, 0.0)
-        ratio = f"{run / floor:6.2f}" if floor > 0 else "     -"
-        lines.append(f"{'total' if k == 'wall' else k:<10} {run:8.2f} {floor:8.2f} {ratio}")
-    lines.append(f"whole run / floor: {r['ratio']:.2f}x wall, {r['cpu_ratio']:.2f}x CPU time (median of "
-                 f"{r['repeats']}); first load {r['first_load_s']:.1f} s; load average {r['load_average'][1]:.1f}")
+    lines = [f"first load {r['first_load_s']:.1f} s"]
+    if "run" in r:
+        lines.append(f"{'phase':<10} {'run s':>8} {'floor s':>8} {'ratio':>6}")
+        for k in (*PHASES, "other", "wall"):
+            run, floor = r["run"][k], r["floor"].get(k, 0.0)
+            ratio = f"{run / floor:6.2f}" if floor > 0 else "     -"
+            lines.append(f"{'total' if k == 'wall' else k:<10} {run:8.2f} {floor:8.2f} {ratio}")
+        lines.append(f"whole run / floor: {r['ratio']:.2f}x wall, {r['cpu_ratio']:.2f}x CPU time (median of "
+                     f"{r['repeats']}); load average {r['load_average'][1]:.1f}")
     check = r.get("choice_check")
     if check:
         for name, c in check.items():
