@@ -309,11 +309,11 @@ def test_each_prompt_runs_once():
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        choice_nll(model, tok, MIXED, batch_size=4)
+        choice_nll(model, tok, MIXED, batch_size=16)
     finally:
         handle.remove()
     prompts = [c for c in calls if not c[1]]
     assert sum(shape[0] for shape, _ in prompts) == len(MIXED)  # one row per example, not per choice
-    assert len(prompts) == 2 and len(calls) <= 4  # two prompt batches, each with at most one continuation
+    assert len(prompts) == 2 and len(calls) <= 4  # 16 // 4 choices = 4 prompts a batch, at most one continuation each
     multi = sum(len(tok(c, add_special_tokens=False)["input_ids"]) > 1 for ex in MIXED for c in ex.choices)
     assert sum(shape[0] for shape, cached in calls if cached) == multi  # only longer choices continue

@@ -139,7 +139,11 @@ def choice_nll(model: torch.nn.Module, tokenizer, examples: Sequence[Example], b
     Each prompt is computed once. One forward of a batch of left-padded prompts gives every choice's
     first token and a KV cache; the choices that have more tokens then continue on their example's
     cache rows in a second forward, with positions and edit offsets counted from the last prompt token
-    (the same values as teacher-forcing prompt + choice in one sequence). `batch_size` counts prompts.
+    (the same values as teacher-forcing prompt + choice in one sequence). `batch_size` counts (prompt,
+    choice) sequences, as teacher forcing every pair did: a batch holds batch_size // choices prompts,
+    which keeps its memory and its padding (prompts of similar length) what they were. CB on
+    SmolLM2-135M, 32 examples, 1 thread: 8.2 s CPU with 5 prompts a batch, 12.4 s with 16; teacher
+    forcing every pair took 25 s.
     """
     flat, answers = [], []
     for i, ex in enumerate(examples):
@@ -154,9 +158,11 @@ def choice_nll(model: torch.nn.Module, tokenizer, examples: Sequence[Example], b
     nll = torch.empty(len(encoded))
     device = _device(model)
     prompts = [encoded[first[i]] for i in range(len(examples))]
-    groups = _prompt_batches(prompts, batch_size)
+    _n_batches(len(examples), batch_size)  # a batch size below 1 is a UsageError
+    per_batch = max(1, batch_size // max(len(ex.choices) for ex in examples))
+    groups = _prompt_batches(prompts, per_batch)
     with _evaluating(model):
-        for index in _progress(groups, _n_batches(len(examples), batch_size), progress, "choice"):
+        for index in _progress(groups, _n_batches(len(examples), per_batch), progress, "choice"):
             inputs = left_padded([prompts[i].prompt_ids for i in index], tokenizer.pad_token_id)
             mask = inputs["attention_mask"]  # (batch, pos)
             lengths = mask.sum(1)  # (batch,)
