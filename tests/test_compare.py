@@ -85,7 +85,11 @@ def full(setup, tmp_path_factory):
 def test_writes_every_file_and_key(full):
     out, names = full
     assert {p.name for p in out.iterdir()} == {"comparison.json", "comparison.md", "comparison.png", "config.json",
-                                               "edits"}
+                                               "edits", "side_effects.png"}
+    report = json.loads((out / "comparison.json").read_text())
+    measured = report["side_effects"]["model_order"]  # the base, then every method that changed the model
+    assert measured[0] == "base" and set(measured[1:]) == {n for n in names if report["methods"][n]["changed_params"]}
+    assert "| Δ perplexity | KL |" in (out / "comparison.md").read_text()
     report = json.loads((out / "comparison.json").read_text())
     assert report["methods_run"] == names and set(report["methods"]) == set(names) and report["implicit"] == []
     for name, row in report["methods"].items():

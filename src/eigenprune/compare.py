@@ -175,10 +175,19 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
         if tracker_of(model) is not None or weights() != untouched:
             raise RuntimeError(f"method '{name}' left the shared model changed; it must restore it")
 
+    side_effects = None
     runs = []
     for split in folds:
         fold = f"fold {split.fold + 1}/{len(folds)}: " if len(folds) > 1 else ""
         runs.append(_run_fold(split, model, tok, mode, cfg, quiet, specs, configs, check, fold))
+        if len(runs) == 1 and (cfg.side_effects or cfg.also):  # fold 1's chosen configurations, while they live
+            from .experiment import measure_side_effects
+
+            t0 = time.perf_counter()
+            appliers = [(name, r.applied) for name, r in runs[0][1].items() if r.applied and r.changed_params]
+            side_effects = measure_side_effects(model, tok, task, cfg, appliers, quiet)
+            check("side effects")
+            timings["side_effects"] = time.perf_counter() - t0
         if len(folds) > 1:  # live objects (SVDs) of a finished fold are not needed again
             for result in runs[-1][1].values():
                 for key in _NOT_JSON:
@@ -197,6 +206,8 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
     else:
         report |= pooled_report(folds, runs, specs, cfg.n_boot)
         saves = [(name, i, r[1][name].save) for name in report["methods"] for i, r in enumerate(runs)]
+    if side_effects is not None:
+        report["side_effects"] = side_effects
     report |= {"timings": timings, "warnings": warnings,
                "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"}
     report["verdict"] = verdict(report)
@@ -217,6 +228,10 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
             {"run": run_settings, "compare": _plain(dataclasses.asdict(opts))}, indent=2, sort_keys=True) + "\n")
         (tmp / "comparison.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         plot_comparison(report, tmp / "comparison.png")
+        if side_effects is not None:
+            from .side_effects import plot
+
+            plot(side_effects, tmp / "side_effects.png")
         (tmp / "comparison.md").write_text(render_markdown(report))
     report["out"] = str(out)
     return report

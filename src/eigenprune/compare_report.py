@@ -104,20 +104,40 @@ def _folds_section(report: dict) -> list[str]:
     return lines
 
 
+def _effects(report: dict, name: str) -> str:
+    """The Δ perplexity and KL cells of a method's row ("" without a side-effects section)."""
+    section = report.get("side_effects")
+    if section is None:
+        return ""
+    from .side_effects import columns
+
+    if name in section["models"]:
+        cells = columns(section, name)
+        return f" {cells['Δ perplexity']} | {cells['KL']} |"
+    return " 0 (no change) | 0 |" if name == "base" or report["methods"][name]["changed_params"] == 0 else " – | – |"
+
+
 def render_markdown(report: dict) -> str:
     base = report["base"]
+    effects = report.get("side_effects") is not None
     lines = [f"# eigenprune compare: {report['task']} on {report['model']}", "", "## Verdict", "",
              report["verdict"], "", "## Results", "", _setting(report), "",
              "| method | chosen configuration | dev acc | test acc [95% CI] | test - base [95% CI] | dev evals "
-             "| wall s | changed params |", "|---|---|---|---|---|---|---|---|",
+             "| wall s | changed params |" + (" Δ perplexity | KL |" if effects else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if effects else ""),
              f"| base | unmodified model | {base['dev']['acc']:.3f} | {_ci_text(base['test'])} | - | 1 | "
-             f"{report['timings']['base_eval']:.1f} | 0 |"]
+             f"{report['timings']['base_eval']:.1f} | 0 |" + ("  |  |" if effects else "")]
     for name in method_order(report):
         r = report["methods"][name]
         lines.append(f"| {name} | {_chosen(r['config'])} | {r['dev']['acc']:.3f} | {_ci_text(r['test'])} | "
                      f"{_diff_text(r['diff_vs_base'])} | {r['dev_evaluations']} | {r['wall_s']:.1f} | "
-                     f"{r['changed_params']} |")
+                     f"{r['changed_params']} |" + _effects(report, name))
     lines += ["", "![test accuracy per method](comparison.png)", ""]
+    if effects:
+        from .side_effects import render_markdown as effects_markdown
+
+        where = " (fold 1's chosen configurations)" if _folds(report) > 1 else ""
+        lines += [effects_markdown(report["side_effects"]).replace("## Side effects", f"## Side effects{where}", 1)]
     if _folds(report) > 1:
         lines += _folds_section(report)
     for name in method_order(report):

@@ -130,20 +130,20 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
     return report, run, edit, pruned
 
 
-def measure_side_effects(model, tokenizer, task, cfg: RunConfig, edits: list[tuple[str, object]],
+def measure_side_effects(model, tokenizer, task, cfg: RunConfig, appliers: list[tuple[str, object]],
                          quiet: bool) -> dict:
-    """The "Side effects" section: the base model and each named edit that froze something, measured on the
-    shipped general-English sample (the task's own text left out) and on `cfg.also` tasks."""
+    """The "Side effects" section: the base model and each named change (`applier(model)` puts it on the model
+    for a block), measured on the shipped general-English sample (the task's own text left out) and on
+    `cfg.also` tasks."""
     from .side_effects import SideEffects, sample_for_task
 
     config = getattr(model, "config", None)
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     effects = SideEffects(model, tokenizer, sample_for_task(task), also=cfg.also or (), max_tokens=context,
                           eval_batch_size=cfg.eval_batch_size, progress=not quiet)  # documents cut to the context
-    for name, edit in edits:
-        if edit.n_frozen:
-            with applied(model, edit):
-                effects.measure(name, model)
+    for name, applier in appliers:
+        with applier(model):
+            effects.measure(name, model)
     return effects.section(cfg.n_boot)
 
 
@@ -219,7 +219,8 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
         t0 = time.perf_counter()
         chosen = [(f"fold {fold + 1} (p = {e.config.p:g})", e) for fold, _, e in fold_edits] or [
             (f"edit (p = {edit.config.p:g})", edit)]
-        report["side_effects"] = measure_side_effects(model, tok, task, cfg, chosen, quiet)
+        appliers = [(name, lambda m, e=e: applied(m, e)) for name, e in chosen if e.n_frozen]
+        report["side_effects"] = measure_side_effects(model, tok, task, cfg, appliers, quiet)
         report["timings"]["side_effects"] = time.perf_counter() - t0
     report["warnings"] = warnings
     report["versions"] = recorded["versions"]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import UsageError
 
@@ -188,6 +189,35 @@ def _fill(entry: Path, model, tokenizer, about: dict) -> bool:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (HF_ENDPOINT honoured) within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device a user named, or one line saying why it cannot be used here."""
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps") from None
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); "
+                         "use --device cpu") from None
+    if found.type == "cuda" and found.index is not None and found.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here") from None
+    if found.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu") from None
+    return found
+
+
 def _from_pretrained(spec: str, source: ModelSource, torch_dtype: torch.dtype, trust_remote_code: bool,
                      device_map: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -206,11 +236,16 @@ def _from_pretrained(spec: str, source: ModelSource, torch_dtype: torch.dtype, t
             except OSError:
                 if offline or source.location != spec or Path(spec).exists():
                     raise
+                if not _hub_reachable():  # else transformers retries for about 45 s before the same error
+                    raise UsageError(f"model '{spec}' is not a local folder or .gguf file, not in the Hugging Face "
+                                     "cache, and the hub cannot be reached; give a local path (or set "
+                                     "HF_HUB_OFFLINE=1 to fail at once)") from None
                 tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
                 model = AutoModelForCausalLM.from_pretrained(
                     source.location, dtype=torch_dtype, device_map=device_map, **kwargs
                 )
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # bad files: a config that does not
+            # match the weights (size mismatch), truncated or corrupt weights, a missing tokenizer
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UsageError(f"cannot load model '{spec}': {first}") from err
     return model, tokenizer
@@ -251,6 +286,7 @@ def load_model(
     hf_logging.disable_progress_bar()  # eigenprune shows its own progress; loading bars are noise
     if device_map is not None and not _has("accelerate"):
         raise UsageError(f"--device-map {device_map} needs the accelerate package: pip install accelerate")
+    check_device(device)  # before any loading: a typo costs nothing
     source = resolve(spec)
     torch_dtype = parse_dtype(dtype)
     root = cache_root() if source.gguf_file else None

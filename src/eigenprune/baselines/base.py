@@ -4,6 +4,7 @@ space) uses, so that all of them evaluate, count, choose and save the same way."
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ class MethodResult:
     sections: list[str] = field(default_factory=list)  # markdown sections of its own (a per-seed table, ...)
     markers: list[dict] = field(default_factory=list)  # extra points on its plot row: {"acc", "label", "marker"}
     verdict: str = ""  # a sentence for the verdict (e.g. "the prompt change, not the clipping, carries it")
+    # the chosen configuration put on a model for a block (`with result.applied(model): ...`), so that compare
+    # can measure what it costs elsewhere (side effects); None: the method cannot be applied to a model alone
+    applied: Callable[[torch.nn.Module], contextlib.AbstractContextManager] | None = None
 
 
 def evaluate_edit(harness: Harness, edit: Edit, split: str) -> torch.Tensor:
@@ -54,6 +58,11 @@ def edit_changed_params(edit: Edit) -> int:
         rows = t.rows[1] - t.rows[0]
         total += rows * t.in_features + (rows if edit.config.bias != "none" else 0)
     return total
+
+
+def edit_applier(edit: Edit) -> Callable[[torch.nn.Module], contextlib.AbstractContextManager]:
+    """`applied(model)` for an edit-based method's chosen edit."""
+    return lambda model: applied(model, edit)
 
 
 def edit_saver(edit: Edit, meta: dict) -> Callable[[Path], None]:

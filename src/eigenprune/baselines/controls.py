@@ -25,7 +25,15 @@ from ..artifact import ScoreRun
 from ..experiment import Harness, base_correct, ci, diff_ci
 from ..freeze import Edit, FreezeConfig, build_edit, make_edit
 from ..stats import mean_sd
-from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
+from .base import (
+    MethodResult,
+    accuracy,
+    best_on_dev,
+    edit_applier,
+    edit_changed_params,
+    edit_saver,
+    evaluate_edit,
+)
 from .registry import Context, Pooled, register
 
 
@@ -110,6 +118,7 @@ def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int 
     return MethodResult(
         method="random", config=config, dev=dev, test=test, dev_evaluations=0, wall_s=time.perf_counter() - t0,
         changed_params=edit_changed_params(edits[0]), save=edit_saver(edits[0], meta), runs=runs, extra=extra,
+        applied=edit_applier(edits[0]),
         modules=edits[0].modules,
     )
 
@@ -138,6 +147,7 @@ def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | No
         method="smallest", config=config, dev=dev, test=test, dev_evaluations=1 + len(ps),
         wall_s=time.perf_counter() - t0, changed_params=edit_changed_params(edit),
         save=edit_saver(edit, score_run.edit_meta() | {"method": "smallest"}), extra={"sweep": sweep},
+        applied=edit_applier(edit),
         modules=edit.modules,
     )
 

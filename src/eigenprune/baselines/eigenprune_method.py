@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..experiment import Harness, run_one
-from .base import MethodResult, edit_changed_params, edit_saver
+from .base import MethodResult, edit_applier, edit_changed_params, edit_saver
 from .registry import Context, NoSettings, register
 
 
@@ -35,7 +35,7 @@ def run_eigenprune(harness: Harness, seed: int | None = None,
         method="eigenprune", config=config, dev=chosen["dev"], test=chosen["test"],
         dev_evaluations=1 + len(report["sweep"]),
         wall_s=wall, changed_params=edit_changed_params(edit),
-        save=edit_saver(edit, run.edit_meta() | {"method": "eigenprune"}),
+        save=edit_saver(edit, run.edit_meta() | {"method": "eigenprune"}), applied=edit_applier(edit),
         extra={"score_run": run, "edit": edit, "report": report, "sweep": report["sweep"],
                "n_components": report["n_components"], "timings": report["timings"]},
         modules=edit.modules,

@@ -37,7 +37,7 @@ from ..experiment import Harness, base_correct
 from ..freeze import Edit, FreezeConfig
 from ..hooks import capture_io
 from ..targets import Target, find_targets, target_weight
-from .base import MethodResult, accuracy, edit_changed_params, edit_saver, evaluate_edit
+from .base import MethodResult, accuracy, edit_applier, edit_changed_params, edit_saver, evaluate_edit
 from .registry import Context, register
 
 # Down to a quarter is the usual compression range, but on a narrow task a quarter of the directions
@@ -205,7 +205,7 @@ def run_feature_space(harness: Harness, targets: str = "mlp-out",
         config={"targets": targets, "layers": layers, "fractions": fractions, "max_layers": max_layers,
                 "chosen": [[c["layer"], c["fraction"]] for c in chosen]},  # [layer, fraction] per accepted layer
         dev=best_dev, test=test, dev_evaluations=1 + len(trials), wall_s=time.perf_counter() - t0,
-        changed_params=edit_changed_params(edit), save=edit_saver(edit, meta), runs=trials,
+        changed_params=edit_changed_params(edit), save=edit_saver(edit, meta), runs=trials, applied=edit_applier(edit),
         extra={"chosen_ranks": chosen, "base_dev_acc": base_acc, "n_train_tokens": next(iter(bases.values())).n_tokens,
                "n_discarded": edit.n_frozen},
         modules=edit.modules,

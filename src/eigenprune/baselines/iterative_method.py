@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..artifact import fingerprint
 from ..harness import Harness, accuracy, base_correct, best_on_dev
 from ..iterative import iterative_edits
-from .base import MethodResult, edit_changed_params, edit_saver
+from .base import MethodResult, edit_applier, edit_changed_params, edit_saver
 from .registry import Context, register
 
 
@@ -54,7 +54,7 @@ def eigenprune_iterative(harness: Harness, config: IterativeSettings, ctx: Conte
     best = best_on_dev(accuracy(base_dev), [row["dev_acc"] for row in sweep])
     if best < 0:
         dev, test = base_dev, base_correct(harness, ctx.base, "test")
-        chosen, save, changed, modules = {"p": 0.0, "steps": 0, "n_frozen": 0}, None, 0, []
+        chosen, save, changed, modules, applied = {"p": 0.0, "steps": 0, "n_frozen": 0}, None, 0, [], None
     else:
         dev = devs[best]
         with edits[best].applied(model):
@@ -67,9 +67,11 @@ def eigenprune_iterative(harness: Harness, config: IterativeSettings, ctx: Conte
                 "steps": candidates[best][1]}
         chosen = {k: v for k, v in sweep[best].items() if k != "dev_acc"}
         save, changed = edit_saver(merged, meta), edit_changed_params(merged)
+        applied = edit_applier(merged)
     return MethodResult(
         method="eigenprune-iterative", config=chosen, dev=dev, test=test, dev_evaluations=1 + len(sweep),
         wall_s=time.perf_counter() - t0, changed_params=changed, save=save, runs=sweep, modules=modules,
+        applied=applied,
         extra={"candidates": [list(c) for c in candidates]},
         notes=["eigenprune-iterative: each (p, S) candidate re-scores the model S times, the rounds after the first "
                "on the model with the earlier rounds' edit applied."],

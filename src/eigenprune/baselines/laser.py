@@ -27,7 +27,15 @@ from ..errors import UsageError
 from ..experiment import Harness, base_correct
 from ..freeze import Edit, FreezeConfig, build_edit
 from ..targets import PRESETS, Target, find_targets
-from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
+from .base import (
+    MethodResult,
+    accuracy,
+    best_on_dev,
+    edit_applier,
+    edit_changed_params,
+    edit_saver,
+    evaluate_edit,
+)
 from .registry import Context, register
 
 DEFAULT_KEEP = (0.9, 0.5, 0.25, 0.1, 0.05, 0.01)
@@ -134,6 +142,7 @@ def run_laser(harness: Harness, config: LaserConfig | None = None,
         method="laser", config={**chosen, "base_chosen": best < 0}, dev=dev, test=test,
         dev_evaluations=1 + len(sweep), wall_s=time.perf_counter() - t0,
         changed_params=edit_changed_params(edit), save=edit_saver(edit, meta | {"laser": chosen}),
+        applied=edit_applier(edit),
         extra={"layers": layers, "kinds": list(config.kinds), "keep": keeps, "sweep": sweep},
         modules=edit.modules if best >= 0 else [],
     )

@@ -318,7 +318,9 @@ def lora_stage(harness: Harness, config: TuneConfig, ctx: Context | None = None)
             _write(tmp, {}, {**meta, "method": composite["method"], "edit": composite["edit"],
                              "chosen_p": edit.config.get("p")})
 
-    return Stage(result=result, weights=weights, save_with_edit=save_with_edit)
+    stage = Stage(result=result, weights=weights, save_with_edit=save_with_edit)
+    result.applied = stage.applied  # the merged fine-tuned weights (the row itself was evaluated unmerged)
+    return stage
 
 
 @register("lora", TuneConfig, stage=lora_stage,

@@ -242,6 +242,12 @@ def run(spec: Spec, harness: Harness, stage_config: Any, config: Any, ctx: Conte
     return compose(spec.name, stage, inner, changed)
 
 
+@contextlib.contextmanager
+def _both(stage: Stage, inner: MethodResult, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    with stage.applied(model), inner.applied(model):
+        yield model
+
+
 def compose(name: str, stage: Stage, inner: MethodResult, changed_params: int) -> MethodResult:
     """One row for an edit made on a stage's model: the edit's dev/test, both parts' settings and costs."""
     first = stage.result
@@ -270,6 +276,7 @@ def compose(name: str, stage: Stage, inner: MethodResult, changed_params: int) -
         dev_evaluations=first.dev_evaluations + inner.dev_evaluations, wall_s=first.wall_s + inner.wall_s,
         changed_params=changed_params, save=save, runs=inner.runs, extra=extra, modules=inner.modules,
         notes=notes + inner.notes, sections=inner.sections, markers=inner.markers, verdict=inner.verdict,
+        applied=None if inner.applied is None else lambda model: _both(stage, inner, model),
     )
 
 

@@ -27,7 +27,15 @@ from ..errors import UsageError
 from ..experiment import Harness, ci, diff_ci
 from ..targets import PRESETS, find_targets
 from ..tasks import Splits
-from .base import MethodResult, accuracy, best_on_dev, edit_changed_params, edit_saver, evaluate_edit
+from .base import (
+    MethodResult,
+    accuracy,
+    best_on_dev,
+    edit_applier,
+    edit_changed_params,
+    edit_saver,
+    evaluate_edit,
+)
 from .laser import edit_meta, truncation_edit
 from .registry import Context, Pooled, register
 
@@ -151,7 +159,7 @@ def run_svd_clip(harness: Harness, config: ClipConfig | None = None,
     return MethodResult(
         method="svd-clip", config=config_out, dev=dev, test=test, dev_evaluations=1 + len(sweep),
         wall_s=time.perf_counter() - t0, changed_params=edit_changed_params(edit),
-        save=edit_saver(edit, meta | {"svd_clip": chosen}),
+        save=edit_saver(edit, meta | {"svd_clip": chosen}), applied=edit_applier(edit),  # the clipping alone
         extra={"icl_only": icl_only, "layers": layers, "groups": list(config.groups), "keep": [1.0, *keeps],
                "demonstrations": [d.prompt + d.answer for d in demos], "sweep": sweep,
                "_icl_test": icl_test},  # per-example, for pooling over folds (not written to JSON)
