@@ -8,6 +8,8 @@ over the offsets t (from the last prompt token) present in both, the same attrib
 `scoring.py` computes for its own pairs; scores keep the max over every pair of every batch, and the
 mean. At batch size 1, the released default, every example is its own partner, x_{b−1} − x_b = 0 and
 every score is exactly 0: which components are frozen is then decided by the sort's tie order alone.
+(The released code keeps the max over positions of per-position effects; here a pair's effect is
+summed over positions, as everywhere in eigenprune. At batch size 1 both are 0.)
 
 The input means x̄_t a freeze needs are summed in the same pass, over every scoring example (the
 released code takes them from its last batch only; see `released_recipe.py`). `input_means` computes
