@@ -42,3 +42,13 @@ def write_task(path):
             rows.append({"prompt": f"{a} + {b} =", "choices": choices, "label": label})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def without_timings(report: dict) -> dict:
+    """A report without what differs between two runs of the same experiment: wall times and the machine."""
+    import copy
+
+    report = copy.deepcopy({k: v for k, v in report.items() if k not in ("timings", "machine", "out")})
+    for model in (report.get("side_effects") or {}).get("models", {}).values():
+        model.pop("wall_s", None)
+    return report

@@ -4,16 +4,15 @@ import json
 
 import pytest
 import torch
+from helpers import without_timings
 
 from eigenprune import experiment
 from eigenprune.cli import main
 from eigenprune.experiment import RunConfig, choose
 
-VOLATILE = ("timings", "machine", "out")
-
 
 def stable(report: dict) -> dict:
-    return {k: v for k, v in report.items() if k not in VOLATILE}
+    return without_timings(report)
 
 
 @pytest.fixture(scope="module")
