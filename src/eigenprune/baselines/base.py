@@ -5,7 +5,7 @@ space) uses, so that all of them evaluate, count, choose and save the same way."
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +58,15 @@ def edit_changed_params(edit: Edit) -> int:
         rows = t.rows[1] - t.rows[0]
         total += rows * t.in_features + (rows if edit.config.bias != "none" else 0)
     return total
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed the global RNGs for the block and give the caller's RNG state back afterwards (training stages)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else None):
+        torch.manual_seed(seed)
+        yield
 
 
 def edit_applier(edit: Edit) -> Callable[[torch.nn.Module], contextlib.AbstractContextManager]:

@@ -40,7 +40,7 @@ from ..data import Batch, Example, batch_nll, check_fits, collate, encode
 from ..errors import UsageError
 from ..harness import Harness
 from ..targets import linear_modules
-from .base import MethodResult
+from .base import MethodResult, seeded
 from .registry import Context, Stage, register, resolve
 
 FINETUNE_FORMAT, FINETUNE_VERSION, FINETUNE_JSON = "eigenprune-finetune", 1, "eigenprune_finetune.json"
@@ -80,15 +80,6 @@ class FinetuneConfig:
     def as_finetune(self) -> FinetuneConfig:
         """Only the fine-tune's own settings (a subclass adds its own): the key its training is shared under."""
         return FinetuneConfig(**{f.name: getattr(self, f.name) for f in fields(FinetuneConfig)})
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed the global RNGs for the block and give the caller's RNG state back afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else None):
-        torch.manual_seed(seed)
-        yield
 
 
 @contextlib.contextmanager
@@ -137,7 +128,7 @@ def train_full(model: nn.Module, tokenizer, examples: Sequence[Example], config:
     generator = torch.Generator().manual_seed(config.seed)
     curve, window, losses, nonfinite, step = [], [], [], [], 0
     model.train()
-    with _seeded(config.seed, device):
+    with seeded(config.seed, device):
         for _ in range(config.epochs):
             order = torch.randperm(len(encoded), generator=generator).tolist()
             for start in range(0, len(order), config.batch_size):

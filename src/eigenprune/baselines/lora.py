@@ -48,7 +48,7 @@ from ..data import Example, batch_nll, collate, encode
 from ..errors import UsageError
 from ..experiment import Harness
 from ..targets import find_targets, weight_view
-from .base import MethodResult, accuracy
+from .base import MethodResult, accuracy, seeded
 from .registry import Context, NoSettings, Stage, register, resolve, run
 
 LORA_FORMAT, LORA_VERSION, LORA_JSON = "eigenprune-lora", 1, "eigenprune_lora.json"
@@ -101,15 +101,6 @@ def lora_modules(model: nn.Module, targets: str, layers: str | None = None) -> t
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed the global RNGs for the block and give the caller's RNG state back afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else None):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence transformers' own deprecation notices, which peft reaches on every wrap."""
     with warnings.catch_warnings():
@@ -130,7 +121,7 @@ def lora_attached(model: nn.Module, modules: Sequence[str], config: TuneConfig) 
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
                       target_modules=list(modules), task_type="CAUSAL_LM",
                       fan_in_fan_out=any(isinstance(model.get_submodule(m), Conv1D) for m in modules))
-    with _seeded(config.seed, weight_view(model.get_submodule(modules[0])).device), _quiet():
+    with seeded(config.seed, weight_view(model.get_submodule(modules[0])).device), _quiet():
         peft_model = get_peft_model(model, lora)
     try:
         yield peft_model
@@ -162,7 +153,7 @@ def train_lora(model: nn.Module, tokenizer, examples: Sequence[Example], config:
     was_training = model.training
     model.train()
     try:
-        with _seeded(config.seed, device):
+        with seeded(config.seed, device):
             for step in range(1, config.steps + 1):
                 while len(order) < config.batch_size:
                     order += torch.randperm(len(encoded), generator=generator).tolist()
