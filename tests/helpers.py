@@ -52,3 +52,14 @@ def without_timings(report: dict) -> dict:
     for model in (report.get("side_effects") or {}).get("models", {}).values():
         model.pop("wall_s", None)
     return report
+
+
+def run_report(model_and_task, out, *argv) -> dict:
+    """`eigenprune run --model M --task T ARGV --out OUT` (must exit 0); its report.json."""
+    import json
+
+    from eigenprune.cli import main
+
+    model, task = model_and_task
+    assert main(["run", "--model", str(model), "--task", str(task), *map(str, argv), "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text())

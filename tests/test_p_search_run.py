@@ -1,9 +1,9 @@
 """`run --p auto` and `--select`: the search's candidates go through the real experiment, stay in budget, and
 the report shows every p tried with both dev numbers; the chosen p follows the selection rule."""
 
-import json
 
 import pytest
+from helpers import run_report
 
 from eigenprune.cli import main
 
@@ -17,9 +17,7 @@ def setup(sums_setup):
 
 
 def run(setup, out, *extra) -> dict:
-    model, task = setup
-    assert main(["run", "--model", str(model), "--task", str(task), *ARGS, *extra, "--out", str(out)]) == 0
-    return json.loads((out / "report.json").read_text())
+    return run_report(setup, out, *ARGS, *extra)
 
 
 @pytest.mark.parametrize("budget", [4, 7])

@@ -1,10 +1,9 @@
 """`run --folds K`: every pooled example tested exactly once, never seen by its own fold's choices; the report
 pools per-example results with fold-stratified CIs; `--folds 1` is today's run."""
 
-import json
 
 import pytest
-from helpers import without_timings
+from helpers import run_report, without_timings
 
 from eigenprune import harness as harness_module
 from eigenprune.cli import main
@@ -19,9 +18,7 @@ def setup(sums_setup):
 
 
 def run(setup, out, *extra) -> dict:
-    model, task = setup
-    assert main(["run", "--model", str(model), "--task", str(task), *ARGS, *extra, "--out", str(out)]) == 0
-    return json.loads((out / "report.json").read_text())
+    return run_report(setup, out, *ARGS, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """`run` reports what the chosen edit costs elsewhere: perplexity and KL on the shipped text sample, and
 accuracy on `--also` tasks; `--no-side-effects` skips it."""
 
-import json
 
 import pytest
+from helpers import run_report
 
 from eigenprune.cli import main
 
@@ -12,9 +12,7 @@ ARGS = ["--limit", "12", "--split-seed", "2", "--targets", "all", "--p", "0.5,0.
 
 
 def run(setup, out, *extra) -> dict:
-    model, task = setup
-    assert main(["run", "--model", str(model), "--task", str(task), *ARGS, *extra, "--out", str(out)]) == 0
-    return json.loads((out / "report.json").read_text())
+    return run_report(setup, out, *ARGS, *extra)
 
 
 def test_the_chosen_edit_is_measured_beside_the_base(sums_setup, tmp_path):
