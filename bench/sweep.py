@@ -12,7 +12,14 @@ packaged text sample (`eigenprune.side_effects`, the pruned task's text left out
 bare forward loop over the same batches, and every p adds one edited pass (perplexity, KL): the run
 fails unless each pass made exactly one model call per batch (no second base pass).
 
+With `--search`, `eigenprune.search.search_p` (what `run --p auto` calls) then runs from the same
+scores: every candidate is one dev evaluation plus the dev NLL of the correct answers (what `run` does
+per p), timed one by one. The fixed sweep's cost is the search's grid phase (the same p values, the same
+work); the report gives the search's evaluations and time against it, and the run fails if the search
+spends more than `--p-budget` evaluations or makes an SVD or scoring call.
+
     python bench/sweep.py --model smollm2-135m --task int-sum --p 0.01,0.05,0.1,0.3 --json sweep.json
+    python bench/sweep.py --model smollm2-135m --task int-mult --n 256 --dev-n 64 --search --no-side-effects
     python bench/sweep.py --model tiny-llama --n 16 --dev-n 16 --p 0.1,0.3   # CI smoke run
 """
 
@@ -104,7 +111,48 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--side-effect-max-tokens", type=int, default=None,
                    help=f"cut documents to this many tokens (default: none; {TINY}: 32, its context is 128)")
     p.add_argument("--side-effect-batch-size", type=int, default=8)
+    p.add_argument("--search", action="store_true", help="also time `--p auto`'s search, starting from --p")
+    p.add_argument("--p-budget", type=int, default=10, help="with --search: dev evaluations the search may spend")
+    p.add_argument("--select", default="accuracy+loss", choices=("accuracy", "accuracy+loss", "loss"),
+                   help="with --search: how dev chooses")
     return p
+
+
+def p_search(model: nn.Module, tokenizer, dev: list[Example], mode: str, args: argparse.Namespace, ps: list[float],
+             edit_at, calls: dict, device) -> dict:
+    """`search_p` from the grid `ps`, each candidate timed: one dev evaluation + the dev NLL, as `run` does."""
+    from eigenprune.evaluate import evaluate
+    from eigenprune.search import Candidate, dev_nll, search_p
+
+    def numbers() -> Candidate:
+        correct = evaluate(model, tokenizer, dev, mode, args.eval_batch_size).correct  # (n_dev,)
+        return Candidate.from_examples(correct, dev_nll(model, tokenizer, dev, args.eval_batch_size))
+
+    timings: dict[float, float] = {}
+
+    def candidate(p: float) -> Candidate:
+        def run() -> Candidate:
+            apply_edit(model, edit_at(p))
+            try:
+                return numbers()
+            finally:
+                remove_edit(model)
+
+        timings[p], _, result = timed(run, device)
+        return result
+
+    base_s, _, base = timed(numbers, device)
+    svd_before, score_before = svd_calls(calls), calls["score"].call_count
+    result = search_p(candidate, base, grid=ps, budget=args.p_budget, select=args.select,
+                      min_p=1 / edit_at.n_components)
+    steps = [{"p": s.value, "phase": s.phase, "dev_acc": s.candidate.accuracy, "dev_nll": s.candidate.nll,
+              "s": timings.get(s.value, base_s)} for s in result.steps]
+    grid_s = sum(s["s"] for s in steps if s["phase"] == "grid")
+    search_s = sum(s["s"] for s in steps if s["phase"] != "base")
+    return {"budget": args.p_budget, "select": args.select, "steps": steps, "chosen": result.chosen.value,
+            "stopped": result.stopped, "evaluations": result.evaluations, "grid_evaluations": len(ps),
+            "grid_s": grid_s, "search_s": search_s, "search_over_grid": search_s / grid_s,
+            "svd_calls": svd_calls(calls) - svd_before, "score_calls": calls["score"].call_count - score_before}
 
 
 class SideEffectBench:
@@ -218,6 +266,13 @@ def measure(argv: list[str]) -> dict:
             print(f"p={p:<6} frozen {edit.n_frozen:>5}  make_edit {row['make_edit_s']:.4f} s  "
                   f"eval {row['eval_s']:.3f} s  total {row['total_s']:.3f} s", flush=True)
         svd_in_loop, score_in_loop = svd_calls(calls) - svd_before, calls["score"].call_count - score_before
+        search = None
+        if args.search:
+            def edit_at(p: float):
+                return make_edit(targets, components, scores.max, scores.means, FreezeConfig(p=p))
+
+            edit_at.n_components = sum(t.n_components for t in targets)
+            search = p_search(model, tokenizer, dev, mode, args, ps, edit_at, calls, device)
     extra = statistics.median(r["total_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["total_s"]
     return {
         "model": args.model, "task": args.task, "targets": args.targets, "n_targets": len(targets),
@@ -232,6 +287,7 @@ def measure(argv: list[str]) -> dict:
         "forwards_per_eval": forwards_per_eval,
         "one_eval_per_p": all(r["forwards"] == forwards_per_eval for r in rows),
         "side_effects": side.summary(rows) if side is not None else None,
+        "search": search,
     }
 
 
@@ -266,6 +322,14 @@ def report(r: dict) -> str:
                          f"delta {ci(row['delta_perplexity'], '+.3f')}  KL {ci(row['kl'], '.3g')}")
         lines.append(f"side-effect pass per edit: {s['measure_s']:.2f} s = {s['measure_s'] / s['floor_s']:.2f} x the "
                      f"bare forward loop; {'one' if s['one_pass_per_model'] else 'NOT one'} forward pass per model")
+    search = r.get("search")
+    if search is not None:
+        lines.append(f"p search (select {search['select']}, budget {search['budget']}): " + ", ".join(
+            f"{s['p']:g} [{s['phase']}] {s['dev_acc']:.3f}/{s['dev_nll']:.1f} {s['s']:.2f} s" for s in search["steps"]))
+        lines.append(f"chose p = {search['chosen']:g} ({search['stopped']}); {search['evaluations']} evaluations "
+                     f"in {search['search_s']:.2f} s against the fixed grid's {search['grid_evaluations']} in "
+                     f"{search['grid_s']:.2f} s: {search['search_over_grid']:.2f} x; {search['svd_calls']} SVD and "
+                     f"{search['score_calls']} scoring calls")
     return "\n".join(lines)
 
 
@@ -274,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def passed(r: dict) -> bool:
-    """No SVD and no scoring in the p loop, exactly one dev evaluation's model calls per p, and one forward
-    pass over the side-effect sample per model."""
+    """No SVD and no scoring in the p loop, exactly one dev evaluation's model calls per p, one forward
+    pass over the side-effect sample per model, and a p search within its budget with no SVD or scoring."""
     side = r["side_effects"] is None or r["side_effects"]["one_pass_per_model"]
-    return r["svd_calls_in_loop"] == 0 and r["score_calls_in_loop"] == 0 and r["one_eval_per_p"] and side
+    s = r.get("search")
+    search = s is None or (s["evaluations"] <= s["budget"] and s["svd_calls"] == 0 and s["score_calls"] == 0)
+    return search and r["svd_calls_in_loop"] == 0 and r["score_calls_in_loop"] == 0 and r["one_eval_per_p"] and side
 
 
 if __name__ == "__main__":

@@ -68,6 +68,19 @@ def test_sweep_bench_extra_p_is_one_dev_evaluation(tmp_path):
         assert r[key] > 0
 
 
+def test_sweep_bench_times_the_p_search_against_the_grid(tmp_path):
+    out = tmp_path / "sweep.json"
+    code = sweep.main(["--model", "tiny-llama", "--n", "12", "--dev-n", "8", "--p", "0.1,0.3", "--no-side-effects",
+                       "--search", "--p-budget", "5", "--json", str(out)])
+    assert code == 0
+    s = json.loads(out.read_text())["search"]
+    phases = [step["phase"] for step in s["steps"]]
+    assert phases[:3] == ["base", "grid", "grid"] and set(phases[3:]) <= {"extend", "refine"}
+    assert s["grid_evaluations"] == 2 and s["evaluations"] == len(phases) - 1 <= 5
+    assert s["chosen"] in [step["p"] for step in s["steps"]] and s["svd_calls"] == s["score_calls"] == 0
+    assert s["search_s"] >= s["grid_s"] > 0 and s["search_over_grid"] >= 1
+
+
 def test_run_bench_times_every_phase_against_its_floor(tmp_path, saved_model_dir):
     out = tmp_path / "run.json"
     code = run.main(["--model", str(saved_model_dir), "--task", "copa", "--limit", "6", "--p", "0.1,0.3",
