@@ -3,7 +3,9 @@
 A candidate replaces ONE weight matrix (one target: a matrix type such as the MLP input projection,
 at one layer) by its truncated SVD U[:, :k] diag(S[:k]) Vh[:k], keeping the largest singular values
 and no bias. The grid is layer × matrix type × kept fraction; the best dev accuracy wins and the
-unmodified model competes as a candidate (it wins ties). The SVD is exact (`torch.linalg.svd`, via
+unmodified model competes as a candidate (it wins ties). With `search` > 0 the winning cell's kept
+fraction is then searched on dev (`strength.choose_keep`: extend at the edge, refine; chosen by the
+run's `select`). The SVD is exact (`torch.linalg.svd`, via
 `decompose`); the LASER code used a randomized SVD, which is not reproducible.
 
 Truncation is expressed as an eigenprune `Edit` that freezes the smallest components with bias
@@ -25,18 +27,17 @@ from ..artifact import fingerprint
 from ..decompose import Components, decompose_targets
 from ..errors import UsageError
 from ..experiment import Harness, base_correct
-from ..freeze import Edit, FreezeConfig, build_edit
+from ..freeze import Edit, FreezeConfig, applied, build_edit
 from ..targets import PRESETS, Target, find_targets
 from .base import (
     MethodResult,
-    accuracy,
-    best_on_dev,
     edit_applier,
     edit_changed_params,
     edit_saver,
     evaluate_edit,
 )
 from .registry import Context, register
+from .strength import choose_keep
 
 DEFAULT_KEEP = (0.9, 0.5, 0.25, 0.1, 0.05, 0.01)
 
@@ -51,6 +52,9 @@ class LaserConfig:
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "layers to try; None: last + stride"})
     last: int = field(default=4, metadata={"help": "by default try the last N layers ..."})
     stride: int = field(default=8, metadata={"help": "... plus every N-th layer from 0 (0: none)"})
+    search: int = field(default=0, metadata={
+        "help": "dev evaluations beyond the grid that extend the winning cell's kept fraction past the grid's "
+                "smallest (toward rank 1) or refine it, chosen by the run's --select (0: the fixed grid)"})
 
     def __post_init__(self) -> None:
         self.kinds, self.keep = tuple(self.kinds), tuple(float(k) for k in self.keep)
@@ -66,6 +70,8 @@ class LaserConfig:
             self.layers = tuple(int(v) for v in self.layers)
             if not self.layers or min(self.layers) < 0:
                 raise ValueError(f"layers must be non-negative layer indices, got {self.layers}")
+        if self.search < 0:
+            raise ValueError(f"search must be non-negative, got {self.search}")
         if self.last < 0 or self.stride < 0:
             raise ValueError(f"last and stride must be non-negative, got {self.last} and {self.stride}")
         if self.layers is None and self.last == 0 and self.stride == 0:
@@ -118,22 +124,28 @@ def run_laser(harness: Harness, config: LaserConfig | None = None,
     layers = search_layers(available, config)
     grid = [(layer, kind, t) for layer in layers for kind in config.kinds for t in by_kind[kind] if t.layer == layer]
     base_dev = base_correct(harness, base, "dev")
-    keeps = sorted(config.keep, reverse=True)  # mildest first, so ties keep more of the matrix
-    sweep, devs, cells = [], [], []
-    for layer, kind, target in grid:  # one exact SVD at a time: a large model's grid would not fit at once
-        components = decompose_targets(model, [target])
-        for keep in keeps:
-            devs.append(evaluate_edit(harness, truncation_edit([target], components, keep), "dev"))  # (n_dev,)
-            cells.append((target, keep))
-            sweep.append({"layer": layer, "kind": kind, "target": target.name, "keep": keep,
-                          "rank": kept_rank(target.n_components, keep), "n_components": target.n_components,
-                          "dev_acc": accuracy(devs[-1])})
-    best = best_on_dev(accuracy(base_dev), [row["dev_acc"] for row in sweep])
-    target, keep = cells[best] if best >= 0 else (grid[0][2], 1.0)  # the base model: an edit removing nothing
+    svd: dict[int, dict[str, Components]] = {}  # one cell's exact SVD at a time: a large model's grid would not fit
+
+    def evaluate(cell: int, keep: float, with_nll: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        target = grid[cell][2]
+        if cell not in svd:
+            svd.clear()
+            svd[cell] = decompose_targets(model, [target])
+        with applied(model, truncation_edit([target], svd[cell], keep)):
+            return harness.evaluate("dev"), harness.nll("dev") if with_nll else None  # (n_dev,), (n_dev,)
+
+    choice = choose_keep(len(grid), config.keep, evaluate, base_dev, lambda: harness.nll("dev"), extra=config.search,
+                         select=harness.config.select, limit=lambda cell: 1 / grid[cell][2].n_components,
+                         ranks=lambda cell, keep: kept_rank(grid[cell][2].n_components, keep))
+    sweep = [{"layer": grid[t.cell][0], "kind": grid[t.cell][1], "target": grid[t.cell][2].name, "keep": t.keep,
+              "rank": kept_rank(grid[t.cell][2].n_components, t.keep), "n_components": grid[t.cell][2].n_components,
+              **t.row()} for t in choice.tried]
+    best = choice.chosen
+    target, keep = (grid[choice.best.cell][2], choice.best.keep) if best >= 0 else (grid[0][2], 1.0)
     edit = truncation_edit([target], decompose_targets(model, [target]), keep)  # the same SVD again, exactly
     if best >= 0:
-        chosen = {k: v for k, v in sweep[best].items() if k != "dev_acc"}
-        dev, test = devs[best], evaluate_edit(harness, edit, "test")
+        chosen = {k: v for k, v in sweep[best].items() if k not in ("dev_acc", "dev_nll", "phase")}
+        dev, test = choice.best.dev, evaluate_edit(harness, edit, "test")
     else:
         chosen = {"target": None, "keep": 1.0}
         dev, test = base_dev, base_correct(harness, base, "test")
@@ -143,7 +155,8 @@ def run_laser(harness: Harness, config: LaserConfig | None = None,
         dev_evaluations=1 + len(sweep), wall_s=time.perf_counter() - t0,
         changed_params=edit_changed_params(edit), save=edit_saver(edit, meta | {"laser": chosen}),
         applied=edit_applier(edit),
-        extra={"layers": layers, "kinds": list(config.kinds), "keep": keeps, "sweep": sweep},
+        extra={"layers": layers, "kinds": list(config.kinds), "keep": sorted(config.keep, reverse=True),
+               "sweep": sweep, **({"search": choice.search} if choice.search else {})},
         modules=edit.modules if best >= 0 else [],
     )
 

@@ -7,7 +7,8 @@ the MLP weights of one of the first two or last two layers are clipped to the to
 singular values (each matrix of the group to its own rank fraction, no bias). The grid is layer ×
 group × kept fraction; fraction 1.0 is the demonstrations alone ("ICL only"), always a candidate
 and reported on its own, since the prompt change by itself moves accuracy. The base model without
-demonstrations is not a candidate: this method is defined with its prompts. Chosen on dev; the
+demonstrations is not a candidate: this method is defined with its prompts. Chosen on dev (with
+`search` > 0 the winning cell's fraction is then searched: `strength.choose_keep`); the
 winner is evaluated on test once (ICL only is evaluated on test as well, as a reported reference).
 """
 
@@ -25,19 +26,20 @@ from ..data import Example
 from ..decompose import decompose_targets
 from ..errors import UsageError
 from ..experiment import Harness, ci, diff_ci
+from ..freeze import applied
 from ..targets import PRESETS, find_targets
 from ..tasks import Splits
 from .base import (
     MethodResult,
     accuracy,
-    best_on_dev,
     edit_applier,
     edit_changed_params,
     edit_saver,
     evaluate_edit,
 )
-from .laser import edit_meta, truncation_edit
+from .laser import edit_meta, kept_rank, truncation_edit
 from .registry import Context, Pooled, register
+from .strength import choose_keep
 
 GROUPS = {"attn": ("query", "key", "value", "attn-out"), "mlp": ("mlp-in", "mlp-out")}
 DEFAULT_KEEP = (1.0, 0.95, 0.5, 0.1, 0.05, 0.01)
@@ -52,9 +54,14 @@ class ClipConfig:
     keep: tuple[float, ...] = field(default=DEFAULT_KEEP, metadata={"help": "fractions of singular values kept"})
     groups: tuple[str, ...] = field(default=("attn", "mlp"), metadata={"help": "weight groups: attn, mlp"})
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "None: the first two and last two"})
+    search: int = field(default=0, metadata={
+        "help": "dev evaluations beyond the grid that extend the winning cell's kept fraction past the grid's "
+                "smallest (toward rank 1) or refine it, chosen by the run's --select (0: the fixed grid)"})
 
     def __post_init__(self) -> None:
         self.keep, self.groups = tuple(float(k) for k in self.keep), tuple(self.groups)
+        if self.search < 0:
+            raise ValueError(f"search must be non-negative, got {self.search}")
         if self.demos < 0:
             raise ValueError(f"demos must be non-negative, got {self.demos}")
         if not self.keep or not all(0 < k <= 1 for k in self.keep):
@@ -131,22 +138,29 @@ def run_svd_clip(harness: Harness, config: ClipConfig | None = None,
     cells = [(layer, g, [t for t in by_group[g] if t.layer == layer]) for layer in layers for g in config.groups]
     cells = [c for c in cells if c[2]]
     icl_dev = icl.evaluate("dev")  # (n_dev,)
-    keeps = [k for k in sorted(set(config.keep), reverse=True) if k < 1.0]  # 1.0 is ICL only, the first candidate
-    sweep, devs, tried = [], [], []
-    for layer, group, targets in cells:  # one group's SVDs at a time
-        components = decompose_targets(model, targets)
-        for keep in keeps:
-            devs.append(evaluate_edit(icl, truncation_edit(targets, components, keep), "dev"))  # (n_dev,)
-            tried.append((targets, keep))
-            sweep.append({"layer": layer, "group": group, "keep": keep, "targets": [t.name for t in targets],
-                          "dev_acc": accuracy(devs[-1])})
-    best = best_on_dev(accuracy(icl_dev), [row["dev_acc"] for row in sweep])
+    svd: dict[int, dict] = {}  # one group's SVDs at a time
+
+    def evaluate(cell: int, keep: float, with_nll: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        targets = cells[cell][2]
+        if cell not in svd:
+            svd.clear()
+            svd[cell] = decompose_targets(model, targets)
+        with applied(model, truncation_edit(targets, svd[cell], keep)):
+            return icl.evaluate("dev"), icl.nll("dev") if with_nll else None  # (n_dev,), (n_dev,)
+
+    choice = choose_keep(len(cells), config.keep, evaluate, icl_dev, lambda: icl.nll("dev"), extra=config.search,
+                         select=harness.config.select,
+                         limit=lambda cell: 1 / max(t.n_components for t in cells[cell][2]),
+                         ranks=lambda cell, keep: tuple(kept_rank(t.n_components, keep) for t in cells[cell][2]))
+    sweep = [{"layer": cells[t.cell][0], "group": cells[t.cell][1], "keep": t.keep,
+              "targets": [x.name for x in cells[t.cell][2]], **t.row()} for t in choice.tried]
+    best = choice.chosen
     icl_test = icl.evaluate("test")  # reported either way; it is also the winner's test when ICL only wins
-    targets, keep = tried[best] if best >= 0 else (cells[0][2], 1.0)  # ICL only: an edit removing nothing
+    targets, keep = (cells[choice.best.cell][2], choice.best.keep) if best >= 0 else (cells[0][2], 1.0)
     edit = truncation_edit(targets, decompose_targets(model, targets), keep)  # the same SVDs again, exactly
     if best >= 0:
-        chosen = {k: v for k, v in sweep[best].items() if k != "dev_acc"}
-        dev, test = devs[best], evaluate_edit(icl, edit, "test")
+        chosen = {k: v for k, v in sweep[best].items() if k not in ("dev_acc", "dev_nll", "phase")}
+        dev, test = choice.best.dev, evaluate_edit(icl, edit, "test")
     else:
         chosen = {"layer": None, "group": None, "keep": 1.0, "targets": []}
         dev, test = icl_dev, icl_test
@@ -160,8 +174,10 @@ def run_svd_clip(harness: Harness, config: ClipConfig | None = None,
         method="svd-clip", config=config_out, dev=dev, test=test, dev_evaluations=1 + len(sweep),
         wall_s=time.perf_counter() - t0, changed_params=edit_changed_params(edit),
         save=edit_saver(edit, meta | {"svd_clip": chosen}), applied=edit_applier(edit),  # the clipping alone
-        extra={"icl_only": icl_only, "layers": layers, "groups": list(config.groups), "keep": [1.0, *keeps],
+        extra={"icl_only": icl_only, "layers": layers, "groups": list(config.groups),
+               "keep": [1.0, *sorted({k for k in config.keep if k < 1.0}, reverse=True)],
                "demonstrations": [d.prompt + d.answer for d in demos], "sweep": sweep,
+               **({"search": choice.search} if choice.search else {}),
                "_icl_test": icl_test},  # per-example, for pooling over folds (not written to JSON)
         modules=edit.modules if best >= 0 else [],
     )
