@@ -2,6 +2,7 @@
 as before, extension past the grid's edge toward rank 1, refinement between neighbours, the budget, one
 evaluation per distinct edit, and choices made on dev only (through both methods on a tiny model)."""
 
+import json
 import math
 
 import pytest
@@ -89,7 +90,8 @@ def test_the_choice_follows_select(select):
         return torch.arange(N_DEV) < right, torch.full((N_DEV,), nll) if with_nll else None
 
     result = choose_keep(2, (0.5, 0.1), evaluate, torch.arange(N_DEV) < 10, lambda: torch.full((N_DEV,), 10.0),
-                         extra=1, select=select, limit=lambda cell: 1 / RANK, ranks=lambda c, k: (c, kept_rank(RANK, k)))
+                         extra=1, select=select, limit=lambda cell: 1 / RANK,
+                         ranks=lambda c, k: (c, kept_rank(RANK, k)))
     grid_best = min(result.tried[:4], key=lambda t: (-float(t.dev.double().mean()) if select != "loss" else 0,
                                                      float(t.nll.sum()) if select != "accuracy" else 0))
     assert result.search["cell"] == grid_best.cell == (1 if select == "loss" else 0)
@@ -133,3 +135,21 @@ def test_methods_search_on_dev_only_and_count_every_evaluation(harness, method):
     other = METHODS[method](flipped)
     assert other.config == result.config and other.extra["sweep"] == sweep
     assert torch.equal(other.test, ~result.test)
+
+
+def test_compare_with_folds_reports_the_search(sums_setup, tmp_path):
+    from eigenprune.cli import build_parser
+
+    model, task = sums_setup
+    out = tmp_path / "cmp"
+    args = build_parser().parse_args(
+        ["compare", "--model", str(model), "--task", str(task), "--methods", "laser", "--targets", "all", "--p", "0.5",
+         "--n-boot", "50", "--quiet", "--folds", "2", "--limit", "12", "--select", "loss", "--no-side-effects",
+         "--set", "laser.kinds=mlp-out", "--set", "laser.keep=[0.5]", "--set", "laser.search=2", "--out", str(out)])
+    assert args.func(args) == 0
+    laser = json.loads((out / "comparison.json").read_text())["methods"]["laser"]
+    folds = laser["extra"]["per_fold"]
+    for fold in folds:
+        assert fold["extra"]["search"]["select"] == "loss" and fold["extra"]["search"]["evaluations"] <= 2
+        assert all("dev_nll" in row for row in fold["extra"]["sweep"])
+    assert laser["dev_evaluations"] == sum(1 + len(f["extra"]["sweep"]) for f in folds)
