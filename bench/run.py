@@ -48,7 +48,8 @@ from eigenprune.freeze import FreezeConfig, applied  # noqa: E402
 from eigenprune.hooks import activation_grads_only  # noqa: E402
 from eigenprune.models import CACHE_ENV, load_model  # noqa: E402
 from eigenprune.positions import prompt_lengths  # noqa: E402
-from eigenprune.tasks import load_task, split_task  # noqa: E402
+from eigenprune.splits import split_task  # noqa: E402
+from eigenprune.tasks import load_task  # noqa: E402
 
 PHASES = ("load", "base_eval", "scoring", "sweep", "test_eval")
 

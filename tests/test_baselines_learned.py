@@ -17,9 +17,10 @@ from eigenprune.errors import UsageError
 from eigenprune.experiment import Harness, RunConfig
 from eigenprune.freeze import FrozenLinear, applied
 from eigenprune.hooks import capture_io
+from eigenprune.splits import split_task
 from eigenprune.targets import find_targets
 
-SPLITS = tasks.split_task(tasks.load_task("int-mult"), limit=8)
+SPLITS = split_task(tasks.load_task("int-mult"), limit=8)
 TEXTS = ["3 x 4 = 12", "19 x 7 = 133 and more", "0 x 0 ="]
 
 

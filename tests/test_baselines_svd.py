@@ -24,8 +24,9 @@ from eigenprune.errors import UsageError
 from eigenprune.experiment import Harness, RunConfig
 from eigenprune.freeze import FreezeConfig, applied, remove_edit
 from eigenprune.scoring import ScoreConfig
+from eigenprune.splits import split_task
 from eigenprune.targets import find_targets, target_weight, weight_view
-from eigenprune.tasks import load_task, split_task
+from eigenprune.tasks import load_task
 
 IDS = torch.tensor([[0, 17, 40, 99, 5, 230, 12, 7]])  # (1, pos)
 

@@ -15,8 +15,9 @@ from eigenprune.baselines.controls import _pool_random
 from eigenprune.cli import build_parser
 from eigenprune.errors import UsageError
 from eigenprune.harness import Harness
+from eigenprune.splits import FoldSplit, fold_splits
 from eigenprune.stats import fold_paired_diff_ci
-from eigenprune.tasks import FoldSplit, fold_splits, load_task
+from eigenprune.tasks import load_task
 
 SMALL = ["--split-seed", "2", "--targets", "all", "--p", "0.1,0.5", "--partners", "2", "--n-boot", "50", "--quiet"]
 GRIDS = {"random": ["--random-seeds", "2"], "laser": ["--laser-kinds", "mlp-out", "--laser-keep", "0.1"],

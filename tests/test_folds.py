@@ -1,4 +1,4 @@
-"""Tests for cross-fitted folds: tasks.fold_splits (every example tested once, by a fold that never trained
+"""Tests for cross-fitted folds: splits.fold_splits (every example tested once, by a fold that never trained
 or chose on it; k = 1 is today's split exactly) and the fold-stratified bootstrap in stats.py."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from eigenprune.errors import UsageError
+from eigenprune.splits import fold_splits, split_task
 from eigenprune.stats import (
     accuracy_ci,
     bootstrap_means,
@@ -20,7 +21,7 @@ from eigenprune.stats import (
     paired_diff_ci,
     stratified_bootstrap_means,
 )
-from eigenprune.tasks import Task, fold_splits, load_task, split_task
+from eigenprune.tasks import Task, load_task
 
 
 @cache

@@ -11,7 +11,8 @@ from eigenprune.cli import main
 from eigenprune.config import RunConfig
 from eigenprune.harness import Harness
 from eigenprune.models import load_model
-from eigenprune.tasks import load_task, split_task
+from eigenprune.splits import split_task
+from eigenprune.tasks import load_task
 
 ARGS = ["--limit", "12", "--split-seed", "2", "--targets", "all", "--p", "0.1,0.5", "--partners", "2",
         "--n-boot", "50", "--eval-mode", "choice", "--quiet"]

@@ -22,6 +22,7 @@ from eigenprune.experiment import Harness, RunConfig
 from eigenprune.freeze import select
 from eigenprune.hooks import capture_io
 from eigenprune.scoring import ScoreConfig, score
+from eigenprune.splits import split_task
 from eigenprune.targets import find_targets
 
 
@@ -46,7 +47,7 @@ def five_layers(arch: str):
 
 
 def harness_for(model, tok) -> Harness:
-    splits = tasks.split_task(tasks.load_task("int-mult"), limit=8)
+    splits = split_task(tasks.load_task("int-mult"), limit=8)
     cfg = RunConfig(task="int-mult", model="tiny", n_boot=20)
     return Harness(model, tok, splits, "next-token", cfg, quiet=True)
 

@@ -15,7 +15,8 @@ from eigenprune.baselines.svd_clip import ClipConfig, run_svd_clip
 from eigenprune.experiment import Harness, RunConfig
 from eigenprune.harness import best_on_dev
 from eigenprune.scoring import ScoreConfig
-from eigenprune.tasks import load_task, split_task
+from eigenprune.splits import split_task
+from eigenprune.tasks import load_task
 
 N_DEV, RANK = 40, 200  # a synthetic dev split and every cell's full rank
 

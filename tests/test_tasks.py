@@ -11,7 +11,8 @@ from conftest import make_tokenizer
 
 from eigenprune.data import encode
 from eigenprune.errors import UsageError
-from eigenprune.tasks import BUILTIN_TASKS, CLASSIFICATION, GENERATION, Task, load_task, split_task
+from eigenprune.splits import split_task
+from eigenprune.tasks import BUILTIN_TASKS, CLASSIFICATION, GENERATION, Task, load_task
 
 
 @cache

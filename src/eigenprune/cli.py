@@ -59,7 +59,8 @@ def _scoring_examples(args):
     if args.data:
         examples = load_prompt_answer_jsonl(args.data)
         return examples[: args.limit] if args.limit else examples, {"data": args.data}
-    from .tasks import load_task, split_task
+    from .splits import split_task
+    from .tasks import load_task
 
     splits = split_task(load_task(args.task), args.dev_fraction, args.split_seed, args.limit)
     return splits.train, {"data": args.task, "split_seed": args.split_seed, "dev_fraction": args.dev_fraction}

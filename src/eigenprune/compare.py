@@ -12,7 +12,7 @@ needs another's results (the random control takes eigenprune's number of frozen 
 run first, implicitly if the user did not ask for it, and the report says so. `A+B` runs edit method
 B on learned stage A's model; composites with the same stage settings share one training run.
 
-With `--folds K` (K > 1, `tasks.fold_splits`) all of this runs once per fold, that fold as test (a fresh
+With `--folds K` (K > 1, `splits.fold_splits`) all of this runs once per fold, that fold as test (a fresh
 harness and context each time, so no fold's choices see its test), and every row pools the folds' test
 correctness over the same N examples: CIs resample within folds, dev is the mean of the folds' dev
 accuracies, `runs` is the per-fold table, each fold's edit is saved under edits/<method>/fold-<k>, and a
@@ -156,8 +156,9 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
     from .evaluate import next_token_warnings
     from .models import load_model
     from .positions import tracker_of
+    from .splits import fold_splits
     from .targets import linear_modules
-    from .tasks import fold_splits, load_task
+    from .tasks import load_task
 
     specs, implicit, configs = opts.plan()  # a bad --set fails now, not after an hour of other methods
     task = load_task(cfg.task, cfg.template, cfg.answers)

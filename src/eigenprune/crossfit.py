@@ -1,7 +1,7 @@
 """`run --folds K`: every example tested once, by a run that chose p on the other folds.
 
 `run_folds` runs the whole experiment (`experiment.run_one`: base, score on the fold's train, choose p
-on its dev, test once) once per fold of `tasks.fold_splits`, and pools what each fold's test split
+on its dev, test once) once per fold of `splits.fold_splits`, and pools what each fold's test split
 says: the base model's and the chosen edit's per-example correctness on all N pooled examples, with
 CIs that resample within folds (`stats.fold_accuracy_ci`, `stats.fold_paired_diff_ci`). Nothing a
 fold learns on its test split reaches its own choices; each fold's p may differ, and the report says
@@ -26,8 +26,8 @@ def _mean(values) -> float:
 def run_folds(model, tokenizer, task, mode: str, cfg, quiet: bool) -> tuple[dict, list[tuple]]:
     """(the pooled report, [(fold number, ScoreRun, chosen Edit)] per fold)."""
     from .experiment import run_one
+    from .splits import fold_splits
     from .stats import fold_accuracy_ci, fold_paired_diff_ci
-    from .tasks import fold_splits
 
     folds = fold_splits(task, cfg.folds, cfg.split_seed, cfg.dev_fraction, cfg.limit)
     reports, bases, chosen, saved = [], [], [], []

@@ -182,8 +182,9 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
     from .evaluate import next_token_warnings
     from .models import load_model
     from .report import verdict, write_report
+    from .splits import split_task
     from .stats import mean_sd
-    from .tasks import load_task, split_task
+    from .tasks import load_task
 
     task = load_task(cfg.task, cfg.template, cfg.answers)
     mode = cfg.eval_mode or task.eval_mode

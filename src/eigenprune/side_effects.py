@@ -39,8 +39,9 @@ from .errors import UsageError
 from .evaluate import _evaluating, evaluate
 from .hooks import capture_io
 from .positions import prompt_lengths
+from .splits import split_task
 from .stats import accuracy_ci, bootstrap_means, paired_diff_ci
-from .tasks import Task, load_task, split_task
+from .tasks import Task, load_task
 
 SHINGLE_WORDS = 8  # documents sharing a run of this many words with excluded text are left out
 BASE = "base"

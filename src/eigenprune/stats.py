@@ -6,7 +6,7 @@ on one accuracy; `paired_diff_ci` puts one on the change between two evaluations
 examples, resampling example indices jointly so the pairing is kept. Everything is numpy and seeded:
 the same inputs and seed give the same interval on every platform.
 
-With cross-fitted folds (`tasks.fold_splits`) each fold's examples were judged by a different edit, so
+With cross-fitted folds (`splits.fold_splits`) each fold's examples were judged by a different edit, so
 `fold_accuracy_ci` and `fold_paired_diff_ci` resample *within* folds (a stratified bootstrap: every
 replicate keeps each fold's size). With a single fold they draw exactly what the plain ones draw.
 """
@@ -108,7 +108,7 @@ def stratified_bootstrap_means(values: np.ndarray, groups: Sequence | np.ndarray
 def fold_accuracy_ci(correct: Sequence[bool] | np.ndarray, folds: Sequence | np.ndarray, n_boot: int = 1000,
                      seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     """(accuracy, lo, hi) of correctness pooled over folds, resampling within each fold (`folds`: the fold
-    of every example, e.g. from `tasks.Folds.pool`)."""
+    of every example, e.g. from `splits.Folds.pool`)."""
     _check(n_boot, level)
     values = _as_values(correct, "correct")  # (n,)
     return _percentile_interval(values.mean(), stratified_bootstrap_means(values, folds, n_boot, seed), level)

@@ -282,7 +282,7 @@ def compose(name: str, stage: Stage, inner: MethodResult, changed_params: int) -
 
 @dataclass
 class Pooled:
-    """One method's results over K > 1 cross-fitted folds (`tasks.Folds`), as its `pool` hook sees them.
+    """One method's results over K > 1 cross-fitted folds (`splits.Folds`), as its `pool` hook sees them.
 
     `result` is the row `compare` reports: its `test` is the per-example correctness of every fold's chosen
     configuration on that fold's test examples, pooled over all N examples (in `Folds.tested` order), and
@@ -295,7 +295,7 @@ class Pooled:
     result: MethodResult
     folds: list[MethodResult]  # the method's own result on each fold, in fold order
     base: torch.Tensor  # (N,) the unmodified model's pooled test correctness
-    splits: Any  # the `tasks.Folds` the folds came from
+    splits: Any  # the `splits.Folds` the folds came from
     n_boot: int
     needed: dict[str, Pooled] = field(default_factory=dict)  # the pooled methods it `needs`, by plain name
 

@@ -27,8 +27,8 @@ from ..decompose import decompose_targets
 from ..errors import UsageError
 from ..experiment import Harness, ci, diff_ci
 from ..freeze import applied
+from ..splits import Splits
 from ..targets import PRESETS, find_targets
-from ..tasks import Splits
 from .base import (
     MethodResult,
     accuracy,
