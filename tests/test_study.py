@@ -118,10 +118,13 @@ def test_writes_every_file(done):
         assert (done / cell["dir"] / "comparison.json").is_file() and not cell["dir"].startswith("/")
         assert index[cell["key"]]["settings_hash"] == cell["settings_hash"]
         assert list(cell["methods"]) == ["eigenprune", "random"] and cell["control"] == "random"
+        section = json.loads((done / cell["dir"] / "comparison.json").read_text())["side_effects"]
         for name, row in cell["methods"].items():
             assert set(row["diff_vs_base"]) == {"diff", "lo", "hi"} and row["significant"] in (None, "gain", "loss")
             assert (row["control_diff"] is None) == (name == "random")
-            assert row["side_effects"] is None
+            measured = section["models"].get(name)  # absent: the method changed nothing
+            assert row["side_effects"] == ({"Δppl": measured["delta_perplexity"]["diff"], "KL": measured["kl"]["value"]}
+                                           if measured else {"Δppl": 0.0, "KL": 0.0})
     assert study["last_run"]["ran"] == [c["key"] for c in study["cells"]]
     md = (done / "study.md").read_text()
     assert md.count("| model | sums.jsonl |") == 2 and md.count("| model | reversed.jsonl |") == 2
@@ -301,8 +304,10 @@ def test_the_shipped_paper_spec_plans_its_cells(monkeypatch):
         pytest.skip("peft is not installed")
     monkeypatch.setattr(models, "resolve", lambda spec: models.ModelSource(spec, "/nowhere", "x.gguf"))
     study = load_spec(ROOT / "studies" / "smollm2-paper-tasks.toml")
-    assert [c.task for c in study.cells] == ["int-mult", "int-sum", "cb", "copa", "rte"]
+    assert [c.task for c in study.cells] == ["int-mult", "int-sum", "copa", "cb", "rte"]
     assert [c.run.limit for c in study.cells] == [None, 200, 120, 120, 120]
+    assert {(c.run.folds, c.run.p, c.run.select, c.run.side_effects) for c in study.cells} == {
+        (5, "auto", "accuracy+loss", True)}
     assert study.cells[0].opts.methods == ("eigenprune", "random", "laser", "lora")
 
 
@@ -337,3 +342,25 @@ def test_a_cell_that_fails_on_its_model_says_which_cell(folder, tmp_path):
     key = load_spec(path).cells[0].key
     assert code == 2 and err.startswith(f"cell {key}: --targets 'no_such_module'") and "\n" not in err
     assert not (tmp_path / "o" / "cells" / key).exists()
+
+
+def test_side_effects_come_from_the_cells_section():
+    """compare reports side effects in one section for the whole cell; each method's row gets its own numbers
+    (Δppl, KL, every --also task's accuracy difference), 0 and 0 for a method that changed nothing."""
+    changed = cell(0.1, -0.1, 0.3) | {"changed_params": 96}
+    section = {"models": {"base": {"perplexity": {"value": 40.0}},
+                          "eigenprune": {"delta_perplexity": {"diff": 0.62, "lo": 0.45, "hi": 0.81},
+                                         "kl": {"value": 0.0177, "lo": 0.0165, "hi": 0.0193},
+                                         "also": {"cb": {"acc": 0.4, "diff_vs_base": {"diff": -0.05}}}}},
+               "also": {"cb": {"name": "cb"}}}
+    report = {"eval_mode": "choice", "split_sizes": {"test": 4}, "base": {"dev": {"acc": 0.5}, "test": {"acc": 0.5}},
+              "implicit": [], "verdict": "", "side_effects": section, "folds": {"k": 5},
+              "methods": {"eigenprune": changed, "random": cell(0.0, 0.0, 0.0), "laser": changed}}
+    rows = summarize_cell({"key": "k", "dir": "cells/k", "model": "m", "task": "t", "targets": "key"}, report)
+    assert rows["methods"]["eigenprune"]["side_effects"] == {"Δppl": 0.62, "KL": 0.0177, "cb Δacc": -0.05}
+    assert rows["methods"]["random"]["side_effects"] == {"Δppl": 0.0, "KL": 0.0}  # changed nothing
+    assert rows["methods"]["laser"]["side_effects"] is None  # changed weights, not measured: unknown, not 0
+    study = {"spec": {"study": {"models": ["m"], "tasks": ["t"], "targets": ["key"], "methods": ["eigenprune"]}},
+             "spec_file": "s.toml", "cells": [rows]}
+    md = render_markdown(study)
+    assert "| Δppl | KL | cb Δacc |" in md and "| 0.62 | 0.0177 | -0.05 |" in md and "fold 1's" in md

@@ -6,8 +6,10 @@ study files are re-rendered from the cells on every run, also when every cell wa
 A difference counts as significant when its paired 95% CI excludes 0, the rule `compare` uses.
 The random control (`CONTROL`) is the registered method that freezes as many components as
 eigenprune did, at random; its test difference is shown next to every method of the same cell.
-Side effects are whatever a cell's method rows carry under `side_effects` (a later `compare` adds
-them); until then their columns show "–".
+Side effects come from a cell's "Side effects" section (`compare` measures the base and each method's
+chosen configuration once; under folds, fold 1's): Δppl (edit − base perplexity on the packaged
+text), KL(base ‖ edit) and, for every `also` task, its accuracy difference. A method that changed no
+parameter has 0 and 0; a cell measured without side effects shows "–".
 """
 
 from __future__ import annotations
@@ -40,6 +42,24 @@ def _flat(value, prefix: str = "") -> dict:
     return {prefix or "value": value}
 
 
+def method_side_effects(report: dict, name: str) -> dict | None:
+    """One method's side-effect numbers from its cell's comparison.json (see the module docstring); None when
+    the cell has none. A method row that carries its own `side_effects` dict keeps it (flattened)."""
+    row = report["methods"][name]
+    if isinstance(row.get("side_effects"), dict):
+        return _flat(row["side_effects"])
+    section = report.get("side_effects")
+    if not section:
+        return None
+    model = section["models"].get(name)
+    if model is None:
+        return {"Δppl": 0.0, "KL": 0.0} if row["changed_params"] == 0 else None
+    out = {"Δppl": model["delta_perplexity"]["diff"], "KL": model["kl"]["value"]}
+    for spec, acc in model.get("also", {}).items():
+        out[f"{section['also'][spec]['name']} Δacc"] = acc["diff_vs_base"]["diff"]
+    return out
+
+
 def summarize_cell(cell: dict, report: dict) -> dict:
     """One cell of study.json: where it sits in the grid and its methods' test differences from comparison.json."""
     rows = report["methods"]
@@ -49,16 +69,16 @@ def summarize_cell(cell: dict, report: dict) -> dict:
     for name in method_order(report):
         row = rows[name]
         d = row["diff_vs_base"]
-        side = row.get("side_effects")
         methods[name] = {
             "test": row["test"], "dev_acc": row["dev"]["acc"], "config": row["config"],
             "diff_vs_base": diff(d), "significant": significance(d),
             "control_diff": None if name == CONTROL or control is None else diff(control),
-            "side_effects": _flat(side) if isinstance(side, dict) else None,
+            "side_effects": method_side_effects(report, name),
             "dev_evaluations": row["dev_evaluations"], "changed_params": row["changed_params"],
         }
     return {
         **cell, "eval_mode": report["eval_mode"], "split_sizes": report["split_sizes"],
+        "folds": (report.get("folds") or {}).get("k", 1),
         "base": {"dev_acc": report["base"]["dev"]["acc"], "test": report["base"]["test"]},
         "methods_run": method_order(report), "implicit": report.get("implicit", []),
         "control": CONTROL if CONTROL in rows else None, "methods": methods, "verdict": report.get("verdict", ""),
@@ -130,8 +150,14 @@ def render_markdown(study: dict, heatmap: str | None = "study.png") -> str:
     implicit = sorted({m for c in cells for m in c["implicit"]})
     if implicit:
         notes.append(f"Run implicitly, because other methods need their results: {', '.join(implicit)}.")
-    if side == list(DEFAULT_SIDE_EFFECTS):
-        notes.append("Side effects (Δppl, KL): not reported by these cells' comparisons.")
+    if all(r["side_effects"] is None for _, _, r in rows):
+        notes.append("Side effects (Δppl, KL): not measured in these cells.")
+    else:
+        folded = " Under folds they are measured on fold 1's chosen configuration." if any(
+            c.get("folds", 1) > 1 for c in cells) else ""
+        notes.append("Side effects, from each cell's comparison.md (CIs there): Δppl is the edit's perplexity minus "
+                     "the base's on the packaged general-English text (the task's own text left out), KL the mean "
+                     f"per-token KL(base ‖ edit) in nats; a method that changed nothing has 0 and 0.{folded}")
     lines += ["", "## Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(lines)
 
