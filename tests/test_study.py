@@ -305,7 +305,7 @@ def test_the_shipped_paper_spec_plans_its_cells(monkeypatch):
     monkeypatch.setattr(models, "resolve", lambda spec: models.ModelSource(spec, "/nowhere", "x.gguf"))
     study = load_spec(ROOT / "studies" / "smollm2-paper-tasks.toml")
     assert [c.task for c in study.cells] == ["int-mult", "int-sum", "copa", "cb", "rte"]
-    assert [c.run.limit for c in study.cells] == [None, 200, 120, 120, 120]
+    assert [c.run.limit for c in study.cells] == [None, 200, 120, 120, 60]
     assert {(c.run.folds, c.run.p, c.run.select, c.run.side_effects) for c in study.cells} == {
         (5, "auto", "accuracy+loss", True)}
     assert study.cells[0].opts.methods == ("eigenprune", "random", "laser", "lora")
