@@ -1,5 +1,7 @@
 """Round trips: scores and edits saved and loaded, merged export, and refusal of another base model."""
 
+import re
+
 import pytest
 import torch
 from conftest import build
@@ -117,3 +119,28 @@ def test_loading_checks_the_format(tmp_path):
         load_edit(tmp_path / "edit")
     with pytest.raises(UsageError, match="no eigenprune_edit.json"):
         load_edit(tmp_path)
+
+
+@pytest.mark.parametrize("case, text, match", [
+    ("missing", None, "is not a saved fine-tune (no eigenprune_finetune.json)"),
+    ("not json", "{oops", "is not valid JSON"),
+    ("not an object", "[1]", "should hold a JSON object"),
+    ("other format", '{"format": "eigenprune-edit", "format_version": 1}', "holds format 'eigenprune-edit'"),
+    ("newer version", '{"format": "eigenprune-finetune", "format_version": 99}', "reads versions 1 "),
+])
+def test_saved_stage_metadata_is_checked_like_every_artifact(tmp_path, case, text, match):
+    """A fine-tune's or LoRA's metadata goes through the same reader as scores and edits: one line each."""
+    from eigenprune.baselines.finetune import FINETUNE_FORMAT, FINETUNE_JSON, FINETUNE_VERSION, apply_saved_finetune
+
+    assert (FINETUNE_FORMAT, FINETUNE_VERSION) == ("eigenprune-finetune", 1)
+    if text is not None:
+        (tmp_path / FINETUNE_JSON).write_text(text)
+    with pytest.raises(UsageError, match=re.escape(match)) as err:
+        apply_saved_finetune(None, tmp_path)
+    assert "\n" not in str(err.value)
+    lora = pytest.importorskip("eigenprune.baselines.lora")
+    if text is not None:
+        (tmp_path / lora.LORA_JSON).write_text(text.replace("eigenprune-finetune", lora.LORA_FORMAT))
+    with pytest.raises(UsageError, match=re.escape(match.replace("fine-tune (no eigenprune_finetune",
+                                                                "LoRA directory (no eigenprune_lora"))):
+        lora.apply_saved_lora(None, tmp_path)

@@ -41,9 +41,12 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _read_json(path: Path, fmt: str) -> dict:
+def read_meta(path: Path, fmt: str, versions: tuple[int, ...] = READABLE, what: str | None = None) -> dict:
+    """A saved directory's JSON metadata file, checked: one line (UsageError) when it is missing, not UTF-8,
+    not JSON, not an object, another format, or a version this eigenprune does not read. `what` names the
+    directory in the missing-file message (default "an FMT directory")."""
     if not path.is_file():
-        raise UsageError(f"{path.parent} is not an {fmt} directory (no {path.name})")
+        raise UsageError(f"{path.parent} is not {what or f'an {fmt} directory'} (no {path.name})")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -54,9 +57,9 @@ def _read_json(path: Path, fmt: str) -> dict:
         raise UsageError(f"{path} should hold a JSON object, not {type(meta).__name__}")
     if meta.get("format") != fmt:
         raise UsageError(f"{path} holds format '{meta.get('format')}', expected '{fmt}'")
-    if meta.get("format_version") not in READABLE:
+    if meta.get("format_version") not in versions:
         raise UsageError(f"{path} has {fmt} version {meta.get('format_version')}; this eigenprune reads versions "
-                         f"{', '.join(map(str, READABLE))} (a newer version needs a newer eigenprune)")
+                         f"{', '.join(map(str, versions))} (a newer version needs a newer eigenprune)")
     return meta
 
 
@@ -164,7 +167,7 @@ def load_scores(directory: str | Path) -> ScoreRun:
     """Read a scoring run, checking that its files are whole, belong together and fit its targets."""
     directory = Path(directory)
     path = directory / SCORES_JSON
-    meta = _read_json(path, SCORES_FORMAT)
+    meta = read_meta(path, SCORES_FORMAT)
     targets = _targets_from(meta, path)
     offset_min, n_pairs = _field(meta, "offset_min", int, path), _field(meta, "n_pairs", int, path)
     _field(meta, "model", str, path)
@@ -211,7 +214,7 @@ def load_edit(directory: str | Path) -> tuple[Edit, dict]:
     """Read an edit, checking that its files are whole, belong together and fit its targets."""
     directory = Path(directory)
     path = directory / EDIT_JSON
-    meta = _read_json(path, EDIT_FORMAT)
+    meta = read_meta(path, EDIT_FORMAT)
     targets = _targets_from(meta, path)
     offset_min = _field(meta, "offset_min", int, path)
     _field(meta, "base_model", str, path)

@@ -35,9 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..artifact import apply_saved_edit, atomic_dir, check_fingerprint, fingerprint
+from ..artifact import apply_saved_edit, atomic_dir, check_fingerprint, fingerprint, read_meta
 from ..data import Batch, Example, batch_nll, check_fits, collate, encode
-from ..errors import UsageError
 from ..harness import Harness
 from ..targets import linear_modules
 from .base import MethodResult, seeded
@@ -221,13 +220,7 @@ def apply_saved_finetune(model: nn.Module, directory: str | Path) -> nn.Module:
     directory = Path(directory)
     combined = (directory / "stage").is_dir() and (directory / "edit").is_dir()
     stage = directory / "stage" if combined else directory
-    path = stage / FINETUNE_JSON
-    if not path.is_file():
-        raise UsageError(f"{directory} is not a saved fine-tune (no {FINETUNE_JSON})")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FINETUNE_FORMAT or meta.get("format_version") != FINETUNE_VERSION:
-        raise UsageError(f"{path} holds {meta.get('format')} v{meta.get('format_version')}; "
-                         f"this eigenprune reads {FINETUNE_FORMAT} v{FINETUNE_VERSION}")
+    meta = read_meta(stage / FINETUNE_JSON, FINETUNE_FORMAT, (FINETUNE_VERSION,), "a saved fine-tune")
     check_fingerprint(model, meta["base_fingerprint"], "fine-tune")
     with torch.no_grad():
         for name, value in load_file(stage / "weights.safetensors").items():

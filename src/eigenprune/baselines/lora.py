@@ -43,7 +43,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..artifact import apply_saved_edit, atomic_dir, check_fingerprint, fingerprint
+from ..artifact import apply_saved_edit, atomic_dir, check_fingerprint, fingerprint, read_meta
 from ..data import Example, batch_nll, collate, encode
 from ..errors import UsageError
 from ..experiment import Harness
@@ -343,13 +343,7 @@ def apply_saved_lora(model: nn.Module, directory: str | Path, merge: bool = Fals
     """Reload a saved LoRA (a peft model; merged into the weights if `merge`) or LoRA + eigenprune
     directory (merged, then the edit applied) onto a freshly loaded base model, which must match."""
     directory = Path(directory)
-    path = directory / LORA_JSON
-    if not path.is_file():
-        raise UsageError(f"{directory} is not a saved LoRA directory (no {LORA_JSON})")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != LORA_FORMAT or meta.get("format_version") != LORA_VERSION:
-        raise UsageError(f"{path} holds {meta.get('format')} v{meta.get('format_version')}; "
-                         f"this eigenprune reads {LORA_FORMAT} v{LORA_VERSION}")
+    meta = read_meta(directory / LORA_JSON, LORA_FORMAT, (LORA_VERSION,), "a saved LoRA directory")
     check_fingerprint(model, meta["base_fingerprint"], "adapter")
     pruned = (directory / "edit").is_dir()
     with _quiet():
