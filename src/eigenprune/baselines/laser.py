@@ -4,7 +4,7 @@ A candidate replaces ONE weight matrix (one target: a matrix type such as the ML
 at one layer) by its truncated SVD U[:, :k] diag(S[:k]) Vh[:k], keeping the largest singular values
 and no bias. The grid is layer × matrix type × kept fraction; the best dev accuracy wins and the
 unmodified model competes as a candidate (it wins ties). With `search` > 0 the winning cell's kept
-fraction is then searched on dev (`strength.choose_keep`: extend at the edge, refine; chosen by the
+fraction is then searched on dev (`strength.choose_truncation`: extend at the edge, refine; chosen by the
 run's `select`). The SVD is exact (`torch.linalg.svd`, via
 `decompose`); the LASER code used a randomized SVD, which is not reproducible.
 
@@ -16,7 +16,6 @@ layers plus every `stride`-th layer are searched; the number of dev evaluations 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -24,10 +23,9 @@ import torch
 from torch import nn
 
 from ..artifact import fingerprint
-from ..decompose import Components, decompose_targets
+from ..decompose import decompose_targets
 from ..errors import UsageError
 from ..experiment import Harness, base_correct
-from ..freeze import Edit, FreezeConfig, applied, build_edit
 from ..targets import PRESETS, Target, find_targets
 from .base import (
     MethodResult,
@@ -37,7 +35,7 @@ from .base import (
     evaluate_edit,
 )
 from .registry import Context, register
-from .strength import choose_keep
+from .strength import choose_truncation, kept_rank, truncation_edit  # noqa: F401  (re-exported)
 
 DEFAULT_KEEP = (0.9, 0.5, 0.25, 0.1, 0.05, 0.01)
 
@@ -78,18 +76,6 @@ class LaserConfig:
             raise ValueError("last and stride are both 0: no layer would be tried")
 
 
-def kept_rank(n_components: int, keep: float) -> int:
-    """How many of a matrix's components a kept fraction keeps: floor(keep · n), at least 1."""
-    return max(1, math.floor(keep * n_components + 1e-9))
-
-
-def truncation_edit(targets: list[Target], components: dict[str, Components], keep: float) -> Edit:
-    """Each target replaced by its best rank-k approximation (largest singular values kept, no bias)."""
-    removed = {t.name: torch.arange(kept_rank(t.n_components, keep), t.n_components) for t in targets}
-    return build_edit(targets, components, removed, None,
-                      FreezeConfig(p=min(1.0 - keep, 0.999999), scope="per-target", bias="none"))
-
-
 def search_layers(available: list[int], config: LaserConfig) -> list[int]:
     """The layers in the grid: the configured list, or the last `last` layers plus every `stride`-th."""
     if config.layers is not None:
@@ -124,19 +110,7 @@ def run_laser(harness: Harness, config: LaserConfig | None = None,
     layers = search_layers(available, config)
     grid = [(layer, kind, t) for layer in layers for kind in config.kinds for t in by_kind[kind] if t.layer == layer]
     base_dev = base_correct(harness, base, "dev")
-    svd: dict[int, dict[str, Components]] = {}  # one cell's exact SVD at a time: a large model's grid would not fit
-
-    def evaluate(cell: int, keep: float, with_nll: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        target = grid[cell][2]
-        if cell not in svd:
-            svd.clear()
-            svd[cell] = decompose_targets(model, [target])
-        with applied(model, truncation_edit([target], svd[cell], keep)):
-            return harness.evaluate("dev"), harness.nll("dev") if with_nll else None  # (n_dev,), (n_dev,)
-
-    choice = choose_keep(len(grid), config.keep, evaluate, base_dev, lambda: harness.nll("dev"), extra=config.search,
-                         select=harness.config.select, limit=lambda cell: 1 / grid[cell][2].n_components,
-                         ranks=lambda cell, keep: kept_rank(grid[cell][2].n_components, keep))
+    choice = choose_truncation(harness, [[t] for _, _, t in grid], config.keep, base_dev, config.search)
     sweep = [{"layer": grid[t.cell][0], "kind": grid[t.cell][1], "target": grid[t.cell][2].name, "keep": t.keep,
               "rank": kept_rank(grid[t.cell][2].n_components, t.keep), "n_components": grid[t.cell][2].n_components,
               **t.row()} for t in choice.tried]

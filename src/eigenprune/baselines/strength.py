@@ -1,4 +1,5 @@
-"""Choosing a truncation method's kept fraction on dev: LASER and SVD clipping share it.
+"""Choosing a truncation method's kept fraction on dev: LASER and SVD clipping share it (`choose_truncation`,
+which also holds the truncation itself: `kept_rank`, `truncation_edit`).
 
 Both methods try a grid of *cells* (LASER: one matrix type at one layer; SVD clipping: one weight group
 at one layer) × *kept fractions* (keep 1.0 is the unedited candidate: the base model for LASER, the
@@ -21,13 +22,17 @@ sees the first one's numbers), so `extra` bounds the evaluations and may leave s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..harness import accuracy, best_on_dev
+from ..decompose import Components, decompose_targets
+from ..freeze import Edit, FreezeConfig, applied, build_edit
+from ..harness import Harness, accuracy, best_on_dev
 from ..search import Candidate, Step, rank_key, search_strength
+from ..targets import Target
 
 NONE = 1.0  # the kept fraction of an unedited matrix
 
@@ -121,3 +126,35 @@ def choose_keep(n_cells: int, keeps: Sequence[float], evaluate: Evaluate, base_d
     return KeepChoice(tried, _ranked(base, tried, select),
                       {"cell": cell, "budget": extra, "select": select, "stopped": result.stopped,
                        "evaluations": len(new)})
+
+
+def kept_rank(n_components: int, keep: float) -> int:
+    """How many of a matrix's components a kept fraction keeps: floor(keep · n), at least 1."""
+    return max(1, math.floor(keep * n_components + 1e-9))
+
+
+def truncation_edit(targets: list[Target], components: dict[str, Components], keep: float) -> Edit:
+    """Each target replaced by its best rank-k approximation (largest singular values kept, no bias)."""
+    removed = {t.name: torch.arange(kept_rank(t.n_components, keep), t.n_components) for t in targets}
+    return build_edit(targets, components, removed, None,
+                      FreezeConfig(p=min(1.0 - keep, 0.999999), scope="per-target", bias="none"))
+
+
+def choose_truncation(harness: Harness, cells: Sequence[Sequence[Target]], keeps: Sequence[float],
+                      base_dev: torch.Tensor, extra: int = 0) -> KeepChoice:
+    """`choose_keep` for truncation: each cell a group of targets cut to their top singular values together
+    (`truncation_edit`), evaluated on `harness`'s dev split; one cell's exact SVDs held at a time (a large
+    model's grid would not fit at once); ties and `select` as the run's (`harness.config.select`)."""
+    svd: dict[int, dict[str, Components]] = {}
+
+    def evaluate(cell: int, keep: float, with_nll: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if cell not in svd:
+            svd.clear()
+            svd[cell] = decompose_targets(harness.model, list(cells[cell]))
+        with applied(harness.model, truncation_edit(list(cells[cell]), svd[cell], keep)):
+            return harness.evaluate("dev"), harness.nll("dev") if with_nll else None  # (n_dev,), (n_dev,)
+
+    return choose_keep(len(cells), keeps, evaluate, base_dev, lambda: harness.nll("dev"), extra=extra,
+                       select=harness.config.select,
+                       limit=lambda cell: 1 / max(t.n_components for t in cells[cell]),
+                       ranks=lambda cell, keep: tuple(kept_rank(t.n_components, keep) for t in cells[cell]))

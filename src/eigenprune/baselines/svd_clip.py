@@ -8,7 +8,7 @@ singular values (each matrix of the group to its own rank fraction, no bias). Th
 group × kept fraction; fraction 1.0 is the demonstrations alone ("ICL only"), always a candidate
 and reported on its own, since the prompt change by itself moves accuracy. The base model without
 demonstrations is not a candidate: this method is defined with its prompts. Chosen on dev (with
-`search` > 0 the winning cell's fraction is then searched: `strength.choose_keep`); the
+`search` > 0 the winning cell's fraction is then searched: `strength.choose_truncation`); the
 winner is evaluated on test once (ICL only is evaluated on test as well, as a reported reference).
 """
 
@@ -26,7 +26,6 @@ from ..data import Example
 from ..decompose import decompose_targets
 from ..errors import UsageError
 from ..experiment import Harness, ci, diff_ci
-from ..freeze import applied
 from ..splits import Splits
 from ..targets import PRESETS, find_targets
 from .base import (
@@ -37,9 +36,9 @@ from .base import (
     edit_saver,
     evaluate_edit,
 )
-from .laser import edit_meta, kept_rank, truncation_edit
+from .laser import edit_meta
 from .registry import Context, Pooled, register
-from .strength import choose_keep
+from .strength import choose_truncation, truncation_edit
 
 GROUPS = {"attn": ("query", "key", "value", "attn-out"), "mlp": ("mlp-in", "mlp-out")}
 DEFAULT_KEEP = (1.0, 0.95, 0.5, 0.1, 0.05, 0.01)
@@ -138,20 +137,7 @@ def run_svd_clip(harness: Harness, config: ClipConfig | None = None,
     cells = [(layer, g, [t for t in by_group[g] if t.layer == layer]) for layer in layers for g in config.groups]
     cells = [c for c in cells if c[2]]
     icl_dev = icl.evaluate("dev")  # (n_dev,)
-    svd: dict[int, dict] = {}  # one group's SVDs at a time
-
-    def evaluate(cell: int, keep: float, with_nll: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        targets = cells[cell][2]
-        if cell not in svd:
-            svd.clear()
-            svd[cell] = decompose_targets(model, targets)
-        with applied(model, truncation_edit(targets, svd[cell], keep)):
-            return icl.evaluate("dev"), icl.nll("dev") if with_nll else None  # (n_dev,), (n_dev,)
-
-    choice = choose_keep(len(cells), config.keep, evaluate, icl_dev, lambda: icl.nll("dev"), extra=config.search,
-                         select=harness.config.select,
-                         limit=lambda cell: 1 / max(t.n_components for t in cells[cell][2]),
-                         ranks=lambda cell, keep: tuple(kept_rank(t.n_components, keep) for t in cells[cell][2]))
+    choice = choose_truncation(icl, [targets for *_, targets in cells], config.keep, icl_dev, config.search)
     sweep = [{"layer": cells[t.cell][0], "group": cells[t.cell][1], "keep": t.keep,
               "targets": [x.name for x in cells[t.cell][2]], **t.row()} for t in choice.tried]
     best = choice.chosen
