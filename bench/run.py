@@ -1,6 +1,6 @@
 """One `eigenprune run`, phase by phase, against its floor: what the same experiment cannot avoid.
 
-The run is `eigenprune.experiment.execute(RunConfig(task, model, limit, p, eval_mode), out, quiet=True)`,
+The run is `eigenprune.experiments.run.execute(RunConfig(task, model, limit, p, eval_mode), out, quiet=True)`,
 timed as a whole; its report's `timings` split it into load, base_eval, scoring, sweep and test_eval,
 and the rest of the wall time (loading the task, statistics, report, plots, saving) is `other`.
 
@@ -40,16 +40,16 @@ if __package__ in (None, ""):  # run as `python bench/run.py`: make the `bench` 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import cli_main, machine, set_threads  # noqa: E402
-from eigenprune.data import batch_nll, batches, encode  # noqa: E402
-from eigenprune.engine import score_run  # noqa: E402
-from eigenprune.evaluate import choice_nll, evaluate  # noqa: E402
-from eigenprune.experiment import RunConfig, execute  # noqa: E402
-from eigenprune.freeze import FreezeConfig, applied  # noqa: E402
-from eigenprune.hooks import activation_grads_only  # noqa: E402
-from eigenprune.models import CACHE_ENV, load_model  # noqa: E402
-from eigenprune.positions import prompt_lengths  # noqa: E402
-from eigenprune.splits import split_task  # noqa: E402
-from eigenprune.tasks import load_task  # noqa: E402
+from eigenprune.core.batching import batch_nll, batches, encode  # noqa: E402
+from eigenprune.core.hooks import activation_grads_only  # noqa: E402
+from eigenprune.core.models import CACHE_ENV, load_model  # noqa: E402
+from eigenprune.core.positions import prompt_lengths  # noqa: E402
+from eigenprune.edits.engine import score_run  # noqa: E402
+from eigenprune.edits.freeze import FreezeConfig, applied  # noqa: E402
+from eigenprune.evaluation.evaluate import choice_nll, evaluate  # noqa: E402
+from eigenprune.evaluation.splits import split_task  # noqa: E402
+from eigenprune.evaluation.tasks import load_task  # noqa: E402
+from eigenprune.experiments.run import RunConfig, execute  # noqa: E402
 
 PHASES = ("load", "base_eval", "scoring", "sweep", "test_eval")
 

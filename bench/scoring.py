@@ -5,7 +5,7 @@ order; the median over repeats is reported):
 
 1. floor: the forward+backward loop over the same batches in the same order, with the same hooks
    (`capture_io`, `activation_grads_only`) keeping the same activations alive: scoring minus its maths;
-2. eigenprune: `eigenprune.scoring.score` (K partners per example, default 4);
+2. eigenprune: `eigenprune.edits.scoring.score` (K partners per example, default 4);
 3. reference: the formula written the straightforward way, after the authors' released code
    (`calculate_importance_by_singular_value`): a Python loop over components that rebuilds each
    rank-1 output, stores the effect of every pair at every position for every component of every
@@ -40,12 +40,12 @@ if __package__ in (None, ""):  # run as `python bench/scoring.py`: make the `ben
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import add_common_options, cli_main, load, machine, set_threads, shuffled_examples, sync, timed  # noqa: E402
-from eigenprune.data import Encoded, batch_nll, collate, encode  # noqa: E402
-from eigenprune.decompose import Components, decompose_targets  # noqa: E402
-from eigenprune.errors import UsageError  # noqa: E402
-from eigenprune.hooks import activation_grads_only, capture_io  # noqa: E402
-from eigenprune.scoring import ScoreConfig, Scores, aligned, score  # noqa: E402
-from eigenprune.targets import Target, find_targets  # noqa: E402
+from eigenprune.core.batching import Encoded, batch_nll, collate, encode  # noqa: E402
+from eigenprune.core.errors import UsageError  # noqa: E402
+from eigenprune.core.hooks import activation_grads_only, capture_io  # noqa: E402
+from eigenprune.edits.decompose import Components, decompose_targets  # noqa: E402
+from eigenprune.edits.scoring import ScoreConfig, Scores, aligned, score  # noqa: E402
+from eigenprune.edits.targets import Target, find_targets  # noqa: E402
 
 PAGE = 4096
 

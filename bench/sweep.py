@@ -2,7 +2,7 @@
 
 SVD and scoring run once. Then, for every p: `make_edit` (timed on its own), `apply_edit`, a dev
 evaluation and `remove_edit`. While the p loop runs, `torch.linalg.svd`, `torch.svd` and
-`eigenprune.scoring.score` are wrapped in call counters (the same counters see the SVD and scoring
+`eigenprune.edits.scoring.score` are wrapped in call counters (the same counters see the SVD and scoring
 phases, so they are known to count), and a forward pre-hook counts model calls: the run fails unless
 the loop made no SVD and no scoring call and each p made exactly as many model calls as one
 unedited dev evaluation.
@@ -40,17 +40,17 @@ from torch import nn
 if __package__ in (None, ""):  # run as `python bench/sweep.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import eigenprune.scoring  # noqa: E402
+import eigenprune.edits.scoring  # noqa: E402
 from bench import TINY, add_common_options, cli_main, load, machine, set_threads, shuffled_examples, timed  # noqa: E402
-from eigenprune import side_effects  # noqa: E402
-from eigenprune.data import Example, batch_nll, batches, encode  # noqa: E402
-from eigenprune.decompose import decompose_targets  # noqa: E402
-from eigenprune.errors import UsageError  # noqa: E402
-from eigenprune.freeze import FreezeConfig, apply_edit, make_edit, remove_edit  # noqa: E402
-from eigenprune.positions import prompt_lengths  # noqa: E402
-from eigenprune.scoring import ScoreConfig  # noqa: E402
-from eigenprune.targets import find_targets  # noqa: E402
-from eigenprune.tasks import load_task  # noqa: E402
+from eigenprune.core.batching import Example, batch_nll, batches, encode  # noqa: E402
+from eigenprune.core.errors import UsageError  # noqa: E402
+from eigenprune.core.positions import prompt_lengths  # noqa: E402
+from eigenprune.edits.decompose import decompose_targets  # noqa: E402
+from eigenprune.edits.freeze import FreezeConfig, apply_edit, make_edit, remove_edit  # noqa: E402
+from eigenprune.edits.scoring import ScoreConfig  # noqa: E402
+from eigenprune.edits.targets import find_targets  # noqa: E402
+from eigenprune.evaluation import side_effects  # noqa: E402
+from eigenprune.evaluation.tasks import load_task  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -61,7 +61,7 @@ def counting(model: nn.Module) -> Iterator[dict[str, mock.Mock]]:
         calls["linalg.svd"] = stack.enter_context(mock.patch.object(torch.linalg, "svd", wraps=torch.linalg.svd))
         calls["torch.svd"] = stack.enter_context(mock.patch.object(torch, "svd", wraps=torch.svd))
         calls["score"] = stack.enter_context(
-            mock.patch.object(eigenprune.scoring, "score", wraps=eigenprune.scoring.score))
+            mock.patch.object(eigenprune.edits.scoring, "score", wraps=eigenprune.edits.scoring.score))
 
         def count_forward(module: nn.Module, args: tuple) -> None:
             calls["forward"]()  # returns None: a pre-hook's return value would replace the inputs
@@ -78,7 +78,7 @@ def svd_calls(calls: dict[str, mock.Mock]) -> int:
 def dev_evaluation(model: nn.Module, tokenizer, examples: list[Example], mode: str, batch_size: int) -> float:
     """Dev accuracy by `eigenprune.evaluate` when it exists; else minus the mean teacher-forced answer NLL."""
     try:
-        from eigenprune.evaluate import evaluate
+        from eigenprune.evaluation.evaluate import evaluate
     except ImportError:
         pass
     else:
@@ -121,8 +121,8 @@ def parser() -> argparse.ArgumentParser:
 def p_search(model: nn.Module, tokenizer, dev: list[Example], mode: str, args: argparse.Namespace, ps: list[float],
              edit_at, calls: dict, device) -> dict:
     """`search_p` from the grid `ps`, each candidate timed: one dev evaluation + the dev NLL, as `run` does."""
-    from eigenprune.evaluate import evaluate
-    from eigenprune.search import Candidate, dev_nll, search_p
+    from eigenprune.evaluation.evaluate import evaluate
+    from eigenprune.protocol.search import Candidate, dev_nll, search_p
 
     def numbers() -> Candidate:
         correct = evaluate(model, tokenizer, dev, mode, args.eval_batch_size).correct  # (n_dev,)
@@ -208,7 +208,7 @@ def _eval_mode(args: argparse.Namespace) -> str:
     if args.eval_mode:
         return args.eval_mode
     try:
-        from eigenprune.tasks import load_task
+        from eigenprune.evaluation.tasks import load_task
     except ImportError:
         return "exact"
     return load_task(args.task).eval_mode
@@ -236,7 +236,7 @@ def measure(argv: list[str]) -> dict:
         svd_s, _, components = timed(lambda: decompose_targets(model, targets), device)
         svd_in_decompose = svd_calls(calls)
         encoded = encode(tokenizer, train)
-        scoring_s, _, scores = timed(lambda: eigenprune.scoring.score(
+        scoring_s, _, scores = timed(lambda: eigenprune.edits.scoring.score(
             model, targets, components, encoded, tokenizer.pad_token_id, config, progress=False), device)
         score_in_scoring = calls["score"].call_count
         dev_evaluation(model, tokenizer, dev[: args.eval_batch_size], mode, args.eval_batch_size)  # warm-up

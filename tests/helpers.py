@@ -6,7 +6,7 @@ import json
 import torch
 from conftest import build
 
-from eigenprune.data import Example
+from eigenprune.core.batching import Example
 
 SCALE = 5.0  # random init leaves the blocks too weak to move a tiny model's choices; scaled, edits matter
 

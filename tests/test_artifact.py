@@ -8,7 +8,10 @@ from conftest import build
 from helpers import EXAMPLES
 from transformers import AutoModelForCausalLM
 
-from eigenprune.artifact import (
+from eigenprune.core.batching import collate, encode
+from eigenprune.core.errors import UsageError
+from eigenprune.core.positions import prompt_lengths
+from eigenprune.edits.artifact import (
     EDIT_VERSION,
     apply_saved_edit,
     atomic_dir,
@@ -18,14 +21,11 @@ from eigenprune.artifact import (
     save_edit,
     save_scores,
 )
-from eigenprune.data import collate, encode
-from eigenprune.decompose import decompose_targets
-from eigenprune.errors import UsageError
-from eigenprune.export import export_merged
-from eigenprune.freeze import FreezeConfig, apply_edit, make_edit
-from eigenprune.positions import prompt_lengths
-from eigenprune.scoring import ScoreConfig, score
-from eigenprune.targets import find_targets
+from eigenprune.edits.decompose import decompose_targets
+from eigenprune.edits.export import export_merged
+from eigenprune.edits.freeze import FreezeConfig, apply_edit, make_edit
+from eigenprune.edits.scoring import ScoreConfig, score
+from eigenprune.edits.targets import find_targets
 
 
 def prepare(arch, spec="key", **freeze):
@@ -130,7 +130,7 @@ def test_loading_checks_the_format(tmp_path):
 ])
 def test_saved_stage_metadata_is_checked_like_every_artifact(tmp_path, case, text, match):
     """A fine-tune's or LoRA's metadata goes through the same reader as scores and edits: one line each."""
-    from eigenprune.baselines.finetune import FINETUNE_FORMAT, FINETUNE_JSON, FINETUNE_VERSION, apply_saved_finetune
+    from eigenprune.methods.training import FINETUNE_FORMAT, FINETUNE_JSON, FINETUNE_VERSION, apply_saved_finetune
 
     assert (FINETUNE_FORMAT, FINETUNE_VERSION) == ("eigenprune-finetune", 1)
     if text is not None:
@@ -138,7 +138,7 @@ def test_saved_stage_metadata_is_checked_like_every_artifact(tmp_path, case, tex
     with pytest.raises(UsageError, match=re.escape(match)) as err:
         apply_saved_finetune(None, tmp_path)
     assert "\n" not in str(err.value)
-    lora = pytest.importorskip("eigenprune.baselines.lora")
+    lora = pytest.importorskip("eigenprune.methods.lora")
     if text is not None:
         (tmp_path / lora.LORA_JSON).write_text(text.replace("eigenprune-finetune", lora.LORA_FORMAT))
     with pytest.raises(UsageError, match=re.escape(match.replace("fine-tune (no eigenprune_finetune",

@@ -6,27 +6,28 @@ import pytest
 import torch
 from helpers import sensitive, write_task
 
-from eigenprune.artifact import apply_saved_edit
-from eigenprune.baselines.base import best_on_dev
-from eigenprune.baselines.controls import random_components, random_edit, run_random, run_smallest, smallest_edit
-from eigenprune.baselines.eigenprune_method import run_eigenprune
-from eigenprune.baselines.laser import LaserConfig, kept_rank, run_laser, search_layers, truncation_edit
-from eigenprune.baselines.svd_clip import (
+from eigenprune.core.batching import Example
+from eigenprune.core.errors import UsageError
+from eigenprune.edits.artifact import apply_saved_edit
+from eigenprune.edits.decompose import decompose_targets
+from eigenprune.edits.freeze import FreezeConfig, applied, remove_edit
+from eigenprune.edits.scoring import ScoreConfig
+from eigenprune.edits.targets import find_targets, target_weight, weight_view
+from eigenprune.evaluation.splits import split_task
+from eigenprune.evaluation.tasks import load_task
+from eigenprune.methods.base import best_on_dev
+from eigenprune.methods.controls import random_components, random_edit, run_random, run_smallest, smallest_edit
+from eigenprune.methods.eigenprune import run_eigenprune
+from eigenprune.methods.laser import LaserConfig, kept_rank, run_laser, search_layers, truncation_edit
+from eigenprune.methods.svd_clip import (
     ClipConfig,
     draw_demonstrations,
     icl_harness,
     run_svd_clip,
     with_demonstrations,
 )
-from eigenprune.data import Example
-from eigenprune.decompose import decompose_targets
-from eigenprune.errors import UsageError
-from eigenprune.experiment import Harness, RunConfig
-from eigenprune.freeze import FreezeConfig, applied, remove_edit
-from eigenprune.scoring import ScoreConfig
-from eigenprune.splits import split_task
-from eigenprune.targets import find_targets, target_weight, weight_view
-from eigenprune.tasks import load_task
+from eigenprune.protocol.config import RunConfig
+from eigenprune.protocol.harness import Harness
 
 IDS = torch.tensor([[0, 17, 40, 99, 5, 230, 12, 7]])  # (1, pos)
 
@@ -44,7 +45,7 @@ def harness(tmp_path_factory):
 def results(harness):
     """Each method once, with small grids; random with frozen components even if eigenprune chose p = 0."""
     eigen = run_eigenprune(harness)
-    run = eigen.extra["score_run"]
+    run = eigen.score_run
     return {
         "eigenprune": eigen,
         "random": run_random(harness, run, n_frozen=6, seeds=1),
@@ -100,7 +101,7 @@ def test_laser_weight_is_the_truncated_svd(arch, kind, keep):
 
 
 def test_zero_components_is_the_identity(harness, results):
-    run, model = results["eigenprune"].extra["score_run"], harness.model
+    run, model = results["eigenprune"].score_run, harness.model
     want = logits(model)
     for edit in (random_edit(run, 0, 3, FreezeConfig(bias="position")),
                  smallest_edit(run, FreezeConfig(p=0.0, bias="constant"))):
@@ -111,7 +112,7 @@ def test_zero_components_is_the_identity(harness, results):
 
 @pytest.mark.parametrize("n,seed,other", [(1, 0, 1), (6, 0, 1), (20, 7, 8)])
 def test_random_control_is_seeded(results, n, seed, other):
-    run = results["eigenprune"].extra["score_run"]
+    run = results["eigenprune"].score_run
     first, again, different = (random_components(run, n, s) for s in (seed, seed, other))
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], different[k]) for k in first)
@@ -122,7 +123,7 @@ def test_random_control_is_seeded(results, n, seed, other):
 
 
 def test_random_control_with_nothing_frozen_is_the_base(harness, results):
-    result = run_random(harness, results["eigenprune"].extra["score_run"], n_frozen=0, seeds=3)
+    result = run_random(harness, results["eigenprune"].score_run, n_frozen=0, seeds=3)
     assert "identity" in result.extra and result.changed_params == 0
     assert torch.equal(result.dev, harness.evaluate("dev").float())
     assert [r["seed"] for r in result.runs] == [0, 1, 2]
@@ -130,7 +131,7 @@ def test_random_control_with_nothing_frozen_is_the_base(harness, results):
 
 @pytest.mark.parametrize("scope", ["global", "per-target"])
 def test_smallest_freezes_the_smallest_singular_values(results, scope):
-    run = results["eigenprune"].extra["score_run"]
+    run = results["eigenprune"].score_run
     edit = smallest_edit(run, FreezeConfig(p=0.25, scope=scope, bias="none"))
     assert edit.n_frozen > 0
     if scope == "per-target":  # S is descending, so the smallest are the last indices
@@ -178,7 +179,7 @@ class InvertedTest(Harness):
 @pytest.mark.parametrize("method", ["eigenprune", "smallest", "laser", "svd-clip"])
 def test_choices_do_not_depend_on_test(harness, results, method):
     flipped = InvertedTest(harness.model, harness.tokenizer, harness.splits, harness.mode, harness.config, True)
-    run = results["eigenprune"].extra["score_run"]
+    run = results["eigenprune"].score_run
     again = {"eigenprune": lambda: run_eigenprune(flipped),
              "smallest": lambda: run_smallest(flipped, run, [0.1, 0.3]),
              "laser": lambda: run_laser(flipped, LaserConfig(kinds=("mlp-in", "mlp-out"), keep=(0.5, 0.1))),

@@ -7,15 +7,15 @@ import pytest
 import torch
 from helpers import sensitive, write_task
 
-import eigenprune.compare as compare_module
-from eigenprune.artifact import load_edit
-from eigenprune.baselines import registry
-from eigenprune.baselines.base import MethodResult
+import eigenprune.experiments.compare as compare_module
 from eigenprune.cli import build_parser
-from eigenprune.compare import CompareConfig
-from eigenprune.compare_report import method_order, render_markdown, verdict
-from eigenprune.errors import UsageError
-from eigenprune.experiment import Harness
+from eigenprune.core.errors import UsageError
+from eigenprune.edits.artifact import load_edit
+from eigenprune.experiments.compare import CompareConfig
+from eigenprune.methods import registry
+from eigenprune.methods.base import MethodResult
+from eigenprune.protocol.harness import Harness
+from eigenprune.reports.compare_report import method_order, render_markdown, verdict
 
 SMALL = ["--limit", "12", "--split-seed", "2", "--targets", "all", "--p", "0.1,0.3,0.5",  # eigenprune picks 0.5
          "--partners", "2", "--n-boot", "50", "--quiet"]
@@ -70,7 +70,7 @@ def full(setup, tmp_path_factory):
     tunes = []
     with pytest.MonkeyPatch.context() as mp:
         if available("lora"):
-            import eigenprune.baselines.lora as lora
+            import eigenprune.methods.lora as lora
 
             plain = lora._fine_tune
             mp.setattr(lora, "_fine_tune", lambda *a, **k: tunes.append(1) or plain(*a, **k))
@@ -148,7 +148,7 @@ def boom(*args, **kwargs):
 def test_failure_leaves_no_directory(setup, tmp_path, monkeypatch, where):
     model, task = setup
     if where == "method":
-        monkeypatch.setattr("eigenprune.baselines.laser.run_laser", boom)
+        monkeypatch.setattr("eigenprune.methods.laser.run_laser", boom)
     else:
         monkeypatch.setattr(compare_module, "plot_comparison", boom)
     with pytest.raises(RuntimeError, match="boom"):
@@ -225,7 +225,7 @@ VERSUS = [  # eigenprune's test correctness, the random control's seeds' test ac
 
 @pytest.mark.parametrize("eigen,accs,n_frozen,phrases", VERSUS)
 def test_random_control_says_how_eigenprune_compares(eigen, accs, n_frozen, phrases):
-    from eigenprune.baselines.controls import _versus
+    from eigenprune.methods.controls import _versus
 
     rand = result([0.5] * len(eigen), n_frozen=n_frozen)
     rand.runs = [{"test": {"acc": a}} for a in accs]
@@ -236,7 +236,7 @@ def test_random_control_says_how_eigenprune_compares(eigen, accs, n_frozen, phra
 
 @pytest.mark.parametrize("acc,icl,says", [(0.338, 0.35, True), (0.5, 0.35, False)])
 def test_svd_clip_says_when_the_demonstrations_carry_it(acc, icl, says):
-    from eigenprune.baselines.svd_clip import _icl_report
+    from eigenprune.methods.svd_clip import _icl_report
 
     n = 1000
     clip = result([1.0] * round(acc * n) + [0.0] * (n - round(acc * n)),

@@ -9,15 +9,15 @@ import pytest
 import torch
 from helpers import write_task
 
-from eigenprune.baselines import registry
-from eigenprune.baselines.base import MethodResult
-from eigenprune.baselines.controls import _pool_random
 from eigenprune.cli import build_parser
-from eigenprune.errors import UsageError
-from eigenprune.harness import Harness
-from eigenprune.splits import FoldSplit, fold_splits
-from eigenprune.stats import fold_paired_diff_ci
-from eigenprune.tasks import load_task
+from eigenprune.core.errors import UsageError
+from eigenprune.evaluation.splits import FoldSplit, fold_splits
+from eigenprune.evaluation.stats import fold_paired_diff_ci
+from eigenprune.evaluation.tasks import load_task
+from eigenprune.methods import registry
+from eigenprune.methods.base import MethodResult
+from eigenprune.methods.controls import _pool_random
+from eigenprune.protocol.harness import Harness
 
 SMALL = ["--split-seed", "2", "--targets", "all", "--p", "0.1,0.5", "--partners", "2", "--n-boot", "50", "--quiet"]
 GRIDS = {"random": ["--random-seeds", "2"], "laser": ["--laser-kinds", "mlp-out", "--laser-keep", "0.1"],

@@ -13,10 +13,10 @@ from conftest import build
 from helpers import EXAMPLES
 from safetensors.torch import load_file
 
-from eigenprune.data import encode
-from eigenprune.decompose import decompose_targets
-from eigenprune.scoring import ScoreConfig, score
-from eigenprune.targets import find_targets
+from eigenprune.core.batching import encode
+from eigenprune.edits.decompose import decompose_targets
+from eigenprune.edits.scoring import ScoreConfig, score
+from eigenprune.edits.targets import find_targets
 
 CONFIGS = {"sampled": ScoreConfig(partners=2, window=4, batch_size=2),
            "exact": ScoreConfig(partners="all", batch_size=3)}

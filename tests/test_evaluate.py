@@ -17,10 +17,13 @@ import torch
 from conftest import build, make_tokenizer
 from helpers import EXAMPLES, sensitive
 
-from eigenprune.data import Example, batch_nll, batches, encode
-from eigenprune.engine import score_run
-from eigenprune.errors import UsageError
-from eigenprune.evaluate import (
+from eigenprune.core.batching import Example, batch_nll, batches, encode
+from eigenprune.core.errors import UsageError
+from eigenprune.core.positions import OffsetTracker, prompt_lengths
+from eigenprune.edits.engine import score_run
+from eigenprune.edits.freeze import FreezeConfig, applied
+from eigenprune.edits.scoring import ScoreConfig
+from eigenprune.evaluation.evaluate import (
     choice_nll,
     evaluate,
     greedy_continuations,
@@ -29,10 +32,7 @@ from eigenprune.evaluate import (
     next_token_predictions,
     next_token_warnings,
 )
-from eigenprune.freeze import FreezeConfig, applied
-from eigenprune.positions import OffsetTracker, prompt_lengths
-from eigenprune.scoring import ScoreConfig
-from eigenprune.tasks import load_task
+from eigenprune.evaluation.tasks import load_task
 
 NLI = (" entails", " contradicts", " is neutral")
 DIGITS = (" 1", " 2")

@@ -6,9 +6,11 @@ import pytest
 import torch
 from helpers import without_timings
 
-from eigenprune import experiment
 from eigenprune.cli import main
-from eigenprune.experiment import RunConfig, choose
+from eigenprune.experiments import run as experiment
+from eigenprune.protocol.config import RunConfig
+from eigenprune.protocol.harness import Harness
+from eigenprune.protocol.search import Candidate, Step, choose
 
 
 def stable(report: dict) -> dict:
@@ -61,7 +63,7 @@ def test_a_failed_run_leaves_no_directory(tmp_path, saved_model_dir, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("eigenprune.report.write_report", broken)
+    monkeypatch.setattr("eigenprune.reports.run_report.write_report", broken)
     with pytest.raises(RuntimeError):
         main(["run", "--model", str(saved_model_dir), "--task", "int-mult", "--limit", "6", "--p", "0.1",
               "--out", str(tmp_path / "r"), "--quiet", "--n-boot", "50"])
@@ -74,21 +76,22 @@ def test_a_failed_run_leaves_no_directory(tmp_path, saved_model_dir, monkeypatch
     (0.5, [0.4, 0.7], 0.1),
 ])
 def test_choice_of_p_uses_dev_and_keeps_base_when_nothing_helps(base, devs, expected):
-    sweep = [{"p": p, "dev_acc": d} for p, d in zip((0.01, 0.1), devs, strict=True)]
-    assert choose(base, sweep) == expected
+    steps = [Step(0.0, Candidate(base, 1.0), "base")] + [Step(p, Candidate(d, 1.0), "grid")
+                                                        for p, d in zip((0.01, 0.1), devs, strict=True)]
+    assert choose(steps, "accuracy").value == expected
 
 
 def test_test_split_never_influences_the_choice(saved_model_dir, monkeypatch, tmp_path):
     """Scramble every test evaluation: the chosen p and the dev numbers must not move."""
     reports = []
     for scramble in (False, True):
-        original = experiment.Harness.evaluate
+        original = Harness.evaluate
 
         def evaluate(self, split, original=original, scramble=scramble):
             correct = original(self, split)
             return torch.ones_like(correct) if scramble and split == "test" else correct
 
-        monkeypatch.setattr(experiment.Harness, "evaluate", evaluate)
+        monkeypatch.setattr(Harness, "evaluate", evaluate)
         cfg = RunConfig(task="int-mult", model=str(saved_model_dir), limit=10, p=[0.05, 0.3], n_boot=50)
         reports.append(experiment.execute(cfg, tmp_path / f"r{scramble}", quiet=True))
     assert reports[0]["chosen_p"] == reports[1]["chosen_p"]
@@ -119,7 +122,7 @@ def test_examples_longer_than_the_context_are_a_usage_error(saved_model_dir, tmp
 def test_an_edit_that_changes_nothing_is_not_chosen(saved_model_dir, monkeypatch, tmp_path):
     """Regression: base dev accuracy was a float32 mean, the sweep's a float64 one; 7/10 rounds down in float32,
     so an edit with exactly the base's answers looked better than the base and was chosen."""
-    monkeypatch.setattr(experiment.Harness, "evaluate", lambda self, split: torch.tensor([True] * 7 + [False] * 3))
+    monkeypatch.setattr(Harness, "evaluate", lambda self, split: torch.tensor([True] * 7 + [False] * 3))
     cfg = RunConfig(task="int-mult", model=str(saved_model_dir), limit=6, p=[0.05, 0.3], n_boot=50)
     report = experiment.execute(cfg, tmp_path / "r", quiet=True)
     assert report["chosen_p"] == 0.0

@@ -11,9 +11,9 @@ from functools import cache
 import numpy as np
 import pytest
 
-from eigenprune.errors import UsageError
-from eigenprune.splits import fold_splits, split_task
-from eigenprune.stats import (
+from eigenprune.core.errors import UsageError
+from eigenprune.evaluation.splits import fold_splits, split_task
+from eigenprune.evaluation.stats import (
     accuracy_ci,
     bootstrap_means,
     fold_accuracy_ci,
@@ -21,7 +21,7 @@ from eigenprune.stats import (
     paired_diff_ci,
     stratified_bootstrap_means,
 )
-from eigenprune.tasks import Task, load_task
+from eigenprune.evaluation.tasks import Task, load_task
 
 
 @cache

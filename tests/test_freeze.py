@@ -5,21 +5,21 @@ import torch
 from conftest import build
 from helpers import EXAMPLES
 
-from eigenprune.data import collate, encode
-from eigenprune.decompose import decompose_targets
-from eigenprune.freeze import (
+from eigenprune.core.batching import collate, encode
+from eigenprune.core.positions import prompt_lengths
+from eigenprune.edits.decompose import decompose_targets
+from eigenprune.edits.freeze import (
     FreezeConfig,
     FrozenLinear,
     applied,
     apply_edit,
     build_edit,
+    lowest_fraction,
     make_edit,
     remove_edit,
-    select,
 )
-from eigenprune.positions import prompt_lengths
-from eigenprune.scoring import ScoreConfig, score
-from eigenprune.targets import find_targets
+from eigenprune.edits.scoring import ScoreConfig, score
+from eigenprune.edits.targets import find_targets
 
 
 def scored(arch, spec="key", per_head=False):
@@ -64,7 +64,7 @@ def test_apply_then_remove_restores_the_model(arch):
 ])
 def test_select_counts_and_picks_the_lowest(p, scope, expected):
     scores = {"a": torch.tensor([0.5, -1.0, 2.0, 0.1]), "b": torch.tensor([3.0, -2.0, 0.0, 1.0])}
-    chosen = select(scores, p, scope)
+    chosen = lowest_fraction(scores, p, scope)
     if expected is not None:
         assert [len(chosen["a"]), len(chosen["b"])] == expected
     if (p, scope) == (0.5, "global"):
@@ -129,7 +129,7 @@ def test_generate_with_kv_cache_matches_without_and_teacher_forcing(arch):
 
 
 def test_edit_refuses_to_stack():
-    from eigenprune.errors import UsageError
+    from eigenprune.core.errors import UsageError
 
     model, tok, targets, comps, encoded, scores = scored("gpt2")
     edit = make_edit(targets, comps, scores.max, scores.means, FreezeConfig(p=0.2))

@@ -22,11 +22,11 @@ from helpers import EXAMPLES
 from transformers.pytorch_utils import Conv1D
 
 from eigenprune.cli import main
-from eigenprune.data import collate, encode, teacher_forced
-from eigenprune.decompose import decompose_targets
-from eigenprune.freeze import FreezeConfig, FrozenLinear, applied, build_edit, make_edit
-from eigenprune.scoring import ScoreConfig, score
-from eigenprune.targets import find_targets
+from eigenprune.core.batching import collate, encode, teacher_forced
+from eigenprune.edits.decompose import decompose_targets
+from eigenprune.edits.freeze import FreezeConfig, FrozenLinear, applied, build_edit, make_edit
+from eigenprune.edits.scoring import ScoreConfig, score
+from eigenprune.edits.targets import find_targets
 
 
 # ---------------------------------------------------------------- independent references

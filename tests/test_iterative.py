@@ -7,15 +7,15 @@ import torch
 from conftest import build
 from helpers import EXAMPLES
 
-from eigenprune.artifact import apply_saved_edit, fingerprint, save_edit
-from eigenprune.data import collate, encode, teacher_forced
-from eigenprune.decompose import decompose_targets
-from eigenprune.engine import score_run
-from eigenprune.freeze import FreezeConfig, FrozenLinear, applied, apply_edit, merge_edit
-from eigenprune.iterative import current_components, iterative_edits, schedule
-from eigenprune.positions import tracker_of
-from eigenprune.scoring import ScoreConfig, score
-from eigenprune.targets import find_targets, target_weight, weight_view
+from eigenprune.core.batching import collate, encode, teacher_forced
+from eigenprune.core.positions import tracker_of
+from eigenprune.edits.artifact import apply_saved_edit, fingerprint, save_edit
+from eigenprune.edits.decompose import decompose_targets
+from eigenprune.edits.engine import score_run
+from eigenprune.edits.freeze import FreezeConfig, FrozenLinear, applied, apply_edit, merge_edit
+from eigenprune.edits.iterative import current_components, iterative_edits, schedule
+from eigenprune.edits.scoring import ScoreConfig, score
+from eigenprune.edits.targets import find_targets, target_weight, weight_view
 
 EXACT = ScoreConfig(partners="all", batch_size=4)
 

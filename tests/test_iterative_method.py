@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from eigenprune.artifact import apply_saved_edit
 from eigenprune.cli import main
-from eigenprune.config import RunConfig
-from eigenprune.harness import Harness
-from eigenprune.models import load_model
-from eigenprune.splits import split_task
-from eigenprune.tasks import load_task
+from eigenprune.core.models import load_model
+from eigenprune.edits.artifact import apply_saved_edit
+from eigenprune.evaluation.splits import split_task
+from eigenprune.evaluation.tasks import load_task
+from eigenprune.protocol.config import RunConfig
+from eigenprune.protocol.harness import Harness
 
 ARGS = ["--limit", "12", "--split-seed", "2", "--targets", "all", "--p", "0.1,0.5", "--partners", "2",
         "--n-boot", "50", "--eval-mode", "choice", "--quiet"]

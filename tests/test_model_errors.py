@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from eigenprune import models
 from eigenprune.cli import main
+from eigenprune.core import models
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
-from eigenprune import models
-from eigenprune.errors import UsageError
-from eigenprune.models import CACHE_ENV, SMOLLM2_ALIAS, cache_root, intact, load_model, resolve
+from eigenprune.core import models
+from eigenprune.core.errors import UsageError
+from eigenprune.core.models import CACHE_ENV, SMOLLM2_ALIAS, cache_root, intact, load_model, resolve
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -263,7 +263,7 @@ def test_a_writer_that_loses_the_race_uses_the_winners_entry(tiny_gguf, cache, m
 
 
 def test_two_processes_filling_the_cache_at_once(tiny_gguf, cache):
-    code = ("import sys, hashlib; from eigenprune.models import load_model; m, _ = load_model(sys.argv[1]); "
+    code = ("import sys, hashlib; from eigenprune.core.models import load_model; m, _ = load_model(sys.argv[1]); "
             "h = hashlib.sha256(); [h.update(v.float().numpy().tobytes()) for v in m.state_dict().values()]; "
             "print(h.hexdigest())")
     env = {**os.environ, "PYTHONPATH": SRC, CACHE_ENV: str(cache)}

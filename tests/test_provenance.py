@@ -6,8 +6,8 @@ import json
 import pytest
 from helpers import sensitive, write_task
 
-from eigenprune import provenance
 from eigenprune.cli import main
+from eigenprune.experiments import provenance
 
 ARGS = ["--limit", "12", "--split-seed", "2", "--p", "0.3", "--partners", "2", "--n-boot", "50", "--quiet"]
 

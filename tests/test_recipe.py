@@ -12,18 +12,19 @@ from conftest import _randomize_biases, make_tokenizer
 from helpers import EXAMPLES, SCALE, sensitive, write_task
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from eigenprune import tasks
-from eigenprune.baselines import finetune as ft
-from eigenprune.baselines.roll_pairing import roll_scores
 from eigenprune.cli import main
-from eigenprune.data import batch_nll, collate, encode
-from eigenprune.decompose import decompose_targets
-from eigenprune.experiment import Harness, RunConfig
-from eigenprune.freeze import select
-from eigenprune.hooks import capture_io
-from eigenprune.scoring import ScoreConfig, score
-from eigenprune.splits import split_task
-from eigenprune.targets import find_targets
+from eigenprune.core.batching import batch_nll, collate, encode
+from eigenprune.core.hooks import capture_io
+from eigenprune.edits.decompose import decompose_targets
+from eigenprune.edits.freeze import lowest_fraction
+from eigenprune.edits.scoring import ScoreConfig, score
+from eigenprune.edits.targets import find_targets
+from eigenprune.evaluation import tasks
+from eigenprune.evaluation.splits import split_task
+from eigenprune.methods import training as ft
+from eigenprune.methods.roll_pairing import roll_scores
+from eigenprune.protocol.config import RunConfig
+from eigenprune.protocol.harness import Harness
 
 
 def five_layers(arch: str):
@@ -181,7 +182,7 @@ def test_roll_scores_equal_a_direct_computation_at_batch_size_three():
 def test_all_zero_scores_freeze_every_key_component_of_the_first_fifth_of_the_layers(arch, per_head):
     model, _ = five_layers(arch)
     targets = find_targets(model, "key", per_head=per_head)
-    removed = select({t.name: torch.zeros(t.n_components) for t in targets}, 0.2)
+    removed = lowest_fraction({t.name: torch.zeros(t.n_components) for t in targets}, 0.2)
     for t in targets:
         expected = torch.arange(t.n_components) if t.layer == 0 else torch.arange(0)
         assert torch.equal(removed[t.name], expected), t.name

@@ -16,7 +16,10 @@ import torch
 from conftest import build
 from helpers import EXAMPLES
 
-from eigenprune.artifact import (
+from eigenprune.cli import main
+from eigenprune.core.batching import encode
+from eigenprune.core.errors import UsageError
+from eigenprune.edits.artifact import (
     apply_saved_edit,
     atomic_dir,
     check_new_dir,
@@ -26,13 +29,10 @@ from eigenprune.artifact import (
     save_edit,
     save_scores,
 )
-from eigenprune.cli import main
-from eigenprune.data import encode
-from eigenprune.decompose import decompose_targets
-from eigenprune.errors import UsageError
-from eigenprune.freeze import FreezeConfig, apply_edit
-from eigenprune.scoring import ScoreConfig, score
-from eigenprune.targets import find_targets, weight_view
+from eigenprune.edits.decompose import decompose_targets
+from eigenprune.edits.freeze import FreezeConfig, apply_edit
+from eigenprune.edits.scoring import ScoreConfig, score
+from eigenprune.edits.targets import find_targets, weight_view
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
@@ -41,8 +41,8 @@ ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH
 WRITER = r"""
 import sys, time
 from pathlib import Path
-from eigenprune.artifact import atomic_dir, check_new_dir
-from eigenprune.errors import UsageError
+from eigenprune.edits.artifact import atomic_dir, check_new_dir
+from eigenprune.core.errors import UsageError
 out, name, claimed, go, phase = sys.argv[1:6]
 wait = lambda: [time.sleep(0.02) for _ in iter(lambda: Path(go).exists(), True)]
 try:
@@ -435,7 +435,7 @@ def test_a_jsonl_file_that_is_not_utf8_is_one_line(capsys, tmp_path, saved_model
 
 
 def test_a_jsonl_file_with_a_byte_order_mark_reads(tmp_path):
-    from eigenprune.data import load_prompt_answer_jsonl
+    from eigenprune.core.batching import load_prompt_answer_jsonl
 
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "1 + 1 =", "answer": " 2"}\n')
@@ -519,9 +519,9 @@ def write_tiny_gguf(path):
 def test_export_merges_an_edit_of_a_gguf_loaded_model(tmp_path, bias):
     from transformers import AutoModelForCausalLM
 
-    from eigenprune.data import collate
-    from eigenprune.export import export_merged
-    from eigenprune.freeze import make_edit
+    from eigenprune.core.batching import collate
+    from eigenprune.edits.export import export_merged
+    from eigenprune.edits.freeze import make_edit
 
     tok = write_tiny_gguf(tmp_path / "tiny.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").eval()

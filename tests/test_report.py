@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from eigenprune.freeze import select
-from eigenprune.report import _frozen_grid, _score_bins, verdict, write_report
+from eigenprune.edits.freeze import lowest_fraction
+from eigenprune.reports.run_report import _frozen_grid, _score_bins, verdict, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
@@ -32,9 +32,9 @@ def make_report(chosen_p: float = 0.05, diff: tuple[float, float, float] = (0.01
                 scores: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict, dict]:
     """A full report (every optional key present), its scores and the chosen edit's removed indices."""
     scores = scores if scores is not None else make_scores()
-    removed = select(scores, chosen_p)
+    removed = lowest_fraction(scores, chosen_p)
     ps = [0.01, 0.05, 0.1, 0.3]
-    sweep = [{"p": p, "n_frozen": sum(len(i) for i in select(scores, p).values()),
+    sweep = [{"p": p, "n_frozen": sum(len(i) for i in lowest_fraction(scores, p).values()),
               "dev_acc": 0.40 + (0.03 if p == chosen_p else 0.01 * i - 0.01), "dev_lo": 0.35, "dev_hi": 0.47,
               "n_dev": 200, "test_acc": 0.41 - 0.02 * i, "test_lo": 0.37 - 0.02 * i, "test_hi": 0.45 - 0.02 * i,
               "chosen": p == chosen_p} for i, p in enumerate(ps)]

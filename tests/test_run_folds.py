@@ -5,8 +5,8 @@ pools per-example results with fold-stratified CIs; `--folds 1` is today's run."
 import pytest
 from helpers import run_report, without_timings
 
-from eigenprune import harness as harness_module
 from eigenprune.cli import main
+from eigenprune.protocol import harness as harness_module
 
 ARGS = ["--split-seed", "2", "--targets", "all", "--p", "0.3,0.7", "--partners", "2", "--n-boot", "50",
         "--eval-mode", "choice", "--quiet"]

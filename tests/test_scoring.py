@@ -6,10 +6,10 @@ from conftest import build
 from helpers import EXAMPLES
 from transformers.pytorch_utils import Conv1D
 
-from eigenprune.data import answer_nll, batch_nll, collate, encode
-from eigenprune.decompose import decompose_targets
-from eigenprune.scoring import ScoreConfig, score
-from eigenprune.targets import find_targets, target_weight
+from eigenprune.core.batching import answer_nll, batch_nll, collate, encode
+from eigenprune.edits.decompose import decompose_targets
+from eigenprune.edits.scoring import ScoreConfig, score
+from eigenprune.edits.targets import find_targets, target_weight
 
 
 def reference_scores(model, targets, encoded, pad_id):
@@ -196,7 +196,7 @@ def test_same_seed_bit_identical_and_means_counted_on_real_tokens():
 
 
 def test_scoring_needs_two_examples():
-    from eigenprune.errors import UsageError
+    from eigenprune.core.errors import UsageError
 
     model, tok = build("llama")
     targets = find_targets(model, "key")

@@ -13,9 +13,9 @@ from conftest import build
 from helpers import EXAMPLES
 from test_evaluate import CHOICE_EXAMPLES, fake_edit
 
-from eigenprune.data import encode
-from eigenprune.evaluate import choice_nll
-from eigenprune.search import (
+from eigenprune.core.batching import encode
+from eigenprune.evaluation.evaluate import choice_nll
+from eigenprune.protocol.search import (
     DEFAULT_GRID,
     Candidate,
     Step,
@@ -95,13 +95,13 @@ def test_refines_toward_the_peak(at):
 
 def test_ties_in_accuracy_go_to_the_lower_nll_then_the_smaller_p():
     flat = Curve(lambda p: 0.5, nll=lambda p: {0.05: 90.0, 0.3: 90.0}.get(p, 99.0))  # CB: accuracy never moves
-    result = search_p(flat, BASE, budget=4)
+    result = search_p(flat, BASE, budget=4, select="accuracy+loss")
     assert result.chosen.value == 0.05  # 0.05 and 0.3 tie on both numbers: the smaller p
     same = Curve(lambda p: 0.5, nll=lambda p: 100.0)  # ties the base on both numbers: the base
-    assert search_p(same, BASE, budget=6).chosen.value == 0.0
+    assert search_p(same, BASE, budget=6, select="accuracy+loss").chosen.value == 0.0
     steps = [Step(0.0, Candidate(0.6, 10.0), "base"), Step(0.1, Candidate(0.7, 50.0), "grid"),
              Step(0.2, Candidate(0.7, 40.0), "grid"), Step(0.3, Candidate(0.65, 1.0), "grid")]
-    assert choose(steps).value == 0.2  # accuracy first, then NLL
+    assert choose(steps, "accuracy+loss").value == 0.2  # accuracy first, then NLL
     assert choose(steps, "loss").value == 0.3  # NLL outright
 
 

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from eigenprune import settings
 from eigenprune.cli import main
-from eigenprune.config import RunConfig, add_run_options, config_from_args, config_from_file
-from eigenprune.errors import UsageError
-from eigenprune.freeze import FreezeConfig
-from eigenprune.scoring import ScoreConfig
+from eigenprune.core import settings
+from eigenprune.core.errors import UsageError
+from eigenprune.edits.freeze import FreezeConfig
+from eigenprune.edits.scoring import ScoreConfig
+from eigenprune.protocol.config import RunConfig, add_run_options, config_from_args, config_from_file
 
 
 def parse(*argv: str) -> RunConfig:

@@ -12,16 +12,16 @@ import torch
 from conftest import build
 from helpers import EXAMPLES, sensitive, write_task
 
-from eigenprune import side_effects as se
-from eigenprune.data import Example
-from eigenprune.decompose import decompose_targets
-from eigenprune.errors import UsageError
-from eigenprune.evaluate import evaluate
-from eigenprune.freeze import FreezeConfig, applied, make_edit
-from eigenprune.positions import prompt_lengths
-from eigenprune.scoring import ScoreConfig, score
-from eigenprune.stats import paired_diff_ci
-from eigenprune.tasks import load_task
+from eigenprune.core.batching import Example
+from eigenprune.core.errors import UsageError
+from eigenprune.core.positions import prompt_lengths
+from eigenprune.edits.decompose import decompose_targets
+from eigenprune.edits.freeze import FreezeConfig, applied, make_edit
+from eigenprune.edits.scoring import ScoreConfig, score
+from eigenprune.evaluation import side_effects as se
+from eigenprune.evaluation.evaluate import evaluate
+from eigenprune.evaluation.stats import paired_diff_ci
+from eigenprune.evaluation.tasks import load_task
 
 MAX_TOKENS = 24  # the tiny tokenizers split English into many pieces; keep the tiny passes short
 
@@ -38,8 +38,8 @@ def documents() -> list[se.Document]:
 def edited(arch: str, p: float, targets: str = "all"):
     """A sensitive tiny model and an eigenprune edit (position-dependent bias) of its `targets` matrices."""
     model, tok = sensitive(arch)
-    from eigenprune.data import encode
-    from eigenprune.targets import find_targets
+    from eigenprune.core.batching import encode
+    from eigenprune.edits.targets import find_targets
 
     targets = find_targets(model, targets)
     comps = decompose_targets(model, targets)

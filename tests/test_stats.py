@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eigenprune.stats import accuracy_ci, bootstrap_means, majority_rate, mean_sd, paired_diff_ci
+from eigenprune.evaluation.stats import accuracy_ci, bootstrap_means, majority_rate, mean_sd, paired_diff_ci
 
 
 def binary(n: int, p: float, seed: int = 0) -> np.ndarray:

@@ -9,14 +9,14 @@ import pytest
 import torch
 from helpers import sensitive, write_task
 
-from eigenprune.baselines.laser import LaserConfig, kept_rank, run_laser
-from eigenprune.baselines.strength import choose_keep
-from eigenprune.baselines.svd_clip import ClipConfig, run_svd_clip
-from eigenprune.experiment import Harness, RunConfig
-from eigenprune.harness import best_on_dev
-from eigenprune.scoring import ScoreConfig
-from eigenprune.splits import split_task
-from eigenprune.tasks import load_task
+from eigenprune.edits.scoring import ScoreConfig
+from eigenprune.evaluation.splits import split_task
+from eigenprune.evaluation.tasks import load_task
+from eigenprune.methods.laser import LaserConfig, kept_rank, run_laser
+from eigenprune.methods.strength import choose_keep
+from eigenprune.methods.svd_clip import ClipConfig, run_svd_clip
+from eigenprune.protocol.config import RunConfig
+from eigenprune.protocol.harness import Harness, best_on_dev
 
 N_DEV, RANK = 40, 200  # a synthetic dev split and every cell's full rank
 

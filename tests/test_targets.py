@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import build
 
-from eigenprune.errors import UsageError
-from eigenprune.targets import describe, find_targets, parse_layers, target_weight, weight_view
+from eigenprune.core.errors import UsageError
+from eigenprune.edits.targets import describe, find_targets, parse_layers, target_weight, weight_view
 
 
 @pytest.mark.parametrize("arch, spec, names, shape", [

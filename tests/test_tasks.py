@@ -9,10 +9,10 @@ from functools import cache
 import pytest
 from conftest import make_tokenizer
 
-from eigenprune.data import encode
-from eigenprune.errors import UsageError
-from eigenprune.splits import split_task
-from eigenprune.tasks import BUILTIN_TASKS, CLASSIFICATION, GENERATION, Task, load_task
+from eigenprune.core.batching import encode
+from eigenprune.core.errors import UsageError
+from eigenprune.evaluation.splits import split_task
+from eigenprune.evaluation.tasks import BUILTIN_TASKS, CLASSIFICATION, GENERATION, Task, load_task
 
 
 @cache

@@ -1,5 +1,5 @@
 """`python -m eigenprune` (also what `torchrun -m eigenprune` launches)."""
 
-from .cli import main
+from eigenprune.cli import main
 
 raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The foundation every layer uses: errors, settings, model loading, token batches, hooks."""

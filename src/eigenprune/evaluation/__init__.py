@@ -1,0 +1,1 @@
+"""Tasks, splits, evaluation, statistics and side effects: how a model is judged."""

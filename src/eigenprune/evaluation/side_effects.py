@@ -1,0 +1,411 @@
+"""What an edit costs elsewhere: perplexity and KL on general English text, and accuracy on other tasks.
+
+The text sample ships in `data/text/documents.jsonl` (RTE and CB premises: news, Wikipedia, WSJ,
+fiction, dialogue; `data/text/SOURCE.md` says how it was built). `sample_for_task` leaves out the
+text of the task being pruned: its source, and any document sharing an 8-word run with its prompts.
+
+Where a document's "prompt" ends. A frozen component adds a bias looked up by a token's offset from
+the last prompt token (`positions.py`), and free text has no prompt. Each document is scored as the
+continuation of its first token: prompt = the first token of the encoded document (BOS where the
+tokenizer adds one, else the first word piece), every later token is scored. The tokens then sit
+at offsets 0, 1, 2, ... which is exactly what `model.generate` does when handed that first token
+and forced along the document. So the numbers are what the edited model, as deployed, assigns to
+general text it continues. (Treating the whole document as prompt instead would give every token
+a negative offset that depends on the document's length, which no deployed call reproduces.)
+
+Memory. KL(base ‖ edit) needs the base's full next-token distribution at every scored token; as
+log-probs that is tokens × vocab (10,901 × 49,152 in float32 on SmolLM2-135M: 2.0 GiB). The probe
+keeps instead the base's final hidden states (tokens × d_model: 25 MiB) and a copy of its LM head,
+and recomputes the base logits with one head matmul per batch: exact (the same values as the base
+pass, which the first batch checks) for one head's share of a forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from eigenprune.core.batching import Encoded, batches, check_fits, read_jsonl
+from eigenprune.core.errors import UsageError
+from eigenprune.core.hooks import capture_io
+from eigenprune.core.positions import prompt_lengths
+from eigenprune.evaluation.evaluate import _evaluating, evaluate
+from eigenprune.evaluation.splits import split_task
+from eigenprune.evaluation.stats import Accuracy, accuracy_ci, bootstrap_means, paired_diff_ci, significance
+from eigenprune.evaluation.tasks import Task, load_task
+
+SHINGLE_WORDS = 8  # documents sharing a run of this many words with excluded text are left out
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One text of the sample: where it came from (`source`, `id`) and the text."""
+
+    id: str
+    source: str
+    text: str
+
+
+def load_documents(path: str | Path | None = None) -> list[Document]:
+    """The packaged sample, or a JSONL file of {"id", "source", "text"} lines."""
+    if path is None:
+        with resources.as_file(resources.files("eigenprune").joinpath("data", "text", "documents.jsonl")) as p:
+            rows = read_jsonl(p)
+    else:
+        rows = read_jsonl(path)
+    docs = []
+    for n, row in rows:
+        if not all(isinstance(row.get(k), str) and row[k] for k in ("id", "source", "text")):
+            raise UsageError(f"{path or 'documents.jsonl'}:{n}: each line needs string fields 'id', 'source', 'text'")
+        docs.append(Document(row["id"], row["source"], row["text"]))
+    return docs
+
+
+def _shingles(text: str) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1)}
+
+
+def sample(exclude_sources: Iterable[str] = (), exclude_text: Iterable[str] = (),
+           documents: Sequence[Document] | None = None) -> list[Document]:
+    """The documents (default: the packaged sample) minus the excluded sources and any document that
+    shares an 8-word run with one of `exclude_text` (e.g. a custom task's prompts)."""
+    documents = load_documents() if documents is None else list(documents)
+    sources = sorted({d.source for d in documents})
+    excluded = set(exclude_sources)
+    unknown = sorted(excluded - set(sources))
+    if unknown:
+        raise UsageError(f"unknown text source(s) {', '.join(unknown)}; the sample's sources are {', '.join(sources)}")
+    banned = set().union(*map(_shingles, exclude_text))
+    kept = [d for d in documents if d.source not in excluded and not (banned and _shingles(d.text) & banned)]
+    if not kept:
+        raise UsageError(f"no side-effect documents are left after leaving out sources {sorted(excluded)} and text "
+                         "overlapping the task; pass documents of your own or turn side effects off")
+    return kept
+
+
+def sample_for_task(task: Task, documents: Sequence[Document] | None = None) -> list[Document]:
+    """The sample without the pruned task's text: its source (task rte: no RTE text) and every
+    document that shares an 8-word run with the task's prompts or answers."""
+    documents = load_documents() if documents is None else list(documents)
+    sources = {d.source for d in documents}
+    texts = [t for ex in (*task.train, *task.test) for t in (ex.prompt, ex.answer)]
+    return sample([task.name] if task.name in sources else [], texts, documents)
+
+
+# -- the text pass ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextScores:
+    """One model's pass over the sample, per document in sample order."""
+
+    nll: np.ndarray  # (docs,) summed next-token NLL over the scored tokens
+    kl: np.ndarray  # (docs,) summed KL(base ‖ this model) over the same positions; zeros for the base
+    tokens: np.ndarray  # (docs,) scored tokens
+    wall_s: float
+
+
+def _encode(tokenizer, doc: Document, max_tokens: int | None) -> Encoded:
+    ids = tokenizer(doc.text, add_special_tokens=True)["input_ids"][:max_tokens]
+    if len(ids) < 2:
+        raise UsageError(f"side-effect document {doc.id} has fewer than 2 tokens; nothing to score")
+    return Encoded(tuple(ids[:1]), tuple(ids[1:]))  # prompt = the first token (module docstring)
+
+
+class SideEffectProbe:
+    """The base model's pass over the documents, kept so `measure` can score any edit against it.
+
+    `measure(model)` takes the same model object with an edit applied, or another model with the same
+    tokenizer; it runs one forward pass over the sample and no second base pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, documents: Sequence[Document], batch_size: int = 8,
+                 max_tokens: int | None = None, progress: bool = False) -> None:
+        if not documents:
+            raise UsageError("the side-effect sample is empty")
+        if batch_size < 1:
+            raise UsageError(f"side-effect batch size must be at least 1, got {batch_size}")
+        if max_tokens is not None and max_tokens < 2:
+            raise UsageError(f"max_tokens must be at least 2, got {max_tokens}")
+        self.documents = list(documents)
+        self.encoded = [_encode(tokenizer, d, max_tokens) for d in self.documents]
+        check_fits(model, self.encoded)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.batch_size, self.progress = batch_size, progress
+        head = model.get_output_embeddings()
+        self._head_name = next((n for n, m in model.named_modules() if m is head), None)
+        if self._head_name is None:
+            raise UsageError("side effects need a model with an output embedding (LM head) module")
+        self._head = copy.deepcopy(head)  # the base head, even if the caller then edits the model in place
+        self._hidden: list[torch.Tensor] = []  # per batch (batch, pos, d_model), the head's input, on CPU
+        self.vocab = 0
+        self.base = self._pass(model, None)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.base.tokens.sum())
+
+    def measure(self, model: torch.nn.Module) -> TextScores:
+        """NLL and KL(base ‖ model) per document for `model`, against the stored base pass."""
+        return self._pass(model, self._hidden)
+
+    def _pass(self, model: torch.nn.Module, base_hidden: list[torch.Tensor] | None) -> TextScores:
+        n = len(self.encoded)
+        nll, kl, tokens = np.zeros(n), np.zeros(n), np.zeros(n)
+        device = next(model.parameters()).device
+        start = time.perf_counter()
+        with _evaluating(model), capture_io(model, [self._head_name], grads=False) as captured:
+            groups = tqdm(batches(self.encoded, self.batch_size, self.pad_id), total=-(-n // self.batch_size),
+                          disable=not self.progress, desc="side effects", unit="batch", leave=False)
+            for i, batch in enumerate(groups):
+                batch = batch.to(device)
+                with prompt_lengths(model, batch.prompt_lengths):
+                    logits = model(**batch.model_inputs(), use_cache=False).logits  # (batch, pos, vocab)
+                # every position but padding is scored (prompt = the first token): work on all of them, no copies
+                scored = (batch.labels != -100).flatten()  # (rows,) rows = batch * pos
+                z = logits.flatten(0, 1).float()  # (rows, vocab)
+                labels = batch.labels.flatten().clamp(min=0)[:, None]  # (rows, 1)
+                index = batch.index.cpu().numpy()  # (batch,) positions of the documents
+                nll_tok = torch.logsumexp(z, -1) - z.gather(1, labels)[:, 0]  # (rows,)
+                nll[index] = _per_doc(torch.where(scored, nll_tok, 0.0), len(index))
+                tokens[index] = _per_doc(scored, len(index))
+                if base_hidden is None:  # the base pass: keep what the base logits are one matmul from
+                    if i == 0:
+                        self.vocab = logits.shape[-1]
+                        self._check_head(captured.inputs[self._head_name], logits)
+                    self._hidden.append(captured.inputs[self._head_name].cpu())
+                    continue
+                if logits.shape[-1] != self.vocab:
+                    raise UsageError(f"the measured model's vocabulary ({logits.shape[-1]}) differs from the "
+                                     f"base's ({self.vocab}); side effects compare models of one tokenizer")
+                base_logits = self._head.to(device)(base_hidden[i].to(device))  # (batch, pos, vocab)
+                kl_tok = kl_per_token(base_logits.flatten(0, 1).float(), z)  # (rows,)
+                kl[index] = _per_doc(torch.where(scored, kl_tok, 0.0), len(index))
+        return TextScores(nll, kl, tokens, time.perf_counter() - start)
+
+    def _check_head(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        again = self._head(hidden)
+        if again.shape != logits.shape or not torch.allclose(again.float(), logits.float(), rtol=1e-4, atol=1e-4):
+            raise UsageError("this model's logits are not its LM head's output (scaled or soft-capped after the "
+                             "head?), which side effects' KL relies on; turn side effects off for it")
+
+
+def kl_per_token(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(base) ‖ softmax(logits)) per row: (tokens, vocab) ×2 -> (tokens,).
+
+    With d = base − logits shifted so that Σ p d = 0 (softmax ignores shifts), KL = log Σ p e^(−d)
+    = log1p(Σ p (e^(−d) − 1 + d)), a sum of non-negative terms whose float32 error scales with the change:
+    on 49,152-wide random logits at KL 5e-7 nats its error is 1e-11, where Σ p (log p − log q) in float32
+    is off by 2.6e-7 (half the value) from rounding log-probs near −10.
+    """
+    p = torch.softmax(base_logits, -1)  # (tokens, vocab)
+    d = base_logits - logits  # (tokens, vocab); below it is reused in place, to hold few vocab-wide tensors
+    d -= torch.linalg.vecdot(p, d)[:, None]
+    t = torch.expm1(d.neg_()).sub_(d)  # e^(−d) − 1 + d
+    kl = torch.log1p(torch.linalg.vecdot(p, t))  # (tokens,)
+    if not torch.isfinite(kl).all():  # e^(−d) overflowed: an edit that broke the model; stay in log space
+        kl = torch.where(torch.isfinite(kl), kl, torch.logsumexp(torch.log_softmax(base_logits, -1) + d, -1))
+    return kl
+
+
+def _per_doc(values: torch.Tensor, n_docs: int) -> np.ndarray:
+    """Sum per-position values (batch * pos,) over each document's positions: (batch,) float64."""
+    return values.double().view(n_docs, -1).sum(1).cpu().numpy()
+
+
+# -- other tasks ----------------------------------------------------------------------------------------
+
+class TaskProbe:
+    """Accuracy on other tasks (built-in names or JSONL paths): each task's test split, or a fixed
+    subsample of `limit` items of it, evaluated in the task's default mode. The base runs here, once."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, tasks: Sequence[str], limit: int | None = None,
+                 batch_size: int = 16, progress: bool = False) -> None:
+        self.tokenizer, self.batch_size, self.progress = tokenizer, batch_size, progress
+        self.tasks: dict[str, tuple[str, str, list]] = {}  # spec -> (name, eval mode, examples)
+        for spec in dict.fromkeys(tasks):
+            task = load_task(spec)
+            self.tasks[spec] = (task.name, task.eval_mode, split_task(task, limit=limit).test)
+        self.base = self.measure(model)
+
+    def measure(self, model: torch.nn.Module) -> dict[str, np.ndarray]:
+        """Per task spec, per-example correctness (n,) bool."""
+        return {spec: evaluate(model, self.tokenizer, examples, mode, self.batch_size, self.progress).correct.numpy()
+                for spec, (_, mode, examples) in self.tasks.items()}
+
+
+# -- the section: base model and each edit ----------------------------------------------------------------
+
+class SideEffects:
+    """Build on the base model, `measure` each edit (applied to it, or another model), then `section()`."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, documents: Sequence[Document], also: Sequence[str] = (),
+                 also_limit: int | None = None, batch_size: int = 8, eval_batch_size: int = 16,
+                 max_tokens: int | None = None, progress: bool = False) -> None:
+        self.text = SideEffectProbe(model, tokenizer, documents, batch_size, max_tokens, progress)
+        self.tasks = TaskProbe(model, tokenizer, also, also_limit, eval_batch_size, progress) if also else None
+        self.edits: dict[str, tuple[TextScores, dict[str, np.ndarray]]] = {}
+
+    def measure(self, name: str, model: torch.nn.Module) -> None:
+        if name == BASE or name in self.edits:
+            raise UsageError(f"side effects of {name!r} are already measured; give each edit its own name")
+        self.edits[name] = (self.text.measure(model), self.tasks.measure(model) if self.tasks else {})
+
+    def section(self, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+        return summarize(self.text, {k: v[0] for k, v in self.edits.items()}, self.tasks,
+                         {k: v[1] for k, v in self.edits.items()}, n_boot, seed, level)
+
+
+def _quantiles(draws: np.ndarray, level: float) -> tuple[float, float]:
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def perplexity_ci(scores: TextScores, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """exp(Σ NLL / Σ tokens) with a percentile bootstrap CI over documents."""
+    # one seed for both: the same resampled documents in numerator and denominator
+    draws = np.exp(bootstrap_means(scores.nll, n_boot, seed) / bootstrap_means(scores.tokens, n_boot, seed))
+    lo, hi = _quantiles(draws, level)
+    return {"value": float(np.exp(scores.nll.sum() / scores.tokens.sum())), "lo": lo, "hi": hi}
+
+
+def delta_perplexity_ci(base: TextScores, edit: TextScores, n_boot: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict:
+    """Perplexity (edit − base) with a paired bootstrap CI: each resample of documents serves both."""
+    tokens = bootstrap_means(base.tokens, n_boot, seed)
+    draws = (np.exp(bootstrap_means(edit.nll, n_boot, seed) / tokens)
+             - np.exp(bootstrap_means(base.nll, n_boot, seed) / tokens))
+    lo, hi = _quantiles(draws, level)
+    total = base.tokens.sum()
+    return {"diff": float(np.exp(edit.nll.sum() / total) - np.exp(base.nll.sum() / total)), "lo": lo, "hi": hi}
+
+
+def kl_ci(edit: TextScores, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean per-token KL(base ‖ edit) in nats, with a bootstrap CI over documents."""
+    draws = bootstrap_means(edit.kl, n_boot, seed) / bootstrap_means(edit.tokens, n_boot, seed)
+    lo, hi = _quantiles(draws, level)
+    return {"value": float(edit.kl.sum() / edit.tokens.sum()), "lo": lo, "hi": hi}
+
+
+def _acc(correct: np.ndarray, n_boot: int, seed: int, level: float) -> dict:
+    return Accuracy(*accuracy_ci(correct, n_boot, seed, level), int(correct.size)).to_dict()
+
+
+def summarize(probe: SideEffectProbe, edits: Mapping[str, TextScores], tasks: TaskProbe | None = None,
+              task_edits: Mapping[str, Mapping[str, np.ndarray]] | None = None, n_boot: int = 1000, seed: int = 0,
+              level: float = 0.95) -> dict:
+    """The JSON-ready "Side effects" section: the sample, then per model (base first) perplexity, and for
+    each edit Δ perplexity, KL and the other tasks' accuracies with paired differences."""
+    base = probe.base
+    sources: dict[str, int] = {}
+    for d in probe.documents:
+        sources[d.source] = sources.get(d.source, 0) + 1
+    models = {BASE: {"perplexity": perplexity_ci(base, n_boot, seed, level), "wall_s": base.wall_s}}
+    for name, scores in edits.items():
+        models[name] = {"perplexity": perplexity_ci(scores, n_boot, seed, level),
+                        "delta_perplexity": delta_perplexity_ci(base, scores, n_boot, seed, level),
+                        "kl": kl_ci(scores, n_boot, seed, level), "wall_s": scores.wall_s}
+    also = {}
+    if tasks is not None:
+        also = {spec: {"name": name, "eval_mode": mode, "n": len(examples)}
+                for spec, (name, mode, examples) in tasks.tasks.items()}
+        models[BASE]["also"] = {spec: _acc(c, n_boot, seed, level) for spec, c in tasks.base.items()}
+        for name, per_task in (task_edits or {}).items():
+            models[name]["also"] = {}
+            for spec, correct in per_task.items():
+                diff, lo, hi = paired_diff_ci(tasks.base[spec], correct, n_boot, seed, level)
+                models[name]["also"][spec] = {**_acc(correct, n_boot, seed, level),
+                                              "diff_vs_base": {"diff": diff, "lo": lo, "hi": hi}}
+    return {"sample": {"documents": len(probe.documents), "tokens": probe.n_tokens, "sources": sources},
+            "bootstrap": {"n_boot": n_boot, "seed": seed, "level": level},
+            "model_order": list(models), "models": models, "also": also}
+
+
+# -- rendering (reads only the section dict, so a saved report re-renders) ---------------------------------
+
+def _value(c: dict, fmt: str = ".2f") -> str:
+    return f"{c['value']:{fmt}} [{c['lo']:{fmt}}, {c['hi']:{fmt}}]"
+
+
+def _diff(c: dict, fmt: str = "+.2f") -> str:
+    return f"{c['diff']:{fmt}} [{c['lo']:{fmt}}, {c['hi']:{fmt}}]"
+
+
+def columns(section: dict, name: str) -> dict[str, str]:
+    """The "Δ perplexity" and "KL" cells of one model's row in `compare`'s table ("-" for the base)."""
+    row = section["models"][name]
+    if name == BASE:
+        return {"Δ perplexity": "-", "KL": "-"}
+    return {"Δ perplexity": _diff(row["delta_perplexity"]), "KL": _value(row["kl"], ".4f")}
+
+
+def render_markdown(section: dict, plot_file: str | None = "side_effects.png") -> str:
+    """The report's "Side effects" section in Markdown."""
+    s, level = section["sample"], round(100 * section["bootstrap"]["level"])
+    models = section["models"]
+    where = ", ".join(f"{k} {v}" for k, v in sorted(s["sources"].items()))
+    lines = ["## Side effects", "",
+             f"Perplexity on {s['documents']} general-English documents ({s['tokens']:,} scored tokens; {where}; "
+             "the text of the pruned task left out), each scored as the continuation of its first token, with a "
+             f"{level}% bootstrap CI over documents. Δ perplexity is edit − base with a paired bootstrap CI; KL is "
+             "the mean per-token KL(base ‖ edit) of the next-token distributions, in nats.", "",
+             f"| model | perplexity [{level}% CI] | Δ perplexity [{level}% CI] | KL [{level}% CI] | wall s |",
+             "|---|---|---|---|---|"]
+    for name in section["model_order"]:
+        cells = columns(section, name)
+        lines.append(f"| {name} | {_value(models[name]['perplexity'])} | {cells['Δ perplexity']} | {cells['KL']} | "
+                     f"{models[name]['wall_s']:.1f} |")
+    worse = [n for n in section["model_order"] if n != BASE and significance(models[n]["delta_perplexity"]) == "gain"]
+    lines += ["", f"Perplexity significantly higher than the base's: {', '.join(worse)}." if worse else
+              "No edit raises perplexity significantly (every paired CI of edit − base reaches 0 or below).", ""]
+    if plot_file:
+        lines += [f"![side effects: perplexity and KL per model]({plot_file})", ""]
+    if section["also"]:
+        lines += [f"Accuracy on other tasks (test split; {level}% CIs, paired for edit − base):", "",
+                  "| task (mode, n) | model | accuracy | model − base |", "|---|---|---|---|"]
+        for spec, info in section["also"].items():
+            for name in section["model_order"]:
+                a = models[name]["also"][spec]
+                diff = _diff(a["diff_vs_base"], "+.3f") if "diff_vs_base" in a else "-"
+                lines.append(f"| {info['name']} ({info['eval_mode']}, {info['n']}) | {name} | "
+                             f"{a['acc']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}] | {diff} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(section: dict, path: str | Path) -> None:
+    """Per model: perplexity with its CI (left) and mean KL(base ‖ model) with its CI (right)."""
+    from matplotlib.figure import Figure
+
+    names = section["model_order"]
+    models = section["models"]
+    fig = Figure(figsize=(9, 1.4 + 0.45 * len(names)), dpi=120, layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    for y, name in enumerate(names):
+        color = "0.3" if name == BASE else "#1f77b4"
+        p = models[name]["perplexity"]
+        left.errorbar([p["value"]], [y], xerr=[[p["value"] - p["lo"]], [p["hi"] - p["value"]]], fmt="o",
+                      capsize=4, color=color)
+        k = models[name].get("kl", {"value": 0.0, "lo": 0.0, "hi": 0.0})
+        right.errorbar([k["value"]], [y], xerr=[[k["value"] - k["lo"]], [k["hi"] - k["value"]]], fmt="o",
+                       capsize=4, color=color)
+    base = models[BASE]["perplexity"]
+    left.axvspan(base["lo"], base["hi"], color="0.88")
+    left.set_yticks(range(len(names)), names)
+    left.invert_yaxis()
+    level = round(100 * section["bootstrap"]["level"])
+    left.set_xlabel(f"perplexity, {level}% bootstrap CI over {section['sample']['documents']} documents")
+    right.set_xlabel("mean KL(base ‖ model), nats per token")
+    fig.suptitle("Side effects on general English text")
+    fig.savefig(path)

@@ -1,0 +1,1 @@
+"""Experiments: run, compare (one pipeline), study, and what they record."""

@@ -1,0 +1,312 @@
+"""`eigenprune compare`: eigenprune and its competitors on one model, one task split, one eval mode.
+
+Every method gets the same `Harness` (model, splits, eval mode, settings), chooses its configuration
+on dev only and has its chosen configuration evaluated on test once. The base model is evaluated
+once and shared. The output directory (written atomically: complete or absent) holds
+comparison.json (all numbers), comparison.md (a table and a plain-words verdict), comparison.png
+(test accuracy with 95% CIs, the base model as a reference line), config.json and, for every method
+that can save one, its chosen edit under edits/<method>/.
+
+Methods come from the registry (`baselines.registry`): this module never names one. A method that
+needs another's results (the random control takes eigenprune's number of frozen components) has it
+run first, implicitly if the user did not ask for it, and the report says so. `A+B` runs edit method
+B on learned stage A's model; composites with the same stage settings share one training run.
+
+With `--folds K` (K > 1, `splits.fold_splits`) all of this runs once per fold, that fold as test (a fresh
+harness and context each time, so no fold's choices see its test), and every row pools the folds' test
+correctness over the same N examples: CIs resample within folds, dev is the mean of the folds' dev
+accuracies, `runs` is the per-fold table, each fold's edit is saved under edits/<method>/fold-<k>, and a
+method's `pool` hook (`registry.Pooled`) writes its words from the pooled numbers. `--folds 1` is the fixed
+split, and its comparison.json is what it was before folds existed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from eigenprune.core.errors import UsageError
+from eigenprune.evaluation.stats import accuracy
+from eigenprune.experiments import pipeline
+from eigenprune.methods import registry
+from eigenprune.methods.base import MethodResult
+from eigenprune.protocol.config import RunConfig, add_run_options, config_from_args
+from eigenprune.protocol.harness import ci, diff_ci
+from eigenprune.reports.compare_report import plot_comparison, render_markdown, verdict
+
+
+def _json_extra(extra: dict) -> dict:
+    """A result's `extra` for the JSON: without keys starting with '_' (a method's own per-example data, e.g.
+    for pooling over folds)."""
+    return _plain({k: v for k, v in extra.items() if not k.startswith("_")})
+
+
+def default_methods() -> tuple[str, ...]:
+    """The methods that register a place in the default list, in that order."""
+    return tuple(sorted((name for name, m in registry.methods().items() if m.default), key=lambda n:
+                        registry.methods()[n].default))
+
+
+@dataclass
+class CompareConfig:
+    """What `compare` adds to the run settings: the methods and their own settings."""
+
+    methods: tuple[str, ...] = field(default=(), metadata={"help": "methods to compare; empty: the defaults"})
+    method_args: dict[str, dict] = field(default_factory=dict,
+                                         metadata={"help": "method -> {setting: value} (`--set METHOD.FIELD=VALUE`)"})
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(dict.fromkeys(m.strip() for m in self.methods if m.strip())) or default_methods()
+        try:
+            self.plan()
+        except UsageError as err:
+            raise ValueError(str(err)) from None
+
+    def plan(self) -> tuple[list[registry.Spec], list[str], dict[str, tuple]]:
+        """(specs in run order, names added because another method needs them, name -> (stage config, config)).
+        Every `--set` must name a method that runs (or a part of a composite that does)."""
+        specs, implicit, seen = [], [], set()
+
+        def visit(name: str) -> None:
+            if name in seen:
+                return
+            seen.add(name)
+            spec = registry.resolve(name)
+            prefix = f"{spec.stage.name}+" if spec.stage is not None else ""
+            for need in spec.method.needs:
+                visit(prefix + need)
+            specs.append(spec)
+            if name not in self.methods:
+                implicit.append(name)
+
+        for name in self.methods:
+            visit(name)
+        parts = {s.name for s in specs} | {m.name for s in specs for m in s.parts}
+        unused = sorted(set(self.method_args) - parts)
+        if unused:
+            raise UsageError(f"--set {unused[0]}.…: '{unused[0]}' is not among the methods that run "
+                             f"({', '.join(s.name for s in specs)})")
+        configs = {s.name: registry.configure(s, self.method_args) for s in specs}
+        return specs, implicit, configs
+
+
+def _plain(value):
+    """JSON-ready copy: tensors become lists, tuples lists, dict keys strings."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def method_row(result: MethodResult, base: dict[str, torch.Tensor], n_boot: int) -> dict:
+    return {"config": _plain(result.config), "dev": ci(result.dev, n_boot), "test": ci(result.test, n_boot),
+            "diff_vs_base": diff_ci(base["test"], result.test, n_boot), "dev_evaluations": result.dev_evaluations,
+            "wall_s": result.wall_s, "changed_params": result.changed_params, "runs": _plain(result.runs),
+            "extra": _json_extra(result.extra), "saved_edit": None,
+            "notes": result.notes, "sections": result.sections, "markers": _plain(result.markers),
+            "verdict": result.verdict}
+
+
+def compare(cfg: RunConfig, opts: CompareConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
+    """Run every method on the same splits (on every fold, with `cfg.folds` > 1) and write the comparison
+    directory; returns the report. `out` is claimed first; a failure leaves nothing there."""
+    from eigenprune.core.outdir import released_on_error
+    from eigenprune.edits.artifact import check_new_dir
+
+    out = check_new_dir(out or f"runs/compare-{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with released_on_error(out):
+        return _compare(cfg, opts, out, quiet)
+
+
+def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dict:
+    from eigenprune.core.models import load_model
+    from eigenprune.edits.artifact import atomic_dir
+    from eigenprune.evaluation.evaluate import next_token_warnings
+    from eigenprune.evaluation.splits import fold_splits
+    from eigenprune.evaluation.tasks import load_task
+
+    specs, implicit, configs = opts.plan()  # a bad --set fails now, not after an hour of other methods
+    task = load_task(cfg.task, cfg.template, cfg.answers)
+    mode = cfg.eval_mode or task.eval_mode
+    folds = fold_splits(task, cfg.folds, cfg.split_seed, cfg.dev_fraction, cfg.limit)  # k = 1: today's split
+    t0 = time.perf_counter()
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map)
+    timings = {"load": time.perf_counter() - t0}
+    checked = folds.examples if len(folds) > 1 else folds[0].train + folds[0].test
+    warnings = next_token_warnings(tok, checked) if mode == "next-token" else []
+    side_effects = None
+
+    def after(i: int, run: pipeline.SplitRun) -> None:
+        nonlocal side_effects
+        if i == 0 and (cfg.side_effects or cfg.also):  # fold 1's chosen configurations, while they live
+            t0 = time.perf_counter()
+            appliers = [(name, r.applied) for name, r in run.results.items() if r.applied and r.changed_params]
+            side_effects = pipeline.measure_side_effects(model, tok, task, cfg, appliers, quiet)
+            timings["side_effects"] = time.perf_counter() - t0
+
+    label = (lambda i: f"compare: fold {i + 1}/{len(folds)}: ") if len(folds) > 1 else (lambda i: "compare: ")
+    runs = pipeline.run_splits([(split, cfg) for split in folds], model, tok, mode, quiet, specs, configs,
+                               label=label, after=after, keep_live=len(folds) == 1)
+    timings["base_eval"] = sum(r.base_s for r in runs)
+    report = {
+        "model": cfg.model, "task": cfg.task, "eval_mode": mode, "split_seed": cfg.split_seed,
+        "split_sizes": {"train": len(folds[0].train), "dev": len(folds[0].dev), "test": len(folds[0].test)},
+        "methods_asked": list(opts.methods), "methods_run": [s.name for s in specs], "implicit": implicit,
+    }
+    if len(folds) == 1:
+        base, results = runs[0].base, runs[0].results
+        report |= {"base": {k: ci(v, cfg.n_boot) for k, v in base.items()},
+                   "methods": {name: method_row(r, base, cfg.n_boot) for name, r in results.items()}}
+        saves = [(name, None, r.save) for name, r in results.items()]
+    else:
+        report |= pooled_report(folds, runs, specs, cfg.n_boot)
+        saves = [(name, i, r.results[name].save) for name in report["methods"] for i, r in enumerate(runs)]
+    if side_effects is not None:
+        report["side_effects"] = side_effects
+    report |= {"timings": timings, "warnings": warnings,
+               "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    report["verdict"] = verdict(report)
+    with atomic_dir(out) as tmp:
+        for name, i, save in saves:  # with folds, every fold's chosen edit: edits/<method>/fold-<k>
+            if save is None:
+                continue
+            row = report["methods"][name]
+            folder = Path("edits") / name if i is None else Path("edits") / name / f"fold-{i + 1}"
+            save(tmp / folder)
+            if i is None:
+                row["saved_edit"] = str(folder)
+            else:
+                row["saved_edit"].append(str(folder))
+                row["runs"][i]["saved_edit"] = str(folder)
+        run_settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_COMPARE}
+        (tmp / "config.json").write_text(json.dumps(
+            {"run": run_settings, "compare": _plain(dataclasses.asdict(opts))}, indent=2, sort_keys=True) + "\n")
+        (tmp / "comparison.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        plot_comparison(report, tmp / "comparison.png")
+        if side_effects is not None:
+            from eigenprune.evaluation.side_effects import plot
+
+            plot(side_effects, tmp / "side_effects.png")
+        (tmp / "comparison.md").write_text(render_markdown(report))
+    report["out"] = str(out)
+    return report
+
+
+def _mean_dev(devs: list[torch.Tensor]) -> dict:
+    """Dev accuracy over folds: the mean of the per-fold dev accuracies (dev splits overlap across folds, so
+    they are not pooled and get no CI)."""
+    accs = [accuracy(d) for d in devs]
+    return {"acc": sum(accs) / len(accs), "per_fold": accs, "n": [int(d.numel()) for d in devs]}
+
+
+def pooled_report(folds, runs: list[pipeline.SplitRun], specs: list[registry.Spec], n_boot: int) -> dict:
+    """The report's folds, base and method rows for K > 1 folds: every method's test correctness pooled over
+    all N examples, CIs resampling within folds, and a per-fold table of what each fold chose."""
+    bases = [r.base for r in runs]
+    base_test, pooled = pipeline.pool(folds, runs, specs, n_boot, _json_extra)
+    rows = {}
+    for name, row in pooled.items():
+        r, per_fold = row.result, row.folds
+        rows[name] = {
+            "config": _plain(r.config), "dev": _mean_dev([f.dev for f in per_fold]), "test": row.ci(r.test),
+            "diff_vs_base": row.diff(base_test, r.test), "dev_evaluations": r.dev_evaluations, "wall_s": r.wall_s,
+            "changed_params": r.changed_params, "runs": _plain(r.runs), "saved_edit": [],
+            "extra": _json_extra(r.extra),
+            "notes": r.notes, "sections": r.sections, "markers": _plain(r.markers), "verdict": r.verdict}
+    per_fold = [{"fold": f.fold + 1, "train": len(f.train), "dev": len(f.dev), "test": len(f.test),
+                 "base_dev_acc": accuracy(b["dev"]), "base_test_acc": accuracy(b["test"])}
+                for f, b in zip(folds, bases, strict=True)]
+    return {"folds": {"k": len(folds), "seed": folds.seed, "limit": folds.limit, "pooled": dict(folds.pooled),
+                      "n_tested": len(folds.tested), "per_fold": per_fold},
+            "base": {"dev": _mean_dev([b["dev"] for b in bases]),
+                     "test": next(iter(pooled.values())).ci(base_test)},  # every row resamples the same folds
+            "methods": rows}
+
+
+def _method_arg(text: str) -> tuple[str, str, str]:
+    key, eq, raw = text.partition("=")
+    method, dot, arg = key.rpartition(".")
+    if not (eq and dot and method and arg.isidentifier()):
+        raise argparse.ArgumentTypeError(f"expected METHOD.FIELD=VALUE, got '{text}'")
+    return method, arg, raw
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+_NOT_COMPARE = ("seeds", "sweep_test")  # run settings compare does not use: one split seed, test only once
+_FLAG_DEST = "legacy_flag"  # dest prefix of the deprecated per-method flags (`--laser-keep` = `--set laser.keep=`)
+
+
+def cmd_compare(args) -> int:
+    if not args.task:
+        raise UsageError("compare needs --task")
+    given: dict[str, dict] = {}
+    for key, raw in vars(args).items():
+        if key.startswith(_FLAG_DEST + ":") and raw is not None:
+            method, name = key.split(":", 1)[1].split(".")
+            given.setdefault(method, {})[name] = raw
+    for method, arg, raw in args.method_args or []:
+        given.setdefault(method, {})[arg] = raw
+    try:
+        cfg = config_from_args(args, exclude=_NOT_COMPARE)
+        opts = CompareConfig(methods=tuple(args.methods or ()), method_args=given)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    report = compare(cfg, opts, args.out, args.quiet)
+    base = report["base"]["test"]
+    print(f"{report['task']}: base test {base['acc']:.3f} [{base['lo']:.3f}, {base['hi']:.3f}] (n={base['n']})")
+    for name, row in report["methods"].items():
+        t, d = row["test"], row["diff_vs_base"]
+        print(f"  {name:<16} test {t['acc']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}]  diff {d['diff']:+.3f} "
+              f"[{d['lo']:+.3f}, {d['hi']:+.3f}]  dev evals {row['dev_evaluations']}")
+    print(report["verdict"])
+    print(f"report: {report['out']}/comparison.md")
+    return 0
+
+
+def _methods_help() -> str:
+    lines = ["methods:"]
+    for name, m in registry.methods().items():
+        kind = " (learned stage: also STAGE+METHOD)" if m.stage is not None else ""
+        needs = f" (runs {', '.join(m.needs)} first)" if m.needs else ""
+        lines.append(f"  {name}{kind}{needs}: {m.summary}")
+        fields = registry.settings.describe_fields(m.config).splitlines()
+        lines += [f"    --set {name}.{line.strip()}" for line in fields]
+    return "\n".join(lines)
+
+
+def add_compare_parser(sub, fmt) -> None:
+    """`compare`: `run`'s settings (less --seeds, --config, --no-sweep-test), the methods and their settings."""
+    p = sub.add_parser("compare", help="eigenprune against random/smallest controls, LASER, SVD clipping, ...",
+                       formatter_class=fmt, epilog=(
+                           "examples:\n  eigenprune compare --model ./tiny --task int-mult --limit 50 --out runs/cmp\n"
+                           "  eigenprune compare --task cb --methods eigenprune,random,laser --set laser.layers=20,24\n"
+                           "  eigenprune compare --task cb --methods lora,lora+eigenprune --set lora.steps=100\n\n"
+                           + _methods_help()))
+    add_run_options(p, exclude=_NOT_COMPARE)
+    p.add_argument("--methods", type=_names, help="comma-separated method names or STAGE+METHOD composites "
+                   f"(default {','.join(default_methods())}); see the list below")
+    p.add_argument("--set", dest="method_args", action="append", type=_method_arg, metavar="METHOD.FIELD=VALUE",
+                   help="one setting of one method (or composite), VALUE as text or JSON; repeatable "
+                        "(e.g. lora.steps=50, laser.keep=0.5,0.1)")
+    for name, m in registry.methods().items():
+        for legacy, field_name in m.flags.items():
+            p.add_argument(legacy, dest=f"{_FLAG_DEST}:{name}.{field_name}", default=None,
+                           help=f"same as --set {name}.{field_name}=VALUE")
+    p.add_argument("--out", help="output directory (default runs/compare-TASK-TIMESTAMP)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)

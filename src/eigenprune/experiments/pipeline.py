@@ -1,0 +1,135 @@
+"""The one pipeline behind `run` and `compare`: every method on every split, then pooled over folds.
+
+    splits (a fixed split, K cross-fitted folds, or N split seeds)
+      └─ per split: a fresh `Harness` and `Context`; the base model evaluated once on dev and test;
+         every method (in `needs` order) chooses on dev and is tested once; the shared model is checked
+         to be unchanged after each
+    pooled over K > 1 folds: each method's test correctness over all N examples (`registry.Pooled`),
+    CIs resampling within folds
+
+`run` is this pipeline with the single method `eigenprune` (its report is eigenprune's own record of each
+split); `compare` runs the methods asked for. Nothing here names a method.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from eigenprune.edits.artifact import fingerprint
+from eigenprune.edits.targets import linear_modules
+from eigenprune.evaluation.stats import accuracy
+from eigenprune.methods import registry
+from eigenprune.methods.base import MethodResult
+from eigenprune.protocol.config import RunConfig
+from eigenprune.protocol.harness import Harness
+
+
+@dataclass
+class SplitRun:
+    """Every method's result on one split (one fold, or one split seed)."""
+
+    split: object  # the `Splits` (or `FoldSplit`) the methods saw
+    config: RunConfig  # the settings the harness carried (its split_seed is this split's)
+    base: dict[str, torch.Tensor]  # "dev"/"test" -> (n,) the unmodified model's correctness
+    results: dict[str, MethodResult]  # by method name, in run order
+    base_s: float  # seconds spent evaluating the base model
+
+
+def shared_model_check(model: torch.nn.Module) -> Callable[[str], None]:
+    """`check(name)` raises if a method left the shared model edited (a patched module, changed weights)."""
+    from eigenprune.core.positions import tracker_of
+
+    weights = lambda: fingerprint(model, [n for n, _ in linear_modules(model)])  # every linear layer's weights
+    untouched = weights()
+
+    def check(name: str) -> None:
+        if tracker_of(model) is not None or weights() != untouched:
+            raise RuntimeError(f"method '{name}' left the shared model changed; it must restore it")
+
+    return check
+
+
+def run_split(split, model, tokenizer, mode: str, cfg: RunConfig, quiet: bool, specs: Sequence[registry.Spec],
+              configs: dict[str, tuple], check: Callable[[str], None], label: str = "") -> SplitRun:
+    """Every method on one split: a fresh harness and context, so nothing another split's methods learned or
+    chose is seen here. The base model is evaluated once and handed to every method."""
+    harness = Harness(model, tokenizer, split, mode, cfg, quiet)
+    t0 = time.perf_counter()
+    base = {"dev": harness.evaluate("dev"), "test": harness.evaluate("test")}
+    base_s = time.perf_counter() - t0
+    ctx = registry.Context(base)
+    results: dict[str, MethodResult] = {}
+    for spec in specs:
+        if not quiet and (len(specs) > 1 or label):
+            print(f"{label}running {spec.name}", file=sys.stderr)
+        results[spec.name] = registry.run(spec, harness, *configs[spec.name], ctx)
+        check(spec.name)
+    return SplitRun(split, cfg, base, results, base_s)
+
+
+def run_splits(splits: Sequence[tuple[object, RunConfig]], model, tokenizer, mode: str, quiet: bool,
+               specs: Sequence[registry.Spec], configs: dict[str, tuple], label: Callable[[int], str] = lambda i: "",
+               after: Callable[[int, SplitRun], None] | None = None, keep_live: bool = True) -> list[SplitRun]:
+    """`run_split` on each (split, settings) in turn. `after(i, run)` sees each split's results while their live
+    objects (SVDs, edits) exist; unless `keep_live`, they are released once it returns."""
+    check = shared_model_check(model)
+    runs = []
+    for i, (split, cfg) in enumerate(splits):
+        runs.append(run_split(split, model, tokenizer, mode, cfg, quiet, specs, configs, check, label(i)))
+        if after is not None:
+            after(i, runs[-1])
+            check("side effects")
+        if not keep_live:
+            for result in runs[-1].results.values():
+                result.release()
+    return runs
+
+
+def pool(folds, runs: Sequence[SplitRun], specs: Sequence[registry.Spec], n_boot: int,
+         json_extra: Callable[[dict], dict]) -> tuple[torch.Tensor, dict[str, registry.Pooled]]:
+    """Every method's test correctness pooled over the K folds' test examples (`folds.tested` order):
+    (the base model's pooled (N,) correctness, method name -> its `registry.Pooled` row, words written by
+    the method's pool hook). `json_extra` makes a fold's `extra` fit for the report."""
+    base_test = torch.tensor(folds.pool([r.base["test"] for r in runs])[0])  # (N,)
+    pooled: dict[str, registry.Pooled] = {}
+    for spec in specs:
+        per_fold = [r.results[spec.name] for r in runs]
+        first = per_fold[0]
+        row = registry.Pooled(MethodResult(
+            method=first.method, config=first.config | {"per_fold": [r.config for r in per_fold]},
+            dev=torch.cat([r.dev for r in per_fold]), test=torch.tensor(folds.pool([r.test for r in per_fold])[0]),
+            dev_evaluations=sum(r.dev_evaluations for r in per_fold), wall_s=sum(r.wall_s for r in per_fold),
+            changed_params=max(r.changed_params for r in per_fold),
+            runs=[{"fold": i + 1, "config": r.config, "dev_acc": accuracy(r.dev),
+                   "test_acc": accuracy(r.test), "n_test": int(r.test.numel()),
+                   "changed_params": r.changed_params, "dev_evaluations": r.dev_evaluations}
+                  for i, r in enumerate(per_fold)],
+            extra={"per_fold": [{"extra": json_extra(r.extra), "runs": r.runs} for r in per_fold]}),
+            per_fold, base_test, folds, n_boot)
+        prefix = f"{spec.stage.name}+" if spec.stage is not None else ""
+        row.needed = {need: pooled[prefix + need] for need in spec.method.needs}
+        registry.pool_words(spec, row)
+        pooled[spec.name] = row
+    return base_test, pooled
+
+
+def measure_side_effects(model, tokenizer, task, cfg: RunConfig, appliers: list[tuple[str, object]],
+                         quiet: bool) -> dict:
+    """The "Side effects" section: the base model and each named change (`applier(model)` puts it on the model
+    for a block), measured on the shipped general-English sample (the task's own text left out) and on
+    `cfg.also` tasks."""
+    from eigenprune.evaluation.side_effects import SideEffects, sample_for_task
+
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    effects = SideEffects(model, tokenizer, sample_for_task(task), also=cfg.also or (), max_tokens=context,
+                          eval_batch_size=cfg.eval_batch_size, progress=not quiet)  # documents cut to the context
+    for name, applier in appliers:
+        with applier(model):
+            effects.measure(name, model)
+    return effects.section(cfg.n_boot)

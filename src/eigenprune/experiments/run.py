@@ -1,0 +1,176 @@
+"""`eigenprune run`: the whole experiment, honest by construction: the pipeline with the one method eigenprune.
+
+base dev/test accuracy -> score once on train -> for each p, dev accuracy (test shown, never used)
+-> choose p on dev (p = 0, the base model, is always a candidate; ties go to the smaller p) -> the
+chosen edit's test accuracy -> report.json, report.md, plots, the edit, the scores and the
+configuration that repeats the run bit for bit. The output directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from eigenprune.core.errors import UsageError
+from eigenprune.edits.freeze import applied
+from eigenprune.evaluation.splits import fold_splits, split_task
+from eigenprune.experiments import pipeline
+from eigenprune.experiments.crossfit import folds_report
+from eigenprune.methods import registry
+from eigenprune.protocol.config import RunConfig, add_run_options, config_from_args, config_from_file
+
+
+def run(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
+    """The whole experiment (`eigenprune run`) from Python: writes `out` (default runs/TASK-TIMESTAMP) and
+    returns the report (report.json's content)."""
+    return execute(cfg, out, quiet)
+
+
+def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False, expected: dict | None = None,
+            allow_changed: bool = False) -> dict:
+    """Run the experiment and write its directory; returns the report. `out` is claimed first, so a clash or
+    an unwritable destination fails before any work, and a failure leaves nothing there."""
+    from eigenprune.core.outdir import released_on_error
+    from eigenprune.edits.artifact import check_new_dir
+
+    out = check_new_dir(out or f"runs/{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with released_on_error(out):
+        return _execute(cfg, out, quiet, expected, allow_changed)
+
+
+def _check_recorded(expected: dict | None, recorded: dict, allow_changed: bool) -> list[str]:
+    """A rerun from config.json: refuse changed data or weights (unless allowed); say which versions changed."""
+    from eigenprune.experiments.provenance import compare
+
+    if not expected:
+        return []
+    inputs, versions = compare(expected, recorded)
+    if inputs and not allow_changed:
+        raise UsageError(f"{'; '.join(inputs)}: this rerun would answer another question "
+                         "(--allow-changed runs it anyway)")
+    notes = [f"rerun with changed inputs (--allow-changed): {'; '.join(inputs)}"] if inputs else []
+    if versions:
+        notes.append(f"rerun with other versions than the recorded run: {', '.join(versions)}")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return notes
+
+
+def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allow_changed: bool) -> dict:
+    from eigenprune.core.models import load_model
+    from eigenprune.edits.artifact import atomic_dir, save_edit, save_scores
+    from eigenprune.evaluation.evaluate import next_token_warnings
+    from eigenprune.evaluation.stats import mean_sd
+    from eigenprune.evaluation.tasks import load_task
+    from eigenprune.reports.run_report import verdict, write_report
+
+    task = load_task(cfg.task, cfg.template, cfg.answers)
+    mode = cfg.eval_mode or task.eval_mode
+    t0 = time.perf_counter()
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map)
+    load_s = time.perf_counter() - t0
+    from eigenprune.experiments.provenance import record
+
+    recorded = record(task, model, cfg.device)
+    warnings = _check_recorded(expected, recorded, allow_changed)
+    spec = registry.resolve("eigenprune")  # `run` is the pipeline with this one method
+    configs = {spec.name: registry.configure(spec, {spec.name: {"sweep_test": cfg.sweep_test}})}
+    if cfg.folds > 1:
+        folds = fold_splits(task, cfg.folds, cfg.split_seed, cfg.dev_fraction, cfg.limit)
+        if mode == "next-token":
+            warnings += next_token_warnings(tok, task.train + task.test)
+        runs = pipeline.run_splits([(fold, cfg) for fold in folds], model, tok, mode, quiet, [spec], configs)
+        reports = [folds_report(folds, runs, pipeline.pool(folds, runs, [spec], cfg.n_boot, dict)[1][spec.name])]
+    else:
+        seeds = range(cfg.split_seed, cfg.split_seed + cfg.seeds)
+        splits = [(split_task(task, cfg.dev_fraction, seed, cfg.limit), dataclasses.replace(cfg, split_seed=seed))
+                  for seed in seeds]
+        if mode == "next-token":
+            for split, _ in splits:
+                warnings += [w for w in next_token_warnings(tok, split.train + split.test) if w not in warnings]
+
+        def say(i: int, one: pipeline.SplitRun) -> None:
+            r = one.results[spec.name].report
+            if not quiet and cfg.seeds > 1:
+                print(f"seed {r['split_seed']}: base test {r['base']['test']['acc']:.3f}, "
+                      f"pruned {r['pruned']['test']['acc']:.3f} (p={r['chosen_p']})", file=sys.stderr)
+
+        runs = pipeline.run_splits(splits, model, tok, mode, quiet, [spec], configs, after=say)
+        reports = [one.results[spec.name].report for one in runs]
+    fold_edits = [(i, one.results[spec.name].score_run, one.results[spec.name].edit) for i, one in enumerate(runs)]
+    _, run, edit = fold_edits[0]  # the first fold's (or seed's) scores and edit are the ones saved at the top
+    fold_edits = fold_edits if cfg.folds > 1 else []
+    report = reports[0]
+    report["timings"] = {"load": load_s, **report["timings"]}
+    if cfg.side_effects or cfg.also:
+        t0 = time.perf_counter()
+        chosen = [(f"fold {fold + 1} (p = {e.config.p:g})", e) for fold, _, e in fold_edits] or [
+            (f"edit (p = {edit.config.p:g})", edit)]
+        appliers = [(name, lambda m, e=e: applied(m, e)) for name, e in chosen if e.n_frozen]
+        report["side_effects"] = pipeline.measure_side_effects(model, tok, task, cfg, appliers, quiet)
+        report["timings"]["side_effects"] = time.perf_counter() - t0
+    report["warnings"] = warnings
+    report["versions"] = recorded["versions"]
+    report["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if cfg.seeds > 1:
+        rows = [{"seed": r["split_seed"], "base_test": r["base"]["test"]["acc"],
+                 "pruned_test": r["pruned"]["test"]["acc"], "diff": r["diff_ci"]["diff"], "chosen_p": r["chosen_p"]}
+                for r in reports]
+        summary = {k: dict(zip(("mean", "sd"), mean_sd(row[k] for row in rows), strict=True))
+                   for k in ("base_test", "pruned_test", "diff")}
+        report["repeats"] = {"seeds": [r["seed"] for r in rows], "base_test": summary["base_test"],
+                             "pruned_test": summary["pruned_test"], "diff": summary["diff"],
+                             "chosen_p": [r["chosen_p"] for r in rows], "runs": rows}
+    report["verdict"] = verdict(report)
+    with atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"recorded": recorded}, indent=2,
+                                                    sort_keys=True) + "\n")
+        save_scores(tmp / "scores", run.scores, run.targets, run.components, run.meta)
+        save_edit(tmp / "edit", edit, run.edit_meta())
+        for fold, fold_run, fold_edit in fold_edits:
+            save_edit(tmp / "folds" / f"fold-{fold + 1}" / "edit", fold_edit, fold_run.edit_meta() | {"fold": fold + 1})
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_report(tmp, report, run.scores.ranking(cfg.freeze.aggregate), edit.removed)
+    report["out"] = str(out)
+    return report
+
+
+def cmd_run(args) -> int:
+    expected = None
+    if args.config:
+        cfg = config_from_file(args.config)
+        expected = json.loads(Path(args.config).read_text(encoding="utf-8")).get("recorded")
+    else:
+        if not args.task:
+            raise UsageError("run needs --task (or --config DIR/config.json)")
+        cfg = config_from_args(args)
+    report = execute(cfg, args.out, args.quiet, expected, args.allow_changed)
+    pruned, base = report["pruned"]["test"], report["base"]["test"]
+    d = report["diff_ci"]
+    print(f"{report['task']}: base test {base['acc']:.3f} [{base['lo']:.3f}, {base['hi']:.3f}] -> "
+          f"pruned {pruned['acc']:.3f} [{pruned['lo']:.3f}, {pruned['hi']:.3f}] at p={report['chosen_p']} "
+          f"(diff {d['diff']:+.3f}, 95% CI [{d['lo']:+.3f}, {d['hi']:+.3f}], n={base['n']})")
+    print(report["verdict"])
+    print(f"report: {report['out']}/report.md")
+    return 0
+
+
+def add_run_parser(sub, fmt) -> None:
+    p = sub.add_parser("run", help="the whole experiment: base, score, choose p on dev, test once, report",
+                       formatter_class=fmt, epilog=(
+                           "examples:\n  eigenprune run --task int-mult --limit 100 --out runs/mult\n"
+                           "  eigenprune run --model ./gpt2 --task cb --targets key --p 0.01,0.05,0.1 --seeds 3\n"
+                           "  eigenprune run --config runs/mult/config.json --out runs/mult-again"))
+    p.add_argument("--config", help="repeat a run from its config.json (other settings are ignored)")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="with --config: run even if the task data or the model weights differ from the recorded run")
+    add_run_options(p)
+    p.add_argument("--out", help="output directory (default runs/TASK-TIMESTAMP)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)

@@ -1,0 +1,285 @@
+"""`eigenprune study SPEC --out DIR`: a grid of `compare` runs, resumable, summarised in one table.
+
+The spec (`study_spec.py`) names models, tasks, targets and methods plus shared settings; every
+model x task x target is a cell, run as one `compare(cfg, opts, OUT/cells/KEY, quiet=True)` — the
+same call `eigenprune compare` makes, so a cell's numbers equal running it alone.
+
+Resuming: `compare` writes a cell's folder atomically (complete or absent), and `cells.json` records
+each finished cell's settings hash (its config.json with the spec's model and task names, plus the task
+file's content). On the next run a cell whose folder holds comparison.json and whose hash matches is
+skipped; a finished cell whose settings changed is reported, and the study refuses to go on unless
+`--rerun-changed`, which moves the old folder to OUT/stale/KEY.TIMESTAMP (nothing is deleted) and
+runs the cell again. A killed run leaves at most a `.KEY.partial-PID` folder, removed at the next
+start once PID is gone. study.json, study.md and study.png are re-rendered from every cell at the end
+of each run. One study at a time per OUT (a lock that the OS drops when its process dies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eigenprune.core.errors import UsageError
+from eigenprune.core.outdir import remove_stale
+from eigenprune.experiments.study_spec import Cell, Study, load_spec
+
+CELLS_JSON, LOCK = "cells.json", ".study.lock"
+
+
+@dataclass
+class Plan:
+    """Where each cell of a study stands against what OUT holds."""
+
+    done: list[Cell] = field(default_factory=list)  # finished with the same settings: skipped
+    todo: list[Cell] = field(default_factory=list)  # never finished: run
+    stale: list[tuple[Cell, str]] = field(default_factory=list)  # finished with other settings: (cell, what changed)
+    orphans: list[str] = field(default_factory=list)  # cell folders the spec no longer names (kept, not reported)
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def _dump(data) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _read_index(out: Path) -> dict:
+    path = out / CELLS_JSON
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())["cells"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UsageError(f"{path} is damaged; remove it (finished cells are then recognised by their "
+                         "config.json)") from None
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out |= _flatten(v, f"{prefix}.{k}" if prefix else k)
+        return out
+    return {prefix: value}
+
+
+def _changes(old: dict, new: dict, limit: int = 3) -> str:
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    shown = [f"{k.removeprefix('config.').removeprefix('run.').removeprefix('compare.')}: "
+             f"{json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in keys[:limit]]
+    return ", ".join(shown) + (f", and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def plan(study: Study, out: str | Path) -> Plan:
+    """What a run of `study` into `out` would do; reads only."""
+    out = Path(out)
+    index, result = _read_index(out), Plan()
+    for cell in study.cells:
+        folder = out / "cells" / cell.key
+        if not (folder / "comparison.json").is_file():
+            if folder.is_dir() and any(folder.iterdir()):
+                result.stale.append((cell, "its folder holds no comparison.json"))
+            else:
+                result.todo.append(cell)
+            continue
+        entry = index.get(cell.key)
+        if entry is not None:
+            same = entry.get("settings_hash") == cell.settings_hash()
+            why = "" if same else _changes(entry.get("identity", {}), cell.identity())
+        else:  # finished, but killed before cells.json was updated: its config.json says what ran
+            try:
+                ran = json.loads((folder / "config.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                ran = {}
+            same = ran == cell.config()
+            why = "" if same else _changes(ran, cell.config())
+        if same:
+            result.done.append(cell)
+        else:
+            result.stale.append((cell, why or "settings changed"))
+    keys = {c.key for c in study.cells}
+    folders = {p.name for p in (out / "cells").iterdir() if not p.name.startswith(".")} if (out / "cells").is_dir() \
+        else set()
+    result.orphans = sorted((folders | set(index)) - keys)
+    return result
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; --out must be a study folder (new, or one this spec ran into)")
+    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in (CELLS_JSON, "cells",
+                                                                                  "study.json")):
+        raise UsageError(f"{out} already exists and is not a study folder; choose another --out")
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One study at a time per OUT; flock is released by the OS even when the process is killed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f"another eigenprune study is running on {out}; wait for it or choose "
+                             "another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _stale_message(out: Path, stale: list[tuple[Cell, str]]) -> str:
+    listed = "; ".join(f"cells/{c.key} ({why})" for c, why in stale)
+    return (f"the spec changed for {len(stale)} finished cell(s) in {out}: {listed}. Run again with "
+            f"--rerun-changed to move them to {out}/stale/ and redo them, or choose another --out")
+
+
+def _progress(total: int, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="cell", desc="study", disable=quiet or total == 0, file=sys.stderr,
+                bar_format="{desc}: {n}/{total} cells |{bar}| {elapsed} elapsed, ~{remaining} left")
+
+
+def _cell_meta(cell: Cell) -> dict:
+    return {"key": cell.key, "dir": f"cells/{cell.key}", "model": cell.model, "task": cell.task,
+            "targets": cell.targets, "settings_hash": cell.settings_hash()}
+
+
+def render(study: Study, out: Path, last_run: dict) -> dict:
+    """study.json, study.md and study.png from every cell's comparison.json (each file replaced atomically)."""
+    from eigenprune.reports.study_report import build, plot_heatmaps, render_markdown, summarize_cell
+
+    cells = [summarize_cell(_cell_meta(c), json.loads((out / "cells" / c.key / "comparison.json").read_text()))
+             for c in study.cells]
+    report = build(study.spec, str(study.path), cells, last_run)
+    tmp = out / f".study.png.tmp-{os.getpid()}"
+    plot_heatmaps(report, tmp)
+    os.replace(tmp, out / "study.png")
+    _write_atomic(out / "study.md", render_markdown(report))
+    _write_atomic(out / "study.json", _dump(report))
+    return report
+
+
+def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet: bool = False) -> dict:
+    """Run the cells OUT does not hold yet (see the module docstring) and re-render the study files."""
+    from eigenprune.experiments.compare import compare
+
+    out = Path(out)
+    _check_out(out)
+    state = plan(study, out)  # refuse before writing anything
+    if state.stale and not rerun_changed:
+        raise UsageError(_stale_message(out, state.stale))
+    t0 = time.perf_counter()
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        if (out / "cells").is_dir():
+            remove_stale(out / "cells")  # what killed cells left behind
+        state = plan(study, out)  # again, under the lock
+        index = _read_index(out)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = []
+        for cell, _ in state.stale:
+            (out / "stale").mkdir(exist_ok=True)
+            (out / "cells" / cell.key).rename(out / "stale" / f"{cell.key}.{stamp}")
+            index.pop(cell.key, None)
+            moved.append(cell.key)
+        todo = state.todo + [c for c, _ in state.stale]
+        order = {c.key: i for i, c in enumerate(study.cells)}
+        todo.sort(key=lambda c: order[c.key])
+        for cell in state.done:  # finished before cells.json knew them (a kill between the two writes)
+            index.setdefault(cell.key, _entry(cell))
+        _write_atomic(out / CELLS_JSON, _dump({"format": "eigenprune-study-cells", "format_version": 1,
+                                               "cells": index}))
+        _write_atomic(out / f"spec{study.path.suffix}", study.text)
+        if not quiet:
+            print(f"study: {len(study.cells)} cells: {len(state.done)} finished earlier (skipped), {len(todo)} to run"
+                  + (f", {len(moved)} moved to {out}/stale/" if moved else "")
+                  + (f"; not in this spec (kept, not reported): {', '.join(state.orphans)}" if state.orphans else ""),
+                  file=sys.stderr)
+        ran = []
+        with _progress(len(todo), quiet) as bar:
+            for cell in todo:
+                bar.set_description_str(f"study ({cell.key})")
+                try:
+                    compare(cell.run, cell.opts, out / "cells" / cell.key, quiet=True)
+                except UsageError as err:  # e.g. targets that match no module of this model: say which cell
+                    raise UsageError(f"cell {cell.key}: {err} (finished cells are kept; fix the spec and run "
+                                     "again)") from None
+                index[cell.key] = _entry(cell)
+                _write_atomic(out / CELLS_JSON, _dump({"format": "eigenprune-study-cells", "format_version": 1,
+                                                       "cells": index}))
+                ran.append(cell.key)
+                bar.update(1)
+        last_run = {"ran": ran, "skipped": [c.key for c in state.done], "moved_to_stale": moved,
+                    "not_in_spec": state.orphans, "wall_s": time.perf_counter() - t0}
+        report = render(study, out, last_run)
+    report["out"] = str(out)
+    return report
+
+
+def _entry(cell: Cell) -> dict:
+    return {"dir": f"cells/{cell.key}", "model": cell.model, "task": cell.task, "targets": cell.targets,
+            "settings_hash": cell.settings_hash(), "identity": cell.identity()}
+
+
+def cmd_study(args) -> int:
+    study = load_spec(args.spec)
+    out = Path(args.out or f"runs/study-{study.path.stem}")
+    if args.plan:
+        _check_out(out)
+        state = plan(study, out)
+        for title, cells in (("finished (skipped)", state.done), ("to run", state.todo)):
+            print(f"{title}: {', '.join(c.key for c in cells) or 'none'}")
+        for cell, why in state.stale:
+            print(f"changed since it ran: {cell.key} ({why})")
+        if state.orphans:
+            print(f"in {out}/cells but not in the spec (kept, not reported): {', '.join(state.orphans)}")
+        return 0
+    report = run_study(study, out, args.rerun_changed, args.quiet)
+    for cell in report["cells"]:
+        base = cell["base"]["test"]
+        print(f"{cell['key']}: base test {base['acc']:.3f} (n={base['n']})")
+        for name, row in cell["methods"].items():
+            d = row["diff_vs_base"]
+            mark = {"gain": "  significant gain", "loss": "  significantly worse"}.get(row["significant"], "")
+            print(f"  {name:<16} test {row['test']['acc']:.3f}  diff {d['diff']:+.3f} [{d['lo']:+.3f}, "
+                  f"{d['hi']:+.3f}]{mark}")
+    last = report["last_run"]
+    print(f"ran {len(last['ran'])} cells, skipped {len(last['skipped'])}; report: {report['out']}/study.md")
+    return 0
+
+
+def add_study_parser(sub, fmt) -> None:
+    """`study`: a spec file, an output folder, and how to treat cells whose settings changed."""
+    p = sub.add_parser("study", help="a grid of compare runs (models x tasks x targets x methods), resumable",
+                       formatter_class=fmt, description=(
+                           "Run every model x task x target of a spec as one `eigenprune compare` of all its methods,\n"
+                           "then write OUT/study.md, study.json and study.png (test - base per task and method).\n"
+                           "Running again skips finished cells; a changed spec names the cells it invalidates."),
+                       epilog=(
+                           "examples:\n  eigenprune study studies/smollm2-paper-tasks.toml --out runs/paper\n"
+                           "  eigenprune study my-study.toml --out runs/s --plan     # what would run, skip, redo\n"
+                           "  eigenprune study my-study.toml --out runs/s --rerun-changed\n\n"
+                           "spec format: see studies/README.md"))
+    p.add_argument("spec", help="study spec, a .toml or .json file (task and model paths are relative to it)")
+    p.add_argument("--out", help="study folder; running again resumes it (default runs/study-SPECNAME)")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="redo finished cells whose settings changed (old folders go to OUT/stale/)")
+    p.add_argument("--plan", action="store_true", help="print which cells would run, be skipped or redone; run none")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_study)

@@ -1,0 +1,159 @@
+"""The settings of a run (`RunConfig`), defined once: flags, config.json and `--config` all come from it.
+
+The scoring settings are `scoring.ScoreConfig` and the freezing rule `freeze.FreezeConfig`, nested here
+as `score` and `freeze` (so `score` and `run` spell each setting the same way: `--score-seed`,
+`--partners`, `--scope`, ...). `freeze.p` is unused in a run: the run tries every fraction of `p`, each
+through `freeze_at(p)`. config.json is the dataclass as sorted JSON; `config_from_file` reads it back
+(also the flat layout of config.json files written before nesting), type-checking every field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eigenprune.core import settings
+from eigenprune.core.errors import UsageError
+from eigenprune.edits.freeze import AGGREGATES, BIASES, SCOPES, FreezeConfig
+from eigenprune.edits.scoring import ScoreConfig
+from eigenprune.protocol.search import DEFAULT_BUDGET, DEFAULT_GRID, DEFAULT_SELECT, SELECTS
+
+DEFAULT_PS = DEFAULT_GRID  # the paper's grid: what `--p` tries, and where `--p auto` starts
+EVAL_MODES = ("next-token", "choice", "exact")
+SCORE_FLAGS = {"seed": "score-seed"}  # `--seed` alone would be ambiguous next to --split-seed and --seeds
+# config.json files from before nesting kept these at the top level
+LEGACY = {"partners": "score.partners", "window": "score.window", "score_seed": "score.seed",
+          "batch_size": "score.batch_size", "scope": "freeze.scope", "aggregate": "freeze.aggregate",
+          "bias": "freeze.bias"}
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run; saved as config.json and accepted back by --config."""
+
+    task: str = field(metadata={"help": "built-in task (int-sum, int-mult, cb, copa, rte) or a task JSONL file"})
+    model: str = field(default="smollm2-135m", metadata={"help": "model: HF folder or cached id, a .gguf file, or "
+                                                                 "the alias smollm2-135m"})
+    targets: str = field(default="key", metadata={"help": "target preset (key, query, value, attn-out, mlp-in, "
+                                                          "mlp-out, all) or a regex over module names"})
+    layers: str | None = field(default=None, metadata={"help": "restrict to layers: N, A-B, A- or -B"})
+    per_head: bool = field(default=False, metadata={"help": "one component set per attention head"})
+    p: list[float] | str = field(default_factory=lambda: list(DEFAULT_PS),
+                                 metadata={"help": "comma-separated fractions of components to freeze, each tried on "
+                                                   "dev, or 'auto': search p from the paper's grid (--p-budget)"})
+    p_budget: int = field(default=DEFAULT_BUDGET, metadata={
+        "help": "with --p auto: dev evaluations the search may spend, the grid's four included"})
+    select: str = field(default=DEFAULT_SELECT, metadata={
+        "help": "how dev chooses: 'accuracy' (ties go to the smaller p), 'accuracy+loss' (ties go to the lower dev "
+                "NLL of the correct answers) or 'loss' (the lowest dev NLL)", "choices": SELECTS})
+    folds: int = field(default=1, metadata={"help": "cross-fitted folds: every example tested once, by a run that "
+                                                    "chose on the other folds (1: the fixed train/dev/test split)"})
+    eval_mode: str | None = field(default=None, metadata={"help": "next-token, choice or exact (default: the "
+                                                                  "task's)", "choices": EVAL_MODES})
+    dev_fraction: float = field(default=0.2, metadata={"help": "dev share carved from train"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the (first) dev split"})
+    seeds: int = field(default=1, metadata={"help": "repeat over N split seeds, report mean ± sd"})
+    limit: int | None = field(default=None, metadata={"help": "cap each split at N examples (seeded)"})
+    score: ScoreConfig = field(default_factory=ScoreConfig, metadata={"help": "how to score components",
+                                                                      "rename": SCORE_FLAGS})
+    freeze: FreezeConfig = field(default_factory=lambda: FreezeConfig(p=0.0),
+                                 metadata={"help": "how to freeze them (p comes from the run's p list)",
+                                           "exclude": ("p",)})
+    eval_batch_size: int = field(default=16, metadata={"help": "evaluation batch size"})
+    side_effects: bool = field(default=True, metadata={
+        "help": "measure what the chosen edit costs elsewhere: perplexity and KL(base ‖ edit) on a general-English "
+                "sample that ships with the package (one pass per model)"})
+    also: list[str] | None = field(default=None, metadata={
+        "help": "comma-separated other tasks (built-in or JSONL) to evaluate base and edit on, with paired CIs"})
+    sweep_test: bool = field(default=True, metadata={"help": "also evaluate every p on test (shown, never used)"})
+    template: str | None = field(default=None, metadata={"help": "prompt template with {field} placeholders"})
+    answers: list[str] | None = field(default=None, metadata={"help": "comma-separated answer words"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16 or float16"})
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
+    device_map: str | None = field(default=None, metadata={"help": "'auto' spreads a large model over devices "
+                                                                   "(accelerate)"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.p, str):
+            if self.p != "auto":
+                raise ValueError(f"p must be fractions or 'auto', got '{self.p}'")
+        else:
+            if not self.p:
+                raise ValueError("p needs at least one fraction")
+            for value in self.p:
+                if not 0 < value < 1:
+                    raise ValueError(f"p values must be in (0, 1), got {value}")
+            self.p = sorted({float(v) for v in self.p})  # a fraction given twice is tried once
+        if self.select not in SELECTS:
+            raise ValueError(f"select must be one of {', '.join(SELECTS)}, got '{self.select}'")
+        if self.p_budget < len(DEFAULT_PS):
+            raise ValueError(f"p_budget must be at least {len(DEFAULT_PS)} (the starting grid), got {self.p_budget}")
+        if self.folds < 1:
+            raise ValueError(f"folds must be at least 1, got {self.folds}")
+        if self.folds > 1 and self.seeds > 1:
+            raise ValueError("folds and seeds: choose one way to repeat (folds test every example once)")
+        if self.eval_mode is not None and self.eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {', '.join(EVAL_MODES)}, got '{self.eval_mode}'")
+        if not 0 < self.dev_fraction < 1:
+            raise ValueError(f"dev_fraction must be in (0, 1), got {self.dev_fraction}")
+        for name in ("seeds", "n_boot", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 2:
+            raise ValueError(f"limit must be at least 2, got {self.limit}")
+        self.freeze = dataclasses.replace(self.freeze, p=0.0)
+
+    @property
+    def grid(self) -> list[float]:
+        """The fractions tried first: the given list, or the paper's grid that `--p auto` starts from."""
+        return list(DEFAULT_PS) if self.p == "auto" else list(self.p)
+
+    def freeze_at(self, p: float) -> FreezeConfig:
+        """The run's freezing rule at fraction p."""
+        return dataclasses.replace(self.freeze, p=p)
+
+
+def add_run_options(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """The run settings as flags, generated from RunConfig's fields (nested scoring and freezing settings
+    flattened: --partners, --window, --score-seed, --batch-size, --scope, --aggregate, --bias)."""
+    settings.add_flags(p, RunConfig, exclude=exclude)
+
+
+def config_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> RunConfig:
+    """The RunConfig a command line asks for; a bad value is one line (UsageError)."""
+    values = settings.flag_values(args, RunConfig)
+    for name in exclude:
+        values.pop(name, None)
+    given_p = values.get("p")
+    try:
+        cfg = settings.from_dict(RunConfig, values)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if isinstance(given_p, list) and len(given_p) != len(cfg.p):
+        print(f"note: p values given twice are tried once: {', '.join(map(str, cfg.p))}", file=sys.stderr)
+    return cfg
+
+
+def config_from_file(path: str | Path) -> RunConfig:
+    """A RunConfig from a run's config.json: every key known, every value of its field's type."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({getattr(err, 'msg', err)})") from None
+    data = {k: v for k, v in data.items() if k != "recorded"} if isinstance(data, dict) else data
+    try:
+        return settings.from_dict(RunConfig, data, where=f"{path}: ", legacy=LEGACY)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+__all__ = ["AGGREGATES", "BIASES", "DEFAULT_PS", "SCOPES", "RunConfig", "ScoreConfig", "FreezeConfig",
+           "add_run_options", "config_from_args", "config_from_file"]

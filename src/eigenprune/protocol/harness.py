@@ -1,0 +1,66 @@
+"""What every method of an experiment shares: one model, one task split, one eval mode, one chooser, CIs.
+
+`Harness` evaluates the current model on a split; `best_on_dev` is the one rule by which every method
+chooses among its candidates (the unedited model competes and wins ties; then the mildest change);
+`ci` and `diff_ci` are the bootstrap intervals every report shows. Every method gets a `Harness`;
+this module builds on evaluation alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from eigenprune.evaluation.stats import Accuracy, Difference, accuracy, accuracy_ci, paired_diff_ci  # noqa: F401
+
+
+def ci(correct: torch.Tensor, n_boot: int, seed: int = 0) -> dict:
+    """Accuracy with its 95% bootstrap CI: {"acc", "lo", "hi", "n"} (`stats.Accuracy`)."""
+    return Accuracy(*accuracy_ci(correct.numpy(), n_boot=n_boot, seed=seed), int(correct.numel())).to_dict()
+
+
+def diff_ci(before: torch.Tensor, after: torch.Tensor, n_boot: int) -> dict:
+    """Paired difference (after - before) with its 95% bootstrap CI: {"diff", "lo", "hi"} (`stats.Difference`)."""
+    return Difference(*paired_diff_ci(before.numpy(), after.numpy(), n_boot=n_boot)).to_dict()
+
+
+def best_on_dev(base_acc: float | None, candidates: Sequence[float]) -> int:
+    """Index of the best dev accuracy, -1 for the base model. The base (when given) wins ties, then the
+    earliest candidate: callers list candidates from the mildest change to the strongest."""
+    best, best_acc = -1, base_acc if base_acc is not None else float("-inf")
+    for i, acc in enumerate(candidates):
+        if acc > best_acc:
+            best, best_acc = i, acc
+    return best
+
+
+class Harness:
+    """One model, one task split, one eval mode: what every method in a comparison shares."""
+
+    def __init__(self, model, tokenizer, splits, mode: str, config, quiet: bool) -> None:
+        self.model, self.tokenizer, self.splits, self.mode = model, tokenizer, splits, mode
+        self.config, self.quiet = config, quiet
+        self.dev_evaluations = 0
+
+    def evaluate(self, split: str) -> torch.Tensor:
+        """(n,) bool correctness of the model as it is now on `split`."""
+        from eigenprune.evaluation.evaluate import evaluate
+
+        self.dev_evaluations += split == "dev"
+        examples = getattr(self.splits, split)
+        return evaluate(self.model, self.tokenizer, examples, self.mode, self.config.eval_batch_size,
+                        progress=not self.quiet).correct
+
+
+    def nll(self, split: str) -> torch.Tensor:
+        """(n,) summed NLL of each example's correct answer under the model as it is now (teacher forced)."""
+        from eigenprune.protocol.search import dev_nll
+
+        return dev_nll(self.model, self.tokenizer, getattr(self.splits, split), self.config.eval_batch_size)
+
+
+def base_correct(harness: Harness, base: dict[str, torch.Tensor] | None, split: str) -> torch.Tensor:
+    """The unmodified model's (n,) correctness on `split`: the caller's (compare evaluates it once for every
+    method) when given, else evaluated now."""
+    return base[split] if base and split in base else harness.evaluate(split)

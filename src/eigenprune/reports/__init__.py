@@ -1,0 +1,1 @@
+"""Reports: words, tables and plots from an experiment's numbers."""

@@ -1,0 +1,482 @@
+"""The human-readable side of `eigenprune run`: report.md, three PNG plots and the verdict paragraph.
+
+`report.json` holds the numbers; this module turns them into something a reader can check in a
+minute. The verdict comes first and is worded strictly: a gain is called significant only when the
+paired bootstrap interval of (pruned − base) on test lies above 0, and the sweep table says plainly
+that its test column was never used to choose p. Plots are drawn on bare `matplotlib.figure.Figure`
+objects rendered by Agg, so no display, no pyplot state and nothing left open; matplotlib is imported
+only when plotting, so `from eigenprune.reports.run_report import verdict` stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eigenprune.evaluation.stats import significance
+
+DPI = 120
+DEV_COLOR, TEST_COLOR, FROZEN_COLOR = "#1f77b4", "#ff7f0e", "#d62728"
+
+
+def _num(value) -> float:
+    """A float, NaN for None or anything that is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _f(value, digits: int = 3, signed: bool = False) -> str:
+    x = _num(value)
+    return "n/a" if math.isnan(x) else f"{x:{'+' if signed else ''}.{digits}f}"
+
+
+def _interval(lo, hi, signed: bool = False) -> str:
+    if math.isnan(_num(lo)) or math.isnan(_num(hi)):
+        return "[n/a]"
+    return f"[{_f(lo, signed=signed)}, {_f(hi, signed=signed)}]"
+
+
+def _acc_ci(entry: dict | None) -> str:
+    """'0.412 [0.370, 0.450]' from {acc, lo, hi}."""
+    return f"{_f((entry or {}).get('acc'))} {_interval((entry or {}).get('lo'), (entry or {}).get('hi'))}"
+
+
+_p = lambda value: f"{_num(value):g}"  # 0.05 -> "0.05", 0.1 -> "0.1"
+_split = lambda report, which, split: (report.get(which) or {}).get(split) or {}  # report["base"]["dev"] or {}
+
+
+def _chosen_p(report: dict) -> float:
+    return 0.0 if math.isnan(p := _num(report.get("chosen_p"))) else p
+
+
+def _is_chosen(row: dict, report: dict) -> bool:
+    return bool(row.get("chosen")) or ("chosen" not in row and _num(row.get("p")) == _chosen_p(report))
+
+
+def verdict(report: dict) -> str:
+    """One paragraph in plain words: did pruning help on test, and is the gain outside the noise?"""
+    if report.get("folds"):
+        return folds_verdict(report)
+    base_dev, base_test = _split(report, "base", "dev"), _split(report, "base", "test")
+    pruned_test = _split(report, "pruned", "test")
+    p = _chosen_p(report)
+    if p == 0 or report.get("n_frozen") == 0:
+        if not report.get("sweep"):
+            text = "Pruning was not tried: no pruning fraction p was swept, so the run keeps the base model"
+        else:
+            text = (f"Pruning did not help: no p improved dev accuracy over the base model "
+                    f"({_f(base_dev.get('acc'))}), so the run keeps the base model")
+        text += f" (test accuracy {_acc_ci(base_test)})."
+    else:
+        d = report.get("diff_ci") or {}
+        diff, lo, hi = _num(d.get("diff")), _num(d.get("lo")), _num(d.get("hi"))
+        if math.isnan(diff):
+            diff = _num(pruned_test.get("acc")) - _num(base_test.get("acc"))
+        dev_d = (report.get("dev_diff_ci") or {}).get("diff")
+        if dev_d is None:
+            dev_d = _num(_split(report, "pruned", "dev").get("acc")) - _num(base_dev.get("acc"))
+        text = (f"Pruned (p={_p(p)}) test accuracy {_acc_ci(pruned_test)} vs base {_acc_ci(base_test)}: "
+                f"difference {_f(diff, signed=True)}, 95% CI {_interval(lo, hi, signed=True)}")
+        dev_gain = f"the gain on dev ({_f(dev_d, signed=True)}) did not carry to test"
+        if math.isnan(lo) or math.isnan(hi):
+            text += "; the interval could not be computed, so whether the change is real is unknown."
+        elif significance({"lo": lo, "hi": hi}) == "gain":
+            text += " excludes 0, so the gain is significant at the 95% level."
+        elif significance({"lo": lo, "hi": hi}) == "loss":
+            text += f" lies below 0: pruning made test accuracy significantly worse, so {dev_gain}."
+        elif diff <= 0:
+            text += f" includes 0, and {dev_gain}."
+        else:
+            text += " includes 0, so the gain is not significant."
+    majority = _num((report.get("majority_rate") or {}).get("test"))
+    best = max(_num(base_test.get("acc")), _num(pruned_test.get("acc")))
+    if not math.isnan(majority) and not math.isnan(best) and best <= majority:
+        who = "the base model does not beat" if p == 0 else "neither model beats"
+        text += f" Note that {who} always answering the majority class on test ({_f(majority)})."
+    repeats = report.get("repeats") or {}
+    if repeats.get("seeds"):
+        rd, ps = repeats.get("diff") or {}, repeats.get("chosen_p") or []
+        text += (f" Across {len(repeats['seeds'])} split seeds the test difference was "
+                 f"{_f(rd.get('mean'), signed=True)} ± {_f(rd.get('sd'))} (mean ± sd); "
+                 f"p = 0 (no edit) was chosen in {sum(_num(x) == 0 for x in ps)} of {len(ps)}.")
+    return text
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def plot_accuracy_vs_p(report: dict, path: Path) -> None:
+    """Dev and test accuracy per candidate p (p = 0 is the base model) on a categorical axis, in order of p;
+    each tick says when a searched p was tried (#1 first)."""
+    sweep = _by_p(report.get("sweep") or [])
+    base_dev, base_test = _split(report, "base", "dev"), _split(report, "base", "test")
+    rows = [{"p": 0.0, "n_frozen": 0, **{f"{s}_{k}": e.get(k) for s, e in (("dev", base_dev), ("test", base_test))
+                                         for k in ("acc", "lo", "hi")}}, *sweep]
+    col = lambda key: np.array([_num(r.get(key)) for r in rows])  # (n_candidates,)
+    x = np.arange(len(rows))
+    fig = _figure(max(7.0, 1.0 * len(rows) + 2.0), 5.4)
+    ax = fig.add_subplot()
+    chosen = next((i for i, r in enumerate(rows[1:], 1) if _is_chosen(r, report)), 0)
+    ax.axvspan(chosen - 0.4, chosen + 0.4, color="gold", alpha=0.3, label=f"chosen on dev: p = {_p(rows[chosen]['p'])}")
+    for split, color, marker, shift, label in (
+            ("dev", DEV_COLOR, "o-", -0.07, "dev (used to choose p)"),
+            ("test", TEST_COLOR, "s--", 0.07, "test (shown only, not used to choose p)")):
+        acc = col(f"{split}_acc")
+        err = np.nan_to_num(np.clip(np.stack([acc - col(f"{split}_lo"), col(f"{split}_hi") - acc]), 0, None))  # (2, n)
+        if not np.isnan(acc).all():  # a NaN interval draws no bar; a split never evaluated draws nothing
+            ax.errorbar(x + shift, acc, yerr=err, fmt=marker, color=color, capsize=4, markersize=6,
+                        label=f"{label}, 95% CI")
+        base = _num((base_dev if split == "dev" else base_test).get("acc"))
+        if not math.isnan(base):
+            ax.axhline(base, color=color, linestyle=":", linewidth=1.2, label=f"base {split} accuracy ({base:.3f})")
+    majority = _num((report.get("majority_rate") or {}).get("test"))
+    if not math.isnan(majority):
+        ax.axhline(majority, color="grey", linestyle="-.", linewidth=1, label=f"majority class, test ({majority:.3f})")
+    ax.set_xticks(x, ["0\n(base)"] + [f"{_p(r.get('p'))}\n({r.get('n_frozen', '?')})\n#{r['_order']}" for r in sweep])
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_xlabel("pruning fraction p (components frozen), #order tried; one tick per candidate")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{report.get('task', 'task')} on {report.get('model', 'model')}: accuracy vs p")
+    ax.grid(axis="y", alpha=0.3)
+    if not sweep:
+        ax.text(0.5, 0.05, "no p was swept", transform=ax.transAxes, ha="center", color="grey")
+    fig.legend(fontsize=8, loc="outside lower center", ncol=2, frameon=False)
+    fig.savefig(path, dpi=DPI)
+
+
+def _frozen_grid(rows: list[dict]) -> tuple[list, list[str], np.ndarray, np.ndarray]:
+    """Layers, kinds (first-seen order) and (n_layers, n_kinds) frozen and total counts; NaN: no target."""
+    module = lambda r: str(r.get("target", "?")).split(":")[0]
+    kind = lambda r: r.get("kind") or module(r).rsplit(".", 1)[-1]
+    owners: dict[tuple, set[str]] = {}
+    for r in rows:
+        owners.setdefault((r.get("layer"), kind(r)), set()).add(module(r))
+    cells: dict[tuple, list[int]] = {}
+    for r in rows:  # GPT-2's attn.c_proj and mlp.c_proj share a last name: keep the parent to tell them apart
+        name = kind(r) if len(owners[r.get("layer"), kind(r)]) == 1 else ".".join(module(r).split(".")[-2:])
+        cell = cells.setdefault((r.get("layer"), name), [0, 0])
+        cell[0] += int(r.get("n_frozen") or 0)
+        cell[1] += int(r.get("n_components") or 0)
+    layers = sorted({k[0] for k in cells}, key=lambda v: (v is None, v if v is not None else 0))
+    kinds = list(dict.fromkeys(k[1] for k in cells))
+    frozen = np.full((len(layers), len(kinds)), np.nan)  # (n_layers, n_kinds)
+    total = np.full_like(frozen, np.nan)
+    for (layer, kind), (n, of) in cells.items():
+        frozen[layers.index(layer), kinds.index(kind)], total[layers.index(layer), kinds.index(kind)] = n, of
+    return layers, kinds, frozen, total
+
+
+def plot_pruned_components(report: dict, path: Path) -> None:
+    """Heatmap of layer × target kind: the share of each cell's components the chosen edit froze."""
+    import matplotlib
+
+    layers, kinds, frozen, total = _frozen_grid(report["frozen_by_target"])
+    share = np.where(total > 0, frozen / np.where(total > 0, total, 1), np.nan)  # (n_layers, n_kinds)
+    fig = _figure(max(6.0, 1.0 * len(kinds) + 3.0), max(3.2, 0.3 * len(layers) + 1.8))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["Reds"].with_extremes(bad="#bdbdbd")  # grey: no target there
+    image = ax.imshow(share, aspect="auto", cmap=cmap, vmin=0, vmax=max(np.nanmax(share), 1e-9),
+                      interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="share of components frozen")
+    if share.size <= 400:
+        for i, j in np.ndindex(share.shape):
+            if not np.isnan(share[i, j]):
+                dark = share[i, j] > 0.6 * np.nanmax(share)
+                ax.text(j, i, f"{int(frozen[i, j])}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+    sums = [f"{k}\n{int(np.nansum(frozen[:, j]))}/{int(np.nansum(total[:, j]))}" for j, k in enumerate(kinds)]
+    ax.set_xticks(range(len(kinds)), sums, fontsize=8)
+    ax.set_yticks(range(len(layers)), ["other" if v is None else str(v) for v in layers], fontsize=8)
+    ax.set_xlabel("target kind (frozen / components)")
+    ax.set_ylabel("layer")
+    ax.set_title(f"Frozen at p = {_p(report.get('chosen_p'))}: {int(np.nansum(frozen))} of "
+                 f"{int(np.nansum(total))} components\n(number: count in the cell; grey: not a target)", fontsize=10)
+    fig.savefig(path, dpi=DPI)
+
+
+def _score_bins(values: np.ndarray) -> tuple[np.ndarray, str, float]:
+    """Bin edges and x scale: log (or symlog) when a heavy tail would squash the low scores into a few bins."""
+    low, span = np.quantile(values, 0.3) - values.min(), values.max() - values.min()
+    magnitude = np.abs(values[values != 0])
+    if magnitude.size < 2 or low >= span / 20:  # the low end, where components get frozen, is readable
+        return np.histogram_bin_edges(values, bins=60), "linear", 0.0
+    if values.min() > 0:
+        return np.geomspace(values.min(), values.max(), 61), "log", 0.0
+    from matplotlib.scale import SymmetricalLogTransform
+
+    linthresh = float(np.quantile(magnitude, 0.05))
+    transform = SymmetricalLogTransform(10, linthresh, 1.0)
+    ends = transform.transform(np.array([values.min(), values.max()]))
+    return transform.inverted().transform(np.linspace(ends[0], ends[1], 61)), "symlog", linthresh
+
+
+def plot_score_distribution(report: dict, scores: dict[str, torch.Tensor], removed: dict[str, torch.Tensor] | None,
+                            path: Path) -> None:
+    """Histogram of every component score, frozen ones stacked in red, the chosen p's threshold marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    kept, frozen = [], []
+    for name, s in scores.items():
+        values = s.detach().float().cpu().reshape(-1).numpy()  # (k,)
+        mask = np.isin(np.arange(values.size), (removed or {}).get(name, torch.empty(0)).long().cpu().numpy())  # (k,)
+        kept.append(values[~mask & np.isfinite(values)])
+        frozen.append(values[mask & np.isfinite(values)])
+    kept_v, frozen_v = np.concatenate(kept), np.concatenate(frozen)
+    values = np.concatenate([kept_v, frozen_v])
+    if values.size == 0:
+        raise ValueError("no finite scores")
+    bins, scale, linthresh = _score_bins(values)
+    fig = _figure(7.5, 4.4)
+    ax = fig.add_subplot()
+    parts = [(kept_v, DEV_COLOR, f"kept ({kept_v.size})" if frozen_v.size else f"all kept ({kept_v.size})")]
+    if frozen_v.size:
+        parts.append((frozen_v, FROZEN_COLOR, f"frozen at p = {_p(report.get('chosen_p'))} ({frozen_v.size})"))
+    counts, _, _ = ax.hist([v for v, _, _ in parts], bins=bins, stacked=True, color=[c for _, c, _ in parts],
+                           label=[lab for _, _, lab in parts])
+    totals = np.asarray(counts).reshape(-1, len(bins) - 1)[-1]  # (n_bins,) stacked: the last row is the total
+    if totals.max() > 0.5 * values.size or totals.max() > 30 * np.median(totals[totals > 0]):
+        ax.set_yscale("log")
+    if scale != "linear":
+        ax.set_xscale(scale, **({"linthresh": linthresh} if scale == "symlog" else {}))
+    ordered, label = np.sort(values), "cut of each swept p (global ranking)"  # (n,)
+    for p in (_num(r.get("p")) for r in report.get("sweep") or []):
+        if not 1 <= p * values.size <= values.size:
+            continue
+        cut = ordered[int(p * values.size) - 1]
+        if p != _chosen_p(report) or not frozen_v.size:  # the chosen p's cut is drawn as the threshold below
+            ax.axvline(cut, color="grey", linestyle=":", linewidth=1, label=label)
+            label = None
+        ax.text(cut, 0.98, f"p={p:g} ", transform=ax.get_xaxis_transform(), rotation=90, ha="right", va="top",
+                fontsize=7, color="dimgrey", bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "edgecolor": "none"})
+    if frozen_v.size:
+        threshold = float(frozen_v.max())
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2,
+                   label=f"threshold: largest frozen score ({threshold:.3g})")
+    aggregate = report.get("aggregate", "max")
+    ax.set_xlabel(f"component score ({aggregate} over pairs; lowest are frozen first)"
+                  + (", log scale" if scale != "linear" else ""))
+    ax.set_ylabel("number of components" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    if ax.get_yscale() == "linear":
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"Score distribution: {values.size} components in {len(scores)} target(s)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=DPI)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    clean = lambda cell: str(cell).replace("|", "\\|").replace("\n", " ")
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(clean(c) for c in row) + " |" for row in rows), ""]
+
+
+def _results_section(report: dict) -> list[str]:
+    p, lines = _chosen_p(report), ["## Base vs pruned", ""]
+    label = (f"pruned (p = {_p(p)}, {report.get('n_frozen', '?')} of {report.get('n_components', '?')} components "
+             "frozen)") if p else "chosen: base model (p = 0, nothing frozen)"
+    rows = [[name, _acc_ci(_split(report, key, "dev")), _split(report, key, "dev").get("n", ""),
+             _acc_ci(_split(report, key, "test")), _split(report, key, "test").get("n", "")]
+            for name, key in (("base model", "base"), (label, "pruned"))]
+    majority = report.get("majority_rate")
+    if majority:
+        rows.append(["always the majority class", _f(majority.get("dev")), "", _f(majority.get("test")), ""])
+    lines += _table(["model", "dev accuracy [95% CI]", "dev n", "test accuracy [95% CI]", "test n"], rows)
+    d = report.get("diff_ci")
+    if not p:
+        lines.append("The run keeps the base model, so there is no pruned-vs-base difference to test.")
+    elif d:
+        lines.append(f"Paired difference on test (pruned − base, bootstrap over the same examples): "
+                     f"**{_f(d.get('diff'), signed=True)}**, 95% CI {_interval(d.get('lo'), d.get('hi'), True)}.")
+    dd = report.get("dev_diff_ci")
+    if dd and p:
+        lines.append(f"On dev: {_f(dd.get('diff'), signed=True)}, 95% CI {_interval(dd.get('lo'), dd.get('hi'), True)}"
+                     " (optimistic: p was chosen to maximise dev accuracy).")
+    return [*lines, ""]
+
+
+def _by_p(sweep: list[dict]) -> list[dict]:
+    """The sweep's rows in order of p, each with `_order`: its place in the order tried (1 first)."""
+    return sorted(({**r, "_order": i + 1} for i, r in enumerate(sweep)), key=lambda r: _num(r.get("p")))
+
+
+_SELECT_WORDS = {"accuracy": "the highest **dev accuracy** (ties go to the smaller p)",
+                 "accuracy+loss": "the highest **dev accuracy**, ties going to the lower dev NLL of the correct "
+                                  "answers, then to the smaller p",
+                 "loss": "the lowest **dev NLL** of the correct answers (ties go to the smaller p)"}
+
+
+def _sweep_section(report: dict) -> list[str]:
+    search = report.get("p_search") or {"mode": "grid", "select": "accuracy"}
+    how = ("searched (`--p auto`: the paper's grid, extended while the best p sat on its top edge, then refined "
+           f"between the best p and its neighbours; {len(report.get('sweep') or [])} dev evaluations of "
+           f"{search.get('budget')} allowed)" if search.get("mode") == "auto" else "the given grid")
+    lines = ["## Sweep over p", "",
+             f"p is chosen on **dev only**, from {how}: {_SELECT_WORDS.get(search.get('select'), '?')}. p = 0, the "
+             "base model, is always a candidate. The test column is shown for transparency and was **not used "
+             "for selection**.", ""]
+    sweep = _by_p(report.get("sweep") or [])
+    if not sweep:
+        return [*lines, "No pruning fraction was swept, so the run keeps the base model.", ""]
+    base_dev, base_test = _split(report, "base", "dev"), _split(report, "base", "test")
+    chosen_p = _chosen_p(report)
+    base_nll = _f(search.get("base_dev_nll")) if "base_dev_nll" in search else "–"
+    rows = [["0 (base)", "–", 0, _acc_ci(base_dev), base_nll, _acc_ci(base_test),
+             "**◀ chosen**" if chosen_p == 0 else ""]]
+    for r in sweep:
+        dev = f"{_f(r.get('dev_acc'))} {_interval(r.get('dev_lo'), r.get('dev_hi'))}"
+        test = ("not evaluated" if r.get("test_acc") is None
+                else f"{_f(r.get('test_acc'))} {_interval(r.get('test_lo'), r.get('test_hi'))}")
+        mark = "**◀ chosen**" if _is_chosen(r, report) else ""
+        nll = _f(r.get("dev_nll")) if r.get("dev_nll") is not None else "–"
+        rows.append([_p(r.get("p")), r["_order"], r.get("n_frozen", "?"), dev, nll, test, mark])
+    return [*lines, *_table(["p", "tried", "components frozen", "dev accuracy [95% CI]", "dev NLL (correct answers)",
+                             "test accuracy [95% CI] (not used for selection)", "chosen"], rows)]
+
+
+def _folds_section(report: dict) -> list[str]:
+    if not report.get("folds"):
+        return []
+    return folds_section(report)
+
+
+def _repeats_section(repeats: dict) -> list[str]:
+    lines = ["## Repeats over split seeds", "",
+             f"Seeds {', '.join(str(s) for s in repeats.get('seeds', []))}; each seed re-splits train/dev, "
+             "re-scores and re-chooses p. The files in this directory belong to the first seed.", ""]
+    stat = lambda key: repeats.get(key) or {}
+    rows = [[name, _f(stat(key).get("mean"), signed=key == "diff"), _f(stat(key).get("sd"))] for name, key in
+            (("base test accuracy", "base_test"), ("pruned test accuracy", "pruned_test"),
+             ("difference (pruned − base)", "diff"))]
+    chosen = ", ".join(_p(p) for p in repeats.get("chosen_p", []))
+    lines += _table(["quantity", "mean", "sd"], [*rows, ["chosen p (per seed)", chosen, ""]])
+    runs = repeats.get("runs") or []
+    if runs:
+        lines += _table(["seed", "base test", "pruned test", "difference", "chosen p"],
+                        [[r.get("seed"), _f(r.get("base_test")), _f(r.get("pruned_test")),
+                          _f(r.get("diff"), signed=True), _p(r.get("chosen_p"))] for r in runs])
+    return lines
+
+
+def _settings_section(report: dict) -> list[str]:
+    sizes = report.get("split_sizes") or {}
+    items = [("model", report.get("model")), ("task", report.get("task")), ("targets", report.get("targets")),
+             ("layers", report.get("layers") or "all"), ("per head", report.get("per_head")),
+             ("components scored", report.get("n_components")), ("eval mode", report.get("eval_mode")),
+             ("split seed", report.get("split_seed")), ("score seed", report.get("score_seed")),
+             ("split sizes", ", ".join(f"{k} {v}" for k, v in sizes.items()) or None),
+             ("scoring pairs", report.get("n_pairs")), ("scope", report.get("scope")),
+             ("aggregate", report.get("aggregate")), ("bias", report.get("bias")), ("machine", report.get("machine")),
+             ("versions", ", ".join(f"{k} {v}" for k, v in (report.get("versions") or {}).items()) or None)]
+    return ["## Settings", "", *(f"- {k}: `{v}`" for k, v in items if v is not None), ""]
+
+
+def _timings_section(timings: dict) -> list[str]:
+    rows = [[phase, f"{_num(s):.1f}"] for phase, s in timings.items()]
+    total = sum(_num(s) for s in timings.values() if not math.isnan(_num(s)))
+    return ["## Timings", "", *_table(["phase", "seconds"], [*rows, ["**total**", f"**{total:.1f}**"]])]
+
+
+def _plot(name: str, draw: Callable[[Path], None], out_dir: Path, written: list[Path], notes: list[str]) -> bool:
+    """Draw one plot; a failure becomes a note in report.md rather than losing the finished run."""
+    path = out_dir / name
+    try:
+        draw(path)
+    except Exception as err:  # broad on purpose: the run's numbers are already safe in report.json
+        notes.append(f"{name} could not be drawn: {type(err).__name__}: {err}")
+        return False
+    written.append(path)
+    return True
+
+
+def write_report(out_dir: Path, report: dict, scores: dict[str, torch.Tensor] | None = None,
+                 removed: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """Write report.md and the PNG plots into `out_dir` (which exists); returns the paths written."""
+    out_dir, written, notes = Path(out_dir), [], []
+    md = [f"# eigenprune: {report.get('task', 'task')} on {report.get('model', 'model')}", "",
+          "## Verdict", "", report.get("verdict") or verdict(report), "", *_results_section(report),
+          *_folds_section(report), *_sweep_section(report)]
+    if _plot("accuracy_vs_p.png", lambda path: plot_accuracy_vs_p(report, path), out_dir, written, notes):
+        md += ["![accuracy vs p](accuracy_vs_p.png)", ""]
+    md += ["## Where the pruned components sit", ""]
+    frozen_rows = report.get("frozen_by_target") or []
+    if not any(int(r.get("n_frozen") or 0) for r in frozen_rows):
+        md += ["The chosen edit froze nothing, so there is no map of pruned components." if not report.get("n_frozen")
+               else "The report holds no `frozen_by_target` list, so there is no map of pruned components.", ""]
+    elif _plot("pruned_components.png", lambda path: plot_pruned_components(report, path), out_dir, written, notes):
+        md += ["Share of each layer's and target kind's components frozen by the chosen edit.", "",
+               "![pruned components](pruned_components.png)", ""]
+    md += ["## Score distribution", ""]
+    if not scores:
+        md += ["No component scores were given, so there is no score histogram.", ""]
+    elif _plot("score_distribution.png", lambda path: plot_score_distribution(report, scores, removed, path),
+               out_dir, written, notes):
+        md += ["![score distribution](score_distribution.png)", ""]
+    if report.get("side_effects"):
+        from eigenprune.evaluation import side_effects
+
+        drawn = _plot("side_effects.png", lambda path: side_effects.plot(report["side_effects"], path), out_dir,
+                      written, notes)
+        md += [side_effects.render_markdown(report["side_effects"], "side_effects.png" if drawn else None)]
+    if report.get("repeats"):
+        md += _repeats_section(report["repeats"])
+    md += _settings_section(report)
+    warnings = [*(report.get("warnings") or []), *notes]
+    if warnings:
+        md += ["## Warnings", "", *(f"- {w}" for w in warnings), ""]
+    if report.get("timings"):
+        md += _timings_section(report["timings"])
+    (out_dir / "report.md").write_text("\n".join(md).rstrip() + "\n")
+    return [out_dir / "report.md", *written]
+
+
+def folds_verdict(report: dict) -> str:
+    """The pooled result in plain words."""
+    f, d = report["folds"], report["diff_ci"]
+    base, edit = report["base"]["test"], report["pruned"]["test"]
+    ps = [row["chosen_p"] for row in f["per_fold"]]
+    text = (f"Across {f['k']} cross-fitted folds ({f['n_tested']} examples, each tested once by a run that chose p "
+            f"on the other folds): edited test accuracy {edit['acc']:.3f} [{edit['lo']:.3f}, {edit['hi']:.3f}] vs base "
+            f"{base['acc']:.3f} [{base['lo']:.3f}, {base['hi']:.3f}]; difference {d['diff']:+.3f}, 95% CI "
+            f"[{d['lo']:+.3f}, {d['hi']:+.3f}] (resampled within folds)")
+    if significance(d) == "gain":
+        text += ": the gain is significant at the 95% level."
+    elif significance(d) == "loss":
+        text += ": the edits made test accuracy significantly worse."
+    elif all(p == 0 for p in ps):
+        text += ": no fold found a p that beat the base model on dev, so every fold kept it."
+    else:
+        text += ": the interval includes 0, so the gain is not significant."
+    kept = sum(p == 0 for p in ps)
+    text += f" p chosen per fold: {', '.join(f'{p:g}' for p in ps)}" + (
+        f" (the base model kept in {kept} of {len(ps)})." if kept and kept < len(ps) else ".")
+    majority = (report.get("majority_rate") or {}).get("test")
+    if majority is not None and max(base["acc"], edit["acc"]) <= majority:
+        text += f" Neither beats always answering the majority class ({majority:.3f})."
+    return text
+
+
+def folds_section(report: dict) -> list[str]:
+    f = report["folds"]
+    pooled = ", ".join(f"{n} from {src}" for src, n in f.get("pooled", {}).items())
+    source = f" ({pooled})" if pooled else ""
+    lines = ["## Folds", "",
+             f"{f['k']} seeded folds (seed {f['seed']}) over {f['n_tested']} examples{source}. Each fold was the "
+             "test split of one whole run: its dev split came from the other folds, scoring used the rest, p was "
+             "chosen on that dev split, and the fold's test split was evaluated once. The accuracies above pool "
+             "every example's result; their CIs resample examples within folds. The sweep "
+             "and plots below are fold 1's.", "",
+             "| fold | train / dev / test | chosen p | components frozen | base dev | edited dev | base test | "
+             "edited test |", "|---|---|---|---|---|---|---|---|"]
+    for r in f["per_fold"]:
+        lines.append(f"| {r['fold']} | {r['n_train']} / {r['n_dev']} / {r['n_test']} | {r['chosen_p']:g} | "
+                     f"{r['n_frozen']} | {r['base_dev']:.3f} | {r['pruned_dev']:.3f} | {r['base_test']:.3f} | "
+                     f"{r['pruned_test']:.3f} |")
+    return [*lines, ""]

@@ -1,0 +1,206 @@
+"""What `eigenprune study` writes for people: study.json, study.md (one table) and study.png (heatmaps).
+
+Everything here reads only each cell's comparison.json (and the cell's place in the grid), so the
+study files are re-rendered from the cells on every run, also when every cell was skipped.
+
+A difference counts as significant when its paired 95% CI excludes 0, the rule `compare` uses.
+The control is the registered method whose role is "control" (`registry.controls()`: the random draw
+of as many components as eigenprune froze); its test difference is shown next to every method of the
+same cell.
+Side effects come from a cell's "Side effects" section (`compare` measures the base and each method's
+chosen configuration once; under folds, fold 1's): Δppl (edit − base perplexity on the packaged
+text), KL(base ‖ edit) and, for every `also` task, its accuracy difference. A method that changed no
+parameter has 0 and 0; a cell measured without side effects shows "–".
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from eigenprune.evaluation.stats import significance
+from eigenprune.methods.registry import controls
+from eigenprune.reports.compare_report import method_order
+
+FORMAT, VERSION = "eigenprune-study", 1
+NO_VALUE = "–"
+DEFAULT_SIDE_EFFECTS = ("Δppl", "KL")  # the columns a person expects, shown empty until compare reports them
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """A side-effects dict flattened to 'name' -> number or text (nested keys joined by '.')."""
+    if isinstance(value, dict):
+        if "diff" in value and not isinstance(value["diff"], dict):
+            return {prefix: value["diff"]} if prefix else {"diff": value["diff"]}
+        out = {}
+        for k, v in value.items():
+            out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return {prefix or "value": value}
+
+
+def method_side_effects(report: dict, name: str) -> dict | None:
+    """One method's side-effect numbers from its cell's comparison.json (see the module docstring); None when
+    the cell has none. A method row that carries its own `side_effects` dict keeps it (flattened)."""
+    row = report["methods"][name]
+    if isinstance(row.get("side_effects"), dict):
+        return _flat(row["side_effects"])
+    section = report.get("side_effects")
+    if not section:
+        return None
+    model = section["models"].get(name)
+    if model is None:
+        return {"Δppl": 0.0, "KL": 0.0} if row["changed_params"] == 0 else None
+    out = {"Δppl": model["delta_perplexity"]["diff"], "KL": model["kl"]["value"]}
+    for spec, acc in model.get("also", {}).items():
+        out[f"{section['also'][spec]['name']} Δacc"] = acc["diff_vs_base"]["diff"]
+    return out
+
+
+def summarize_cell(cell: dict, report: dict) -> dict:
+    """One cell of study.json: where it sits in the grid and its methods' test differences from comparison.json."""
+    rows = report["methods"]
+    control_name = next((name for name in controls() if name in rows), None)
+    control = rows[control_name]["diff_vs_base"] if control_name else None
+    diff = lambda d: {k: d[k] for k in ("diff", "lo", "hi")}
+    methods = {}
+    for name in method_order(report):
+        row = rows[name]
+        d = row["diff_vs_base"]
+        methods[name] = {
+            "test": row["test"], "dev_acc": row["dev"]["acc"], "config": row["config"],
+            "diff_vs_base": diff(d), "significant": significance(d),
+            "control_diff": None if name == control_name or control is None else diff(control),
+            "side_effects": method_side_effects(report, name),
+            "dev_evaluations": row["dev_evaluations"], "changed_params": row["changed_params"],
+        }
+    return {
+        **cell, "eval_mode": report["eval_mode"], "split_sizes": report["split_sizes"],
+        "folds": (report.get("folds") or {}).get("k", 1),
+        "base": {"dev_acc": report["base"]["dev"]["acc"], "test": report["base"]["test"]},
+        "methods_run": method_order(report), "implicit": report.get("implicit", []),
+        "control": control_name, "methods": methods, "verdict": report.get("verdict", ""),
+        "timings": {**report.get("timings", {}), "methods": {n: r.get("wall_s") for n, r in rows.items()}},
+    }
+
+
+def build(spec: dict, spec_file: str, cells: list[dict], last_run: dict) -> dict:
+    """study.json: the spec, every cell's summary in grid order, and what this invocation did (`last_run`)."""
+    return {"format": FORMAT, "format_version": VERSION, "spec": spec, "spec_file": spec_file, "cells": cells,
+            "last_run": last_run}
+
+
+def _num(value, fmt: str = "{:+.3f}") -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return NO_VALUE if value is None else str(value)
+    return fmt.format(value)
+
+
+def _diff(d: dict | None) -> str:
+    return NO_VALUE if d is None else f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+
+
+def side_effect_columns(study: dict) -> list[str]:
+    names = []
+    for cell in study["cells"]:
+        for row in cell["methods"].values():
+            names += [k for k in row["side_effects"] or {} if k not in names]
+    return names or list(DEFAULT_SIDE_EFFECTS)
+
+
+MARK = {"gain": "▲ gain", "loss": "▼ loss", None: ""}
+
+
+def render_markdown(study: dict, heatmap: str | None = "study.png") -> str:
+    cells = study["cells"]
+    control = next((c["control"] for c in cells if c.get("control")), (controls() or ["control"])[0])
+    side = side_effect_columns(study)
+    rows = [(c, m, r) for c in cells for m, r in c["methods"].items()]
+    gains = [f"{m} on {c['task']} ({c['model']}, {c['targets']}: {_diff(r['diff_vs_base'])})"
+             for c, m, r in rows if r["significant"] == "gain"]
+    losses = [f"{m} on {c['task']} ({c['model']}, {c['targets']})" for c, m, r in rows if r["significant"] == "loss"]
+    grid = study["spec"]["study"]
+    head = (f"{len(cells)} cells ({len(grid['models'])} models x {len(grid['tasks'])} tasks x "
+            f"{len(grid['targets'])} targets), methods {', '.join(grid['methods'])}.")
+    verdict = (f"Significant test gains over the base model (paired 95% CI above 0): {'; '.join(gains)}."
+               if gains else "No method's test gain over the base model is significant in any cell.")
+    if losses:
+        verdict += f" Significantly worse than the base: {'; '.join(losses)}."
+    lines = [f"# eigenprune study: {Path(study['spec_file']).name}", "", head, "", verdict, "", "## Results", "",
+             "| model | task | targets | method | base test | method test | test - base [95% CI] | sig. "
+             f"| {control} control: test - base | " + " | ".join(side) + " |",
+             "|---" * (9 + len(side)) + "|"]
+    for c, m, r in rows:
+        effects = r["side_effects"] or {}
+        lines.append(f"| {c['model']} | {c['task']} | {c['targets']} | {m} | {c['base']['test']['acc']:.3f} | "
+                     f"{r['test']['acc']:.3f} | {_diff(r['diff_vs_base'])} | {MARK[r['significant']]} | "
+                     f"{_diff(r['control_diff'])} | " + " | ".join(_num(effects.get(k), "{:.4g}") for k in side)
+                     + " |")
+    if heatmap:
+        lines += ["", f"![test - base per task and method]({heatmap})"]
+    lines += ["", "## Cells", ""]
+    for c in cells:
+        sizes = ", ".join(f"{k} {v}" for k, v in c["split_sizes"].items())
+        lines.append(f"- [{c['key']}]({c['dir']}/comparison.md): {c['eval_mode']}, {sizes}. {c['verdict']}")
+    notes = ["Each cell is one `eigenprune compare` run; every method chose its configuration on dev and was "
+             "evaluated on test once. sig.: the paired 95% bootstrap CI of (method - base) on test excludes 0.",
+             f"The {control} control freezes as many components as eigenprune chose, at random; its difference is "
+             "repeated on every row of its cell so a method's gain can be read against it."]
+    implicit = sorted({m for c in cells for m in c["implicit"]})
+    if implicit:
+        notes.append(f"Run implicitly, because other methods need their results: {', '.join(implicit)}.")
+    if all(r["side_effects"] is None for _, _, r in rows):
+        notes.append("Side effects (Δppl, KL): not measured in these cells.")
+    else:
+        folded = " Under folds they are measured on fold 1's chosen configuration." if any(
+            c.get("folds", 1) > 1 for c in cells) else ""
+        notes.append("Side effects, from each cell's comparison.md (CIs there): Δppl is the edit's perplexity minus "
+                     "the base's on the packaged general-English text (the task's own text left out), KL the mean "
+                     f"per-token KL(base ‖ edit) in nats; a method that changed nothing has 0 and 0.{folded}")
+    lines += ["", "## Notes", "", *(f"- {n}" for n in notes), ""]
+    return "\n".join(lines)
+
+
+def _row_labels(study: dict, model: str) -> list[tuple[str, str, str]]:
+    several = len(study["spec"]["study"]["targets"]) > 1
+    return [(c["task"], c["targets"], f"{c['task']} · {c['targets']}" if several else c["task"])
+            for c in study["cells"] if c["model"] == model]
+
+
+def plot_heatmaps(study: dict, path: Path) -> None:
+    """Tasks x methods per model, colour = test - base, annotated with the difference and '*' when its CI
+    excludes 0; grey where a method did not run in a cell."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    models = list(dict.fromkeys(c["model"] for c in study["cells"]))
+    methods = list(dict.fromkeys(m for c in study["cells"] for m in c["methods_run"]))
+    diffs = [r["diff_vs_base"]["diff"] for c in study["cells"] for r in c["methods"].values()]
+    scale = max([abs(d) for d in diffs] + [0.01])
+    heights = [len(_row_labels(study, m)) for m in models]
+    fig = Figure(figsize=(2.2 + 1.0 * len(methods), 1.0 + sum(0.45 * h + 0.7 for h in heights)), dpi=120,
+                 layout="constrained")
+    axes = fig.subplots(len(models), 1, squeeze=False, height_ratios=[h + 1 for h in heights])[:, 0]
+    image = None
+    for ax, model in zip(axes, models, strict=True):
+        labels = _row_labels(study, model)
+        by_place = {(c["task"], c["targets"]): c for c in study["cells"] if c["model"] == model}
+        values = np.full((len(labels), len(methods)), np.nan)
+        for i, (task, targets, _) in enumerate(labels):
+            for j, method in enumerate(methods):
+                row = by_place[(task, targets)]["methods"].get(method)
+                if row is None:
+                    ax.text(j, i, NO_VALUE, ha="center", va="center", color="0.4")
+                    continue
+                values[i, j] = row["diff_vs_base"]["diff"]
+                mark = "*" if row["significant"] else ""
+                ax.text(j, i, f"{values[i, j]:+.3f}{mark}", ha="center", va="center", fontsize=8,
+                        color="white" if abs(values[i, j]) > 0.6 * scale else "black")
+        image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu", vmin=-scale, vmax=scale, aspect="auto")
+        ax.set_facecolor("0.85")
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+        ax.set_yticks(range(len(labels)), [label for _, _, label in labels])
+        ax.set_title(model, fontsize=10)
+    fig.colorbar(image, ax=list(axes), label="test accuracy - base", shrink=0.8)
+    fig.suptitle("test accuracy - base model; * where the paired 95% CI excludes 0", fontsize=9)
+    fig.savefig(path, format="png")
