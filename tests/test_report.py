@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from eigenprune.edits.freeze import lowest_fraction
-from eigenprune.reports.run_report import _frozen_grid, _score_bins, verdict, write_report
+from eigenprune.reports.run_plots import _frozen_grid, _score_bins
+from eigenprune.reports.run_report import verdict, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")

@@ -22,6 +22,7 @@ from eigenprune.evaluation import side_effects as se
 from eigenprune.evaluation.evaluate import evaluate
 from eigenprune.evaluation.stats import paired_diff_ci
 from eigenprune.evaluation.tasks import load_task
+from eigenprune.reports import side_effects_report
 
 MAX_TOKENS = 24  # the tiny tokenizers split English into many pieces; keep the tiny passes short
 
@@ -260,11 +261,11 @@ def test_section_is_json_ready_and_renders_a_table_and_a_plot(tmp_path, document
     assert row["delta_perplexity"]["diff"] == pytest.approx(row["perplexity"]["value"]
                                                             - section["models"]["base"]["perplexity"]["value"])
     assert set(row["also"][task]) == {"acc", "lo", "hi", "n", "diff_vs_base"}
-    text = se.render_markdown(section)
+    text = side_effects_report.render_markdown(section)
     assert "## Side effects" in text and "| eigenprune |" in text and "sums (choice, 8)" in text
-    cells = se.columns(section, "eigenprune")
+    cells = side_effects_report.columns(section, "eigenprune")
     assert cells["KL"] in text and cells["Δ perplexity"] in text
-    se.plot(section, tmp_path / "side_effects.png")
+    side_effects_report.plot(section, tmp_path / "side_effects.png")
     assert (tmp_path / "side_effects.png").stat().st_size > 1000
 
 

@@ -196,7 +196,7 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
         (tmp / "comparison.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         plot_comparison(report, tmp / "comparison.png")
         if side_effects is not None:
-            from eigenprune.evaluation.side_effects import plot
+            from eigenprune.reports.side_effects_report import plot
 
             plot(side_effects, tmp / "side_effects.png")
         (tmp / "comparison.md").write_text(render_markdown(report))

@@ -113,7 +113,7 @@ def _effects(report: dict, name: str) -> str:
     section = report.get("side_effects")
     if section is None:
         return ""
-    from eigenprune.evaluation.side_effects import columns
+    from eigenprune.reports.side_effects_report import columns
 
     if name in section["models"]:
         cells = columns(section, name)
@@ -138,7 +138,7 @@ def render_markdown(report: dict) -> str:
                      f"{r['changed_params']} |" + _effects(report, name))
     lines += ["", "![test accuracy per method](comparison.png)", ""]
     if effects:
-        from eigenprune.evaluation.side_effects import render_markdown as effects_markdown
+        from eigenprune.reports.side_effects_report import render_markdown as effects_markdown
 
         where = " (fold 1's chosen configurations)" if _folds(report) > 1 else ""
         lines += [effects_markdown(report["side_effects"]).replace("## Side effects", f"## Side effects{where}", 1)]
