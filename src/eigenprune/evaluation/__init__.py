@@ -1,0 +1,1 @@
+"""Evaluation: how edited models are judged against their base (tests, intervals, power, choices)."""
