@@ -7,7 +7,7 @@ pre-hook on the whole model computes the offsets of the tokens in each call from
 
 Where the prompt ends:
 - inside `prompt_lengths(model, lengths)`: as given (teacher forcing: prompt + answer in one call).
-  `data.teacher_forced`, the one function every teacher-forced forward of a `Batch` goes through
+  `batching.teacher_forced`, the one function every teacher-forced forward of a `Batch` goes through
   (losses, scoring, choice evaluation, fine-tuning), opens this context itself;
 - inside `model.generate(...)`: the real tokens of the input, for every step, cached or not;
 - otherwise: a call without a KV cache is all prompt (its last real token is offset 0), and a call
@@ -98,7 +98,7 @@ def tracker_of(model: torch.nn.Module) -> OffsetTracker | None:
 def prompt_lengths(model: torch.nn.Module, lengths: torch.Tensor) -> Iterator[None]:
     """Tell an edited model where each row's prompt ends (a no-op for a model without an edit).
 
-    `data.teacher_forced` does this for every `Batch`; call it yourself only around a teacher-forced
+    `batching.teacher_forced` does this for every `Batch`; call it yourself only around a teacher-forced
     forward of prompt + answer that is not built from a `Batch`.
     """
     tracker = tracker_of(model)

@@ -6,7 +6,7 @@ freezing happens in `steps` rounds. Round k:
 1. takes the current weights A′ = A − Σ (components frozen in rounds < k) and SVDs them;
 2. scores A′'s components on the model *with the earlier rounds' edit applied*: the inputs x, the
    gradients g and the mean inputs x̄_t are the edited model's (the edited model knows where each
-   prompt ends because every teacher-forced forward goes through `data.teacher_forced`);
+   prompt ends because every teacher-forced forward goes through `batching.teacher_forced`);
 3. freezes the lowest-scoring of them, each replaced by its mean contribution E_i x̄_t with that
    round's x̄_t (the edited model's inputs), exactly as `freeze.build_edit` does for one shot.
 

@@ -111,7 +111,7 @@ def next_token_predictions(model: torch.nn.Module, encoded: Sequence[Encoded], p
 
 def _prompt_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, object]:
     """Logits at the last column, (batch, vocab), and the KV cache of a left-padded prompt batch. Like
-    `data.last_logits`, the LM head runs on the last position only, with its input made contiguous."""
+    `batching.last_logits`, the LM head runs on the last position only, with its input made contiguous."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     handle = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:])) if head else None

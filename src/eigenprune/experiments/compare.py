@@ -7,7 +7,7 @@ comparison.json (all numbers), comparison.md (a table and a plain-words verdict)
 (test accuracy with 95% CIs, the base model as a reference line), config.json and, for every method
 that can save one, its chosen edit under edits/<method>/.
 
-Methods come from the registry (`baselines.registry`): this module never names one. A method that
+Methods come from the registry (`methods.registry`): this module never names one. A method that
 needs another's results (the random control takes eigenprune's number of frozen components) has it
 run first, implicitly if the user did not ask for it, and the report says so. `A+B` runs edit method
 B on learned stage A's model; composites with the same stage settings share one training run.

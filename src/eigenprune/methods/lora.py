@@ -2,7 +2,7 @@
 
 The strongest obvious competitor to removing components is learning a low-rank change: peft LoRA
 adapters on the modules eigenprune targets, trained with the teacher-forced answer loss
-(`data.collate` + `data.batch_nll`, mean per answer token), AdamW, seeded. A few evenly spaced
+(`batching.collate` + `batching.batch_nll`, mean per answer token), AdamW, seeded. A few evenly spaced
 checkpoints are evaluated on dev and the best one (ties: the earliest) is kept; test is evaluated
 once, afterwards. The paper's fine-tuned GPT-2 rows pruned a fine-tuned model, so
 `run_lora_and_eigenprune` also merges the adapters and runs the whole eigenprune experiment

@@ -6,7 +6,7 @@ the answer token at the last prompt position. `finetune` does that on the train 
 overridable) and chooses nothing: the final model is evaluated on dev and test once. The released code
 keeps no checkpoints, so there are none to choose among here either.
 
-The loss is `data.batch_nll`, the teacher-forced answer NLL, averaged over the batch's answer tokens.
+The loss is `batching.batch_nll`, the teacher-forced answer NLL, averaged over the batch's answer tokens.
 For a one-token answer that is the released loss exactly. For a multi-token answer (SmolLM2 splits
 numbers into digits) every answer token counts by default (`answer_tokens="all"`: a model evaluated by
 exact match has to produce all of them); `answer_tokens="first"` keeps only the first, the token
