@@ -1,1 +1,1 @@
-"""Tasks, splits, evaluation, statistics and side effects: how a model is judged."""
+"""Tasks, splits, evaluation, statistics, significance and side effects: how a model is judged."""
