@@ -27,14 +27,13 @@ from eigenprune.evaluation.stats import mean_sd, significance
 from eigenprune.methods.base import (
     MethodResult,
     accuracy,
-    best_on_dev,
     edit_applier,
     edit_changed_params,
     edit_saver,
     evaluate_edit,
 )
 from eigenprune.methods.registry import Context, Pooled, register
-from eigenprune.protocol.harness import Harness, base_correct, ci, diff_ci
+from eigenprune.protocol.harness import Harness, base_correct, chosen_on_dev, ci, diff_ci
 
 
 def random_components(score_run: ScoreRun, n_frozen: int, seed: int) -> dict[str, torch.Tensor]:
@@ -125,7 +124,8 @@ def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int 
 
 def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | None = None,
                  freeze: FreezeConfig | None = None, base: dict[str, torch.Tensor] | None = None) -> MethodResult:
-    """Sweep p over the smallest singular values, choose on dev (p = 0 competes; ties go to the smaller p)."""
+    """Sweep p over the smallest singular values, choose on dev (p = 0 competes; ties go to the smaller p; with
+    the run's `select="1se"` the one-standard-error rule)."""
     t0 = time.perf_counter()
     freeze = freeze or harness.config.freeze_at(0.0)
     ps = sorted(float(p) for p in (ps if ps is not None else harness.config.grid))
@@ -134,7 +134,7 @@ def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | No
     devs = [evaluate_edit(harness, edit, "dev") for edit in edits]
     sweep = [{"p": p, "n_frozen": e.n_frozen, "dev_acc": accuracy(d)}
              for p, e, d in zip(ps, edits, devs, strict=True)]
-    best = best_on_dev(accuracy(base["dev"]), [row["dev_acc"] for row in sweep])
+    best = chosen_on_dev(base["dev"], devs, harness.config.select)  # accuracy, or the one-SE rule
     if best < 0:
         edit, dev = smallest_edit(score_run, dataclasses.replace(freeze, p=0.0)), base["dev"]
         test = base_correct(harness, base, "test")
