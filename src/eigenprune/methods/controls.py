@@ -3,7 +3,12 @@
 - `run_random`: as many components as eigenprune's chosen edit froze, drawn uniformly at random over
   all target components, with the same bias freezing. If eigenprune's gain is no larger than this,
   the scores are not what helps: freezing anything (plus a mean bias) would. Several seeds; no choice
-  is made on dev (the number of components is eigenprune's dev choice).
+  is made on dev (the number of components is eigenprune's dev choice). The comparison counts the
+  seeds' own spread: the difference's CI is a two-level bootstrap (seeds, then examples within folds;
+  `significance.two_level_diff_ci`), and eigenprune's test accuracy is ranked among the seeds' with
+  the permutation p-value (1 + #seeds at least as good) / (1 + #seeds) (`significance.seed_rank_pvalue`).
+  The default seed count is the fewest that can reach p < 0.05 (`significance.seeds_needed`: 20), each
+  seed one test evaluation per fold.
 - `run_smallest`: freeze the components with the smallest singular values (ranked globally or per
   target, following `scope`), with the configured bias, over the same p list, chosen on dev like
   eigenprune. This asks whether the scores beat the obvious "small components are noise" heuristic.
@@ -23,7 +28,8 @@ import torch
 
 from eigenprune.edits.artifact import ScoreRun
 from eigenprune.edits.freeze import Edit, FreezeConfig, build_edit, make_edit
-from eigenprune.evaluation.stats import mean_sd, significance
+from eigenprune.evaluation.significance import seed_rank_pvalue, seeds_needed, two_level_diff_ci
+from eigenprune.evaluation.stats import Difference, mean_sd, significance
 from eigenprune.methods.base import (
     MethodResult,
     accuracy,
@@ -72,7 +78,8 @@ def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int 
     `dev`/`test` of the result hold each example's correctness averaged over the seeds (floats in
     [0, 1]): their mean is the mean accuracy over seeds, and a paired comparison with another method
     compares it with the random control's expected correctness on the same examples. `runs` has one
-    row per seed; the saved edit is the first seed's.
+    row per seed; the saved edit is the first seed's. `extra["_test_seeds"]` (never written to JSON) is
+    each seed's (seeds, n_test) test correctness, for comparisons that count the seeds' spread.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
@@ -102,6 +109,7 @@ def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int 
         "test_acc_mean_sd": dict(zip(("mean", "sd"), mean_sd(r["test"]["acc"] for r in runs), strict=True)),
         "note": "dev and test hold per-example correctness averaged over the seeds; nothing is chosen on dev "
                 "(n_frozen is eigenprune's dev choice)",
+        "_test_seeds": torch.stack([t.bool() for t in tests]),  # (seeds, n_test)
     }
     if base is not None and "test" in base:
         for run, t in zip(runs, tests, strict=True):
@@ -156,7 +164,8 @@ def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | No
 class RandomSettings:
     """The random control: how many draws."""
 
-    seeds: int = field(default=5, metadata={"help": "random draws, one edit each"})
+    seeds: int = field(default=seeds_needed(0.05), metadata={
+        "help": "random draws, one edit each (default: the fewest whose rank test can reach p < 0.05)"})
     first_seed: int = field(default=0, metadata={"help": "seed of the first draw"})
 
     def __post_init__(self) -> None:
@@ -171,16 +180,39 @@ class SmallestSettings:
     p: tuple[float, ...] | None = field(default=None, metadata={"help": "fractions to try; None: the run's --p"})
 
 
+def seed_comparison(eigen_test: torch.Tensor, seed_tests: torch.Tensor, n_boot: int,
+                    fold_of: list[int] | None = None) -> dict:
+    """eigenprune's (n,) test correctness against the control's (seeds, n): the difference eigenprune - mean over
+    seeds with its two-level bootstrap CI (seeds, then examples within `fold_of`'s folds), the same difference
+    with examples resampled alone (what was reported before seeds counted; for reference), and eigenprune's rank
+    among the seeds' test accuracies with its permutation p-value and the smallest p the seed count can give."""
+    seeds = seed_tests.float().numpy()  # (seeds, n)
+    treated = eigen_test.float().numpy()  # (n,)
+    diff, lo, hi = two_level_diff_ci(treated, seeds, strata=fold_of, n_boot=n_boot)
+    rank, p, p_min = seed_rank_pvalue(float(treated.mean()), seeds.mean(axis=1))
+    if fold_of is None:
+        examples_only = diff_ci(seed_tests.float().mean(0), eigen_test.float(), n_boot)
+    else:
+        from eigenprune.evaluation.stats import fold_paired_diff_ci
+
+        examples_only = Difference(*fold_paired_diff_ci(seeds.mean(0), treated, fold_of, n_boot=n_boot)).to_dict()
+    return {"diff": Difference(diff, lo, hi).to_dict(), "diff_examples_only": examples_only,
+            "rank": rank, "of": int(seeds.shape[0]) + 1, "p_value": p, "p_min": p_min}
+
+
 def _versus(eigen: MethodResult, rand: MethodResult, n_boot: int) -> tuple[dict, str]:
-    """eigenprune against the random control: the paired test difference and one sentence for the verdict."""
+    """eigenprune against the random control: the difference counting seeds and examples, eigenprune's rank among
+    the seeds, and one sentence for the verdict."""
     accs = [r["test"]["acc"] for r in rand.runs]
-    return _versus_words(rand.extra["n_frozen"], accs, diff_ci(rand.test, eigen.test, n_boot), accuracy(eigen.test))
+    return _versus_words(rand.extra["n_frozen"], accs, seed_comparison(eigen.test, rand.extra["_test_seeds"], n_boot),
+                         accuracy(eigen.test))
 
 
-def _versus_words(n_frozen: int | list[int], accs: list[float], d: dict, eigen_acc: float) -> tuple[dict, str]:
-    """The comparison and its sentence from eigenprune's test accuracy, the seeds' test accuracies and the paired
-    difference (random -> eigenprune); `n_frozen` is one number, or one per fold when pooled over folds."""
-    versus = {"n_frozen": n_frozen, "diff": d, "random_test_accs": accs}
+def _versus_words(n_frozen: int | list[int], accs: list[float], comparison: dict, eigen_acc: float) -> tuple[dict, str]:
+    """The comparison and its sentence from eigenprune's test accuracy, the seeds' test accuracies and
+    `seed_comparison`'s numbers; `n_frozen` is one number, or one per fold when pooled over folds."""
+    d = comparison["diff"]
+    versus = {"n_frozen": n_frozen, "random_test_accs": accs, **comparison}
     per_fold = isinstance(n_frozen, list)
     if not any(n_frozen if per_fold else [n_frozen]):
         return versus, ("eigenprune chose p = 0 (the base model)" + (" in every fold" if per_fold else "") +
@@ -191,10 +223,15 @@ def _versus_words(n_frozen: int | list[int], accs: list[float], d: dict, eigen_a
             else "not distinguishable from freezing random components (the CI includes 0)")
     components = (f"{', '.join(map(str, n_frozen))} components in folds 1-{len(n_frozen)}, pooled over the folds"
                   if per_fold else f"{n_frozen} components")
+    floor = comparison["p_min"]
+    reach = (f"the smallest p {len(accs)} seeds can give is {floor:.3f}" + (
+        "" if floor < 0.05 else f", so this test cannot reach p < 0.05 (`--set random.seeds={seeds_needed(0.05)}` "
+                                "can)"))
     return versus, (f"eigenprune vs the random control ({components}, {len(accs)} seeds): test difference "
-                    f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]; eigenprune's effect is {kind}, and its test "
-                    f"accuracy {eigen_acc:.3f} lies {where} the random seeds' range "
-                    f"[{min(accs):.3f}, {max(accs):.3f}].")
+                    f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (bootstrap over seeds and examples); "
+                    f"eigenprune's effect is {kind}, and its test accuracy {eigen_acc:.3f} lies {where} the random "
+                    f"seeds' range [{min(accs):.3f}, {max(accs):.3f}], rank {comparison['rank']} of "
+                    f"{comparison['of']} (permutation p = {comparison['p_value']:.3f}; {reach}).")
 
 
 def _ci_text(c: dict) -> str:
@@ -211,8 +248,10 @@ def _pool_random(pooled: Pooled) -> None:
     seeds = [r["seed"] for r in folds[0].runs]
     accs = [sum(f.runs[j]["test"]["acc"] * f.runs[j]["test"]["n"] for f in folds) / n for j in range(len(seeds))]
     devs = [sum(f.runs[j]["dev_acc"] for f in folds) / len(folds) for j in range(len(seeds))]
-    rand.extra["vs_eigenprune"], rand.verdict = _versus_words(n_frozen, accs, pooled.diff(rand.test, eigen.test),
-                                                              accuracy(eigen.test))
+    seed_tests = torch.stack([pooled.pool([f.extra["_test_seeds"][j] for f in folds])
+                              for j in range(len(seeds))])  # (seeds, N): each seed's edits, every fold's test
+    comparison = seed_comparison(eigen.test, seed_tests, pooled.n_boot, pooled.fold_of)
+    rand.extra["vs_eigenprune"], rand.verdict = _versus_words(n_frozen, accs, comparison, accuracy(eigen.test))
     rand.markers = [{"acc": a, "marker": "x", "label": None} for a in accs]
     rand.sections = ["\n".join([f"## Random control, per seed (pooled over {len(folds)} folds)", "",
                                  "| seed | components per fold | dev acc (mean over folds) | test acc (pooled) |",
