@@ -72,14 +72,16 @@ def _base(harness: Harness, base: dict[str, torch.Tensor] | None, splits: Sequen
 
 def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int = 5,
                freeze: FreezeConfig | None = None, first_seed: int = 0,
-               base: dict[str, torch.Tensor] | None = None) -> MethodResult:
+               base: dict[str, torch.Tensor] | None = None, side_effect_seeds: int = 0) -> MethodResult:
     """Freeze `n_frozen` random components, once per seed, and evaluate dev and test for each.
 
     `dev`/`test` of the result hold each example's correctness averaged over the seeds (floats in
     [0, 1]): their mean is the mean accuracy over seeds, and a paired comparison with another method
     compares it with the random control's expected correctness on the same examples. `runs` has one
     row per seed; the saved edit is the first seed's. `extra["_test_seeds"]` (never written to JSON) is
-    each seed's (seeds, n_test) test correctness, for comparisons that count the seeds' spread.
+    each seed's (seeds, n_test) test correctness, for comparisons that count the seeds' spread;
+    `extra["_side_effect_variants"]` puts each of the first `side_effect_seeds` seeds' edits on a model
+    (`experiments.fold_side_effects` measures each).
     """
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
@@ -110,6 +112,8 @@ def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int 
         "note": "dev and test hold per-example correctness averaged over the seeds; nothing is chosen on dev "
                 "(n_frozen is eigenprune's dev choice)",
         "_test_seeds": torch.stack([t.bool() for t in tests]),  # (seeds, n_test)
+        "_side_effect_variants": [(f"seed {s}", edit_applier(e))
+                                  for s, e in zip(seed_list[:side_effect_seeds], edits, strict=False)],
     }
     if base is not None and "test" in base:
         for run, t in zip(runs, tests, strict=True):
@@ -167,10 +171,15 @@ class RandomSettings:
     seeds: int = field(default=seeds_needed(0.05), metadata={
         "help": "random draws, one edit each (default: the fewest whose rank test can reach p < 0.05)"})
     first_seed: int = field(default=0, metadata={"help": "seed of the first draw"})
+    side_effect_seeds: int = field(default=5, metadata={
+        "help": "with side effects: how many of the draws (the first ones) to measure, in every fold; each is "
+                "one pass over the text sample"})
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise ValueError(f"seeds must be at least 1, got {self.seeds}")
+        if self.side_effect_seeds < 1:
+            raise ValueError(f"side_effect_seeds must be at least 1, got {self.side_effect_seeds}")
 
 
 @dataclass
@@ -265,7 +274,7 @@ def _pool_random(pooled: Pooled) -> None:
 def random_control(harness: Harness, config: RandomSettings, ctx: Context) -> MethodResult:
     eigen = ctx.result("eigenprune")
     result = run_random(harness, eigen.score_run, eigen.edit.n_frozen, config.seeds,
-                        first_seed=config.first_seed, base=ctx.base)
+                        first_seed=config.first_seed, base=ctx.base, side_effect_seeds=config.side_effect_seeds)
     result.extra["vs_eigenprune"], result.verdict = _versus(eigen, result, harness.config.n_boot)
     result.markers = [{"acc": r["test"]["acc"], "marker": "x", "label": None} for r in result.runs]
     result.sections = ["\n".join(["## Random control, per seed", "", "| seed | components | dev acc | test acc "
