@@ -10,7 +10,7 @@ from eigenprune.cli import main
 from eigenprune.experiments.fold_side_effects import spread
 from eigenprune.reports.study_report import method_side_effects
 
-COMMON = ["--split-seed", "2", "--targets", "all", "--partners", "2", "--n-boot", "50", "--quiet", "--limit", "20"]
+COMMON = ["--split-seed", "2", "--targets", "all", "--partners", "2", "--n-boot", "50", "--quiet"]
 
 
 def _compare(setup, out, *extra) -> dict:
@@ -22,7 +22,7 @@ def _compare(setup, out, *extra) -> dict:
 
 @pytest.fixture(scope="module")
 def folds_report(sums_setup, tmp_path_factory):
-    return _compare(sums_setup, tmp_path_factory.mktemp("c") / "c", "--folds", "2", "--p", "0.5,0.9",
+    return _compare(sums_setup, tmp_path_factory.mktemp("c") / "c", "--folds", "2", "--p", "0.5,0.7,0.9",
                     "--methods", "eigenprune,random", "--set", "random.seeds=3", "--set", "random.side_effect_seeds=2")
 
 
@@ -32,7 +32,7 @@ def test_every_folds_choice_is_measured(folds_report):
     edited = [r["fold"] for r in runs if r["changed_params"]]
     per = section["per_method"]["eigenprune"]
     assert per["rows"] == [f"eigenprune (fold {k})" for k in edited] and per["unedited"] == len(runs) - len(edited)
-    assert len(per["rows"]) + per["unedited"] == 2
+    assert len(per["rows"]) + per["unedited"] == 2 and len(edited) == 2  # on this model both folds edit
     for name in per["rows"]:
         assert name in section["models"]
     rand = section["per_method"]["random"]
