@@ -88,7 +88,11 @@ def test_writes_every_file_and_key(full):
                                                "edits", "side_effects.png"}
     report = json.loads((out / "comparison.json").read_text())
     measured = report["side_effects"]["model_order"]  # the base, then every method that changed the model
-    assert measured[0] == "base" and set(measured[1:]) == {n for n in names if report["methods"][n]["changed_params"]}
+    seeds = len(report["methods"]["random"]["runs"])  # the random control: each seed's edit (up to 5)
+    want = {n for n in names if report["methods"][n]["changed_params"] and n != "random"}
+    if report["methods"]["random"]["changed_params"]:
+        want |= {f"random (seed {s})" for s in range(min(seeds, 5))}
+    assert measured[0] == "base" and set(measured[1:]) == want
     assert "| Δ perplexity | KL |" in (out / "comparison.md").read_text()
     report = json.loads((out / "comparison.json").read_text())
     assert report["methods_run"] == names and set(report["methods"]) == set(names) and report["implicit"] == []
@@ -227,7 +231,9 @@ VERSUS = [  # eigenprune's test correctness, the random control's seeds' test ac
 def test_random_control_says_how_eigenprune_compares(eigen, accs, n_frozen, phrases):
     from eigenprune.methods.controls import _versus
 
-    rand = result([0.5] * len(eigen), n_frozen=n_frozen)
+    n = len(eigen)
+    seeds = torch.tensor([[i < round(a * n) for i in range(n)] for a in accs])  # (seeds, n), accuracies `accs`
+    rand = result([0.5] * n, n_frozen=n_frozen, _test_seeds=seeds)
     rand.runs = [{"test": {"acc": a}} for a in accs]
     versus, text = _versus(result(eigen), rand, n_boot=200)
     assert all(p in text for p in phrases), text

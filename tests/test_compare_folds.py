@@ -11,6 +11,7 @@ from helpers import write_task
 
 from eigenprune.cli import build_parser
 from eigenprune.core.errors import UsageError
+from eigenprune.evaluation.significance import two_level_diff_ci
 from eigenprune.evaluation.splits import FoldSplit, fold_splits
 from eigenprune.evaluation.stats import fold_paired_diff_ci
 from eigenprune.evaluation.tasks import load_task
@@ -181,14 +182,19 @@ def test_random_control_pools_its_seeds_and_its_comparison(tmp_path):
     rand_folds = []
     for f, accs in enumerate(seed_runs):
         runs = [{"seed": s, "dev_acc": 0.5, "test": {"acc": a, "n": n[f]}} for s, a in enumerate(accs)]
-        rand_folds.append(_result([sum(accs) / 2] * n[f], runs=runs, n_frozen=3 + f))
+        seeds = torch.tensor([[i < round(a * n[f]) for i in range(n[f])] for a in accs])  # (seeds, n_f)
+        rand_folds.append(_result(seeds.float().mean(0).tolist(), runs=runs, n_frozen=3 + f, _test_seeds=seeds))
     eigen = _pooled([_result(t) for t in eigen_tests], folds)
     rand = _pooled(rand_folds, folds, eigenprune=eigen)
     _pool_random(rand)
     versus = rand.result.extra["vs_eigenprune"]
     assert versus["n_frozen"] == [3, 4] and versus["random_test_accs"] == [0.5, 0.5]
-    want = fold_paired_diff_ci(rand.result.test.numpy(), eigen.result.test.numpy(), rand.fold_of, n_boot=200)
-    assert tuple(versus["diff"].values()) == pytest.approx(want)
+    examples_only = fold_paired_diff_ci(rand.result.test.numpy(), eigen.result.test.numpy(), rand.fold_of,
+                                        n_boot=200)
+    assert tuple(versus["diff_examples_only"].values()) == pytest.approx(examples_only)
+    seeds = torch.stack([rand.pool([f.extra["_test_seeds"][j] for f in rand_folds]) for j in range(2)])
+    want = two_level_diff_ci(eigen.result.test.numpy(), seeds.float().numpy(), strata=rand.fold_of, n_boot=200)
+    assert tuple(versus["diff"].values()) == pytest.approx(want)  # seeds, then examples within folds
     assert "3, 4 components in folds 1-2" in rand.result.verdict and "lies inside" in rand.result.verdict
     assert [m["acc"] for m in rand.result.markers] == [0.5, 0.5] and "pooled over 2 folds" in rand.result.sections[0]
 

@@ -254,3 +254,17 @@ def test_bad_input_is_one_line_and_writes_nothing(five_layer_dir, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "c").exists()
+
+
+def test_last_position_loss_is_the_released_setting_and_differs_from_all_tokens():
+    """`answer_tokens="last"` (the released `logits[:, -1, :]` of the prompt) trains exactly as "first" did, and
+    not as "all" does where answers have several tokens."""
+    model, tok = sensitive("llama")
+    harness = harness_for(model, tok)
+    assert any(len(e.answer_ids) > 1 for e in encode(tok, harness.splits.train))
+    last, first, every = (ft.finetune_stage(harness, ft.FinetuneConfig(lr=1e-3, answer_tokens=a)).weights
+                          for a in ("last", "first", "all"))
+    assert all(torch.equal(last[n], first[n]) for n in last)
+    assert any(not torch.equal(last[n], every[n]) for n in last)
+    with pytest.raises(ValueError, match="answer_tokens must be one of all, last, first"):
+        ft.FinetuneConfig(answer_tokens="middle")

@@ -146,15 +146,17 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
     timings = {"load": time.perf_counter() - t0}
     checked = folds.examples if len(folds) > 1 else folds[0].train + folds[0].test
     warnings = next_token_warnings(tok, checked) if mode == "next-token" else []
-    side_effects = None
+    costs = None  # every fold's chosen configurations' side effects, measured while they live
 
     def after(i: int, run: pipeline.SplitRun) -> None:
-        nonlocal side_effects
-        if i == 0 and (cfg.side_effects or cfg.also):  # fold 1's chosen configurations, while they live
+        nonlocal costs
+        if cfg.side_effects or cfg.also:
+            from eigenprune.experiments.fold_side_effects import FoldSideEffects
+
             t0 = time.perf_counter()
-            appliers = [(name, r.applied) for name, r in run.results.items() if r.applied and r.changed_params]
-            side_effects = pipeline.measure_side_effects(model, tok, task, cfg, appliers, quiet)
-            timings["side_effects"] = time.perf_counter() - t0
+            costs = costs or FoldSideEffects(model, tok, task, cfg, len(folds), quiet)
+            costs.measure(i, run)
+            timings["side_effects"] = timings.get("side_effects", 0.0) + time.perf_counter() - t0
 
     label = (lambda i: f"compare: fold {i + 1}/{len(folds)}: ") if len(folds) > 1 else (lambda i: "compare: ")
     runs = pipeline.run_splits([(split, cfg) for split in folds], model, tok, mode, quiet, specs, configs,
@@ -173,6 +175,7 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
     else:
         report |= pooled_report(folds, runs, specs, cfg.n_boot)
         saves = [(name, i, r.results[name].save) for name in report["methods"] for i, r in enumerate(runs)]
+    side_effects = costs.section() if costs is not None else None
     if side_effects is not None:
         report["side_effects"] = side_effects
     report |= {"timings": timings, "warnings": warnings,

@@ -117,19 +117,3 @@ def pool(folds, runs: Sequence[SplitRun], specs: Sequence[registry.Spec], n_boot
         pooled[spec.name] = row
     return base_test, pooled
 
-
-def measure_side_effects(model, tokenizer, task, cfg: RunConfig, appliers: list[tuple[str, object]],
-                         quiet: bool) -> dict:
-    """The "Side effects" section: the base model and each named change (`applier(model)` puts it on the model
-    for a block), measured on the shipped general-English sample (the task's own text left out) and on
-    `cfg.also` tasks."""
-    from eigenprune.evaluation.side_effects import SideEffects, sample_for_task
-
-    config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    effects = SideEffects(model, tokenizer, sample_for_task(task), also=cfg.also or (), max_tokens=context,
-                          eval_batch_size=cfg.eval_batch_size, progress=not quiet)  # documents cut to the context
-    for name, applier in appliers:
-        with applier(model):
-            effects.measure(name, model)
-    return effects.section(cfg.n_boot)

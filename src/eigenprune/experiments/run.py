@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from eigenprune.core.errors import UsageError
-from eigenprune.edits.freeze import applied
 from eigenprune.evaluation.splits import fold_splits, split_task
 from eigenprune.experiments import pipeline
 from eigenprune.experiments.crossfit import folds_report
@@ -80,12 +79,26 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
     recorded = record(task, model, cfg.device)
     warnings = _check_recorded(expected, recorded, allow_changed)
     spec = registry.resolve("eigenprune")  # `run` is the pipeline with this one method
+    costs, side_s = None, 0.0
+
+    def measure(i: int, one: pipeline.SplitRun) -> None:
+        """Side effects of every fold's edit (with split seeds, the first seed's), while it lives."""
+        nonlocal costs, side_s
+        if (cfg.side_effects or cfg.also) and (cfg.folds > 1 or i == 0):
+            from eigenprune.experiments.fold_side_effects import FoldSideEffects
+
+            t0 = time.perf_counter()
+            costs = costs or FoldSideEffects(model, tok, task, cfg, cfg.folds, quiet, name=_edit_name)
+            costs.measure(i, one)
+            side_s += time.perf_counter() - t0
+
     configs = {spec.name: registry.configure(spec, {spec.name: {"sweep_test": cfg.sweep_test}})}
     if cfg.folds > 1:
         folds = fold_splits(task, cfg.folds, cfg.split_seed, cfg.dev_fraction, cfg.limit)
         if mode == "next-token":
             warnings += next_token_warnings(tok, task.train + task.test)
-        runs = pipeline.run_splits([(fold, cfg) for fold in folds], model, tok, mode, quiet, [spec], configs)
+        runs = pipeline.run_splits([(fold, cfg) for fold in folds], model, tok, mode, quiet, [spec], configs,
+                                   after=measure)
         reports = [folds_report(folds, runs, pipeline.pool(folds, runs, [spec], cfg.n_boot, dict)[1][spec.name])]
     else:
         seeds = range(cfg.split_seed, cfg.split_seed + cfg.seeds)
@@ -101,20 +114,20 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
                 print(f"seed {r['split_seed']}: base test {r['base']['test']['acc']:.3f}, "
                       f"pruned {r['pruned']['test']['acc']:.3f} (p={r['chosen_p']})", file=sys.stderr)
 
-        runs = pipeline.run_splits(splits, model, tok, mode, quiet, [spec], configs, after=say)
+        def say_and_measure(i: int, one: pipeline.SplitRun) -> None:
+            say(i, one)
+            measure(i, one)
+
+        runs = pipeline.run_splits(splits, model, tok, mode, quiet, [spec], configs, after=say_and_measure)
         reports = [one.results[spec.name].report for one in runs]
     fold_edits = [(i, one.results[spec.name].score_run, one.results[spec.name].edit) for i, one in enumerate(runs)]
     _, run, edit = fold_edits[0]  # the first fold's (or seed's) scores and edit are the ones saved at the top
     fold_edits = fold_edits if cfg.folds > 1 else []
     report = reports[0]
     report["timings"] = {"load": load_s, **report["timings"]}
-    if cfg.side_effects or cfg.also:
-        t0 = time.perf_counter()
-        chosen = [(f"fold {fold + 1} (p = {e.config.p:g})", e) for fold, _, e in fold_edits] or [
-            (f"edit (p = {edit.config.p:g})", edit)]
-        appliers = [(name, lambda m, e=e: applied(m, e)) for name, e in chosen if e.n_frozen]
-        report["side_effects"] = pipeline.measure_side_effects(model, tok, task, cfg, appliers, quiet)
-        report["timings"]["side_effects"] = time.perf_counter() - t0
+    if costs is not None:
+        report["side_effects"] = costs.section()
+        report["timings"]["side_effects"] = side_s
     report["warnings"] = warnings
     report["versions"] = recorded["versions"]
     report["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -139,6 +152,11 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
         write_report(tmp, report, run.scores.ranking(cfg.freeze.aggregate), edit.removed)
     report["out"] = str(out)
     return report
+
+
+def _edit_name(method: str, fold: int, tag: str | None, n_folds: int, result) -> str:
+    """`run`'s row names for its edits: "edit (p = 0.3)" on a fixed split, "fold 2 (p = 0.3)" over folds."""
+    return f"fold {fold + 1} (p = {result.edit.config.p:g})" if n_folds > 1 else f"edit (p = {result.edit.config.p:g})"
 
 
 def cmd_run(args) -> int:

@@ -3,7 +3,12 @@
 - `run_random`: as many components as eigenprune's chosen edit froze, drawn uniformly at random over
   all target components, with the same bias freezing. If eigenprune's gain is no larger than this,
   the scores are not what helps: freezing anything (plus a mean bias) would. Several seeds; no choice
-  is made on dev (the number of components is eigenprune's dev choice).
+  is made on dev (the number of components is eigenprune's dev choice). The comparison counts the
+  seeds' own spread: the difference's CI is a two-level bootstrap (seeds, then examples within folds;
+  `significance.two_level_diff_ci`), and eigenprune's test accuracy is ranked among the seeds' with
+  the permutation p-value (1 + #seeds at least as good) / (1 + #seeds) (`significance.seed_rank_pvalue`).
+  The default seed count is the fewest that can reach p < 0.05 (`significance.seeds_needed`: 20), each
+  seed one test evaluation per fold.
 - `run_smallest`: freeze the components with the smallest singular values (ranked globally or per
   target, following `scope`), with the configured bias, over the same p list, chosen on dev like
   eigenprune. This asks whether the scores beat the obvious "small components are noise" heuristic.
@@ -23,18 +28,18 @@ import torch
 
 from eigenprune.edits.artifact import ScoreRun
 from eigenprune.edits.freeze import Edit, FreezeConfig, build_edit, make_edit
-from eigenprune.evaluation.stats import mean_sd, significance
+from eigenprune.evaluation.significance import seed_rank_pvalue, seeds_needed, two_level_diff_ci
+from eigenprune.evaluation.stats import Difference, mean_sd, significance
 from eigenprune.methods.base import (
     MethodResult,
     accuracy,
-    best_on_dev,
     edit_applier,
     edit_changed_params,
     edit_saver,
     evaluate_edit,
 )
 from eigenprune.methods.registry import Context, Pooled, register
-from eigenprune.protocol.harness import Harness, base_correct, ci, diff_ci
+from eigenprune.protocol.harness import Harness, base_correct, chosen_on_dev, ci, diff_ci
 
 
 def random_components(score_run: ScoreRun, n_frozen: int, seed: int) -> dict[str, torch.Tensor]:
@@ -67,13 +72,16 @@ def _base(harness: Harness, base: dict[str, torch.Tensor] | None, splits: Sequen
 
 def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int = 5,
                freeze: FreezeConfig | None = None, first_seed: int = 0,
-               base: dict[str, torch.Tensor] | None = None) -> MethodResult:
+               base: dict[str, torch.Tensor] | None = None, side_effect_seeds: int = 0) -> MethodResult:
     """Freeze `n_frozen` random components, once per seed, and evaluate dev and test for each.
 
     `dev`/`test` of the result hold each example's correctness averaged over the seeds (floats in
     [0, 1]): their mean is the mean accuracy over seeds, and a paired comparison with another method
     compares it with the random control's expected correctness on the same examples. `runs` has one
-    row per seed; the saved edit is the first seed's.
+    row per seed; the saved edit is the first seed's. `extra["_test_seeds"]` (never written to JSON) is
+    each seed's (seeds, n_test) test correctness, for comparisons that count the seeds' spread;
+    `extra["_side_effect_variants"]` puts each of the first `side_effect_seeds` seeds' edits on a model
+    (`experiments.fold_side_effects` measures each).
     """
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
@@ -103,6 +111,9 @@ def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int 
         "test_acc_mean_sd": dict(zip(("mean", "sd"), mean_sd(r["test"]["acc"] for r in runs), strict=True)),
         "note": "dev and test hold per-example correctness averaged over the seeds; nothing is chosen on dev "
                 "(n_frozen is eigenprune's dev choice)",
+        "_test_seeds": torch.stack([t.bool() for t in tests]),  # (seeds, n_test)
+        "_side_effect_variants": [(f"seed {s}", edit_applier(e))
+                                  for s, e in zip(seed_list[:side_effect_seeds], edits, strict=False)],
     }
     if base is not None and "test" in base:
         for run, t in zip(runs, tests, strict=True):
@@ -125,7 +136,8 @@ def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int 
 
 def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | None = None,
                  freeze: FreezeConfig | None = None, base: dict[str, torch.Tensor] | None = None) -> MethodResult:
-    """Sweep p over the smallest singular values, choose on dev (p = 0 competes; ties go to the smaller p)."""
+    """Sweep p over the smallest singular values, choose on dev (p = 0 competes; ties go to the smaller p; with
+    the run's `select="1se"` the one-standard-error rule)."""
     t0 = time.perf_counter()
     freeze = freeze or harness.config.freeze_at(0.0)
     ps = sorted(float(p) for p in (ps if ps is not None else harness.config.grid))
@@ -134,7 +146,7 @@ def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | No
     devs = [evaluate_edit(harness, edit, "dev") for edit in edits]
     sweep = [{"p": p, "n_frozen": e.n_frozen, "dev_acc": accuracy(d)}
              for p, e, d in zip(ps, edits, devs, strict=True)]
-    best = best_on_dev(accuracy(base["dev"]), [row["dev_acc"] for row in sweep])
+    best = chosen_on_dev(base["dev"], devs, harness.config.select)  # accuracy, or the one-SE rule
     if best < 0:
         edit, dev = smallest_edit(score_run, dataclasses.replace(freeze, p=0.0)), base["dev"]
         test = base_correct(harness, base, "test")
@@ -156,12 +168,18 @@ def run_smallest(harness: Harness, score_run: ScoreRun, ps: Sequence[float] | No
 class RandomSettings:
     """The random control: how many draws."""
 
-    seeds: int = field(default=5, metadata={"help": "random draws, one edit each"})
+    seeds: int = field(default=seeds_needed(0.05), metadata={
+        "help": "random draws, one edit each (default: the fewest whose rank test can reach p < 0.05)"})
     first_seed: int = field(default=0, metadata={"help": "seed of the first draw"})
+    side_effect_seeds: int = field(default=5, metadata={
+        "help": "with side effects: how many of the draws (the first ones) to measure, in every fold; each is "
+                "one pass over the text sample"})
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise ValueError(f"seeds must be at least 1, got {self.seeds}")
+        if self.side_effect_seeds < 1:
+            raise ValueError(f"side_effect_seeds must be at least 1, got {self.side_effect_seeds}")
 
 
 @dataclass
@@ -171,16 +189,39 @@ class SmallestSettings:
     p: tuple[float, ...] | None = field(default=None, metadata={"help": "fractions to try; None: the run's --p"})
 
 
+def seed_comparison(eigen_test: torch.Tensor, seed_tests: torch.Tensor, n_boot: int,
+                    fold_of: list[int] | None = None) -> dict:
+    """eigenprune's (n,) test correctness against the control's (seeds, n): the difference eigenprune - mean over
+    seeds with its two-level bootstrap CI (seeds, then examples within `fold_of`'s folds), the same difference
+    with examples resampled alone (what was reported before seeds counted; for reference), and eigenprune's rank
+    among the seeds' test accuracies with its permutation p-value and the smallest p the seed count can give."""
+    seeds = seed_tests.float().numpy()  # (seeds, n)
+    treated = eigen_test.float().numpy()  # (n,)
+    diff, lo, hi = two_level_diff_ci(treated, seeds, strata=fold_of, n_boot=n_boot)
+    rank, p, p_min = seed_rank_pvalue(float(treated.mean()), seeds.mean(axis=1))
+    if fold_of is None:
+        examples_only = diff_ci(seed_tests.float().mean(0), eigen_test.float(), n_boot)
+    else:
+        from eigenprune.evaluation.stats import fold_paired_diff_ci
+
+        examples_only = Difference(*fold_paired_diff_ci(seeds.mean(0), treated, fold_of, n_boot=n_boot)).to_dict()
+    return {"diff": Difference(diff, lo, hi).to_dict(), "diff_examples_only": examples_only,
+            "rank": rank, "of": int(seeds.shape[0]) + 1, "p_value": p, "p_min": p_min}
+
+
 def _versus(eigen: MethodResult, rand: MethodResult, n_boot: int) -> tuple[dict, str]:
-    """eigenprune against the random control: the paired test difference and one sentence for the verdict."""
+    """eigenprune against the random control: the difference counting seeds and examples, eigenprune's rank among
+    the seeds, and one sentence for the verdict."""
     accs = [r["test"]["acc"] for r in rand.runs]
-    return _versus_words(rand.extra["n_frozen"], accs, diff_ci(rand.test, eigen.test, n_boot), accuracy(eigen.test))
+    return _versus_words(rand.extra["n_frozen"], accs, seed_comparison(eigen.test, rand.extra["_test_seeds"], n_boot),
+                         accuracy(eigen.test))
 
 
-def _versus_words(n_frozen: int | list[int], accs: list[float], d: dict, eigen_acc: float) -> tuple[dict, str]:
-    """The comparison and its sentence from eigenprune's test accuracy, the seeds' test accuracies and the paired
-    difference (random -> eigenprune); `n_frozen` is one number, or one per fold when pooled over folds."""
-    versus = {"n_frozen": n_frozen, "diff": d, "random_test_accs": accs}
+def _versus_words(n_frozen: int | list[int], accs: list[float], comparison: dict, eigen_acc: float) -> tuple[dict, str]:
+    """The comparison and its sentence from eigenprune's test accuracy, the seeds' test accuracies and
+    `seed_comparison`'s numbers; `n_frozen` is one number, or one per fold when pooled over folds."""
+    d = comparison["diff"]
+    versus = {"n_frozen": n_frozen, "random_test_accs": accs, **comparison}
     per_fold = isinstance(n_frozen, list)
     if not any(n_frozen if per_fold else [n_frozen]):
         return versus, ("eigenprune chose p = 0 (the base model)" + (" in every fold" if per_fold else "") +
@@ -191,10 +232,15 @@ def _versus_words(n_frozen: int | list[int], accs: list[float], d: dict, eigen_a
             else "not distinguishable from freezing random components (the CI includes 0)")
     components = (f"{', '.join(map(str, n_frozen))} components in folds 1-{len(n_frozen)}, pooled over the folds"
                   if per_fold else f"{n_frozen} components")
+    floor = comparison["p_min"]
+    reach = (f"the smallest p {len(accs)} seeds can give is {floor:.3f}" + (
+        "" if floor < 0.05 else f", so this test cannot reach p < 0.05 (`--set random.seeds={seeds_needed(0.05)}` "
+                                "can)"))
     return versus, (f"eigenprune vs the random control ({components}, {len(accs)} seeds): test difference "
-                    f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]; eigenprune's effect is {kind}, and its test "
-                    f"accuracy {eigen_acc:.3f} lies {where} the random seeds' range "
-                    f"[{min(accs):.3f}, {max(accs):.3f}].")
+                    f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (bootstrap over seeds and examples); "
+                    f"eigenprune's effect is {kind}, and its test accuracy {eigen_acc:.3f} lies {where} the random "
+                    f"seeds' range [{min(accs):.3f}, {max(accs):.3f}], rank {comparison['rank']} of "
+                    f"{comparison['of']} (permutation p = {comparison['p_value']:.3f}; {reach}).")
 
 
 def _ci_text(c: dict) -> str:
@@ -211,8 +257,10 @@ def _pool_random(pooled: Pooled) -> None:
     seeds = [r["seed"] for r in folds[0].runs]
     accs = [sum(f.runs[j]["test"]["acc"] * f.runs[j]["test"]["n"] for f in folds) / n for j in range(len(seeds))]
     devs = [sum(f.runs[j]["dev_acc"] for f in folds) / len(folds) for j in range(len(seeds))]
-    rand.extra["vs_eigenprune"], rand.verdict = _versus_words(n_frozen, accs, pooled.diff(rand.test, eigen.test),
-                                                              accuracy(eigen.test))
+    seed_tests = torch.stack([pooled.pool([f.extra["_test_seeds"][j] for f in folds])
+                              for j in range(len(seeds))])  # (seeds, N): each seed's edits, every fold's test
+    comparison = seed_comparison(eigen.test, seed_tests, pooled.n_boot, pooled.fold_of)
+    rand.extra["vs_eigenprune"], rand.verdict = _versus_words(n_frozen, accs, comparison, accuracy(eigen.test))
     rand.markers = [{"acc": a, "marker": "x", "label": None} for a in accs]
     rand.sections = ["\n".join([f"## Random control, per seed (pooled over {len(folds)} folds)", "",
                                  "| seed | components per fold | dev acc (mean over folds) | test acc (pooled) |",
@@ -226,7 +274,7 @@ def _pool_random(pooled: Pooled) -> None:
 def random_control(harness: Harness, config: RandomSettings, ctx: Context) -> MethodResult:
     eigen = ctx.result("eigenprune")
     result = run_random(harness, eigen.score_run, eigen.edit.n_frozen, config.seeds,
-                        first_seed=config.first_seed, base=ctx.base)
+                        first_seed=config.first_seed, base=ctx.base, side_effect_seeds=config.side_effect_seeds)
     result.extra["vs_eigenprune"], result.verdict = _versus(eigen, result, harness.config.n_boot)
     result.markers = [{"acc": r["test"]["acc"], "marker": "x", "label": None} for r in result.runs]
     result.sections = ["\n".join(["## Random control, per seed", "", "| seed | components | dev acc | test acc "

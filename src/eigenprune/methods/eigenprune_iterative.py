@@ -16,7 +16,7 @@ from eigenprune.edits.artifact import fingerprint
 from eigenprune.edits.iterative import iterative_edits
 from eigenprune.methods.base import MethodResult, edit_applier, edit_changed_params, edit_saver
 from eigenprune.methods.registry import Context, register
-from eigenprune.protocol.harness import Harness, accuracy, base_correct, best_on_dev
+from eigenprune.protocol.harness import Harness, accuracy, base_correct, chosen_on_dev
 
 
 @dataclass
@@ -51,7 +51,7 @@ def eigenprune_iterative(harness: Harness, config: IterativeSettings, ctx: Conte
         edits.append(edit)
         sweep.append({"p": p, "steps": steps, "rounds": len(edit.rounds), "n_frozen": edit.n_frozen,
                       "dev_acc": accuracy(devs[-1])})
-    best = best_on_dev(accuracy(base_dev), [row["dev_acc"] for row in sweep])
+    best = chosen_on_dev(base_dev, devs, cfg.select)  # accuracy, or the one-SE rule (mildest first)
     if best < 0:
         dev, test = base_dev, base_correct(harness, ctx.base, "test")
         chosen, save, changed, modules, applied = {"p": 0.0, "steps": 0, "n_frozen": 0}, None, 0, [], None

@@ -7,7 +7,9 @@ demonstrations alone for SVD clipping). `choose_keep` evaluates that grid, milde
 each cell, and chooses:
 
 - `extra = 0`: the fixed grid, chosen by dev accuracy; the unedited candidate wins ties, then the
-  earliest (mildest) cell and fraction. What both methods always did; no dev NLL is computed.
+  earliest (mildest) cell and fraction. What both methods always did; no dev NLL is computed. With the
+  run's `select="1se"`: the weakest candidate (strength 1 − keep; equal strengths in grid order, the
+  unedited one first) whose dev accuracy is within one paired standard error of the best.
 - `extra > 0`: every candidate also carries the dev NLL of the correct answers, the choice follows the
   run's `select` (as eigenprune's p: `search.rank_key`, strength = 1 − keep), and then the winning
   cell's fraction is searched with `search.search_strength` (keep 1.0 as the unedited value, rank 1 as
@@ -33,6 +35,7 @@ from eigenprune.edits.artifact import fingerprint
 from eigenprune.edits.decompose import Components, decompose_targets
 from eigenprune.edits.freeze import Edit, FreezeConfig, applied, build_edit
 from eigenprune.edits.targets import Target
+from eigenprune.evaluation.significance import one_se_choice
 from eigenprune.protocol.harness import Harness, accuracy, best_on_dev
 from eigenprune.protocol.search import DEFAULT_SELECT, Candidate, Step, rank_key, search_strength
 
@@ -86,8 +89,18 @@ def _best_edit(tried: Sequence[Tried], select: str) -> int:
     return min(range(len(tried)), key=lambda i: (rank_key(_step(tried[i]), select, NONE), i))
 
 
+def _one_se(base_dev: torch.Tensor, tried: Sequence[Tried]) -> int:
+    """The one-SE rule over the unedited candidate and `tried`: index into `tried`, -1 for the unedited one."""
+    order = sorted(range(len(tried)), key=lambda i: (NONE - tried[i].keep, i))  # weakest first, then grid order
+    table = [base_dev.float().numpy(), *(tried[i].dev.float().numpy() for i in order)]
+    pick = one_se_choice(table)
+    return -1 if pick == 0 else order[pick - 1]
+
+
 def _ranked(base: Candidate, tried: Sequence[Tried], select: str) -> int:
     """Index of the best candidate by `select`, -1 for the unedited one (it wins ties: it is the weakest)."""
+    if select == "1se":
+        return _one_se(base.correct, tried)
     i = _best_edit(tried, select)
     return -1 if rank_key(Step(NONE, base, "base"), select, NONE) <= rank_key(_step(tried[i]), select, NONE) else i
 
@@ -107,9 +120,11 @@ def choose_keep(n_cells: int, keeps: Sequence[float], evaluate: Evaluate, base_d
     searching = extra > 0
     tried = [Tried(cell, keep, "grid", *evaluate(cell, keep, searching)) for cell in range(n_cells) for keep in keeps]
     if not searching or not tried:
-        return KeepChoice(tried, best_on_dev(accuracy(base_dev), [accuracy(t.dev) for t in tried]), None)
+        chosen = (_one_se(base_dev, tried) if select == "1se" and tried else
+                  best_on_dev(accuracy(base_dev), [accuracy(t.dev) for t in tried]))
+        return KeepChoice(tried, chosen, None)
     base = Candidate.from_examples(base_dev, base_nll())
-    cell = tried[_best_edit(tried, select)].cell
+    cell = tried[_best_edit(tried, "accuracy" if select == "1se" else select)].cell
     seen = {ranks(cell, t.keep): t for t in tried if t.cell == cell}
     new: dict[float, Tried] = {}
 

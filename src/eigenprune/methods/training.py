@@ -9,8 +9,9 @@ keeps no checkpoints, so there are none to choose among here either.
 The loss is `batching.batch_nll`, the teacher-forced answer NLL, averaged over the batch's answer tokens.
 For a one-token answer that is the released loss exactly. For a multi-token answer (SmolLM2 splits
 numbers into digits) every answer token counts by default (`answer_tokens="all"`: a model evaluated by
-exact match has to produce all of them); `answer_tokens="first"` keeps only the first, the token
-predicted at the last prompt position, which is the released loss literally.
+exact match has to produce all of them). `answer_tokens="last"` is the released loss as released: the
+authors' code takes `logits[:, -1, :]` of the prompt, the prediction at the last prompt position, i.e.
+only the first answer token (`"first"` is the same setting under its earlier name).
 
 As a stage (`finetune+eigenprune`, and `released-recipe`) it hands every parameter it changed to the
 edit on top; every method with the same settings shares one training run. The harness model is given
@@ -44,7 +45,7 @@ from eigenprune.protocol.harness import Harness
 
 FINETUNE_FORMAT, FINETUNE_VERSION, FINETUNE_JSON = "eigenprune-finetune", 1, "eigenprune_finetune.json"
 OPTIMIZERS = ("adam", "adamw", "sgd")
-ANSWER_TOKENS = ("all", "first")
+ANSWER_TOKENS = ("all", "last", "first")  # "first" = "last": the answer token predicted at the prompt's last position
 
 
 @dataclass
@@ -58,7 +59,9 @@ class FinetuneConfig:
     epochs: int = field(default=1, metadata={"help": "passes over train, each in a fresh seeded order (released: 1)"})
     seed: int = field(default=42, metadata={"help": "seed of the example order and dropout (released: 42)"})
     answer_tokens: str = field(default="all", metadata={
-        "help": "loss over 'all' answer tokens, or only the 'first' (the released loss; equal for one-token answers)"})
+        "help": "loss over 'all' answer tokens, or 'last': only the prediction at the prompt's last position "
+                "(logits[:, -1, :], the released loss; its first answer token; 'first' is the same), equal for "
+                "one-token answers"})
     max_grad_norm: float | None = field(default=None, metadata={"help": "gradient clipping norm (released: none)"})
     log_every: int = field(default=16, metadata={"help": "loss curve resolution in steps"})
 
@@ -132,7 +135,7 @@ def train_full(model: nn.Module, tokenizer, examples: Sequence[Example], config:
             order = torch.randperm(len(encoded), generator=generator).tolist()
             for start in range(0, len(order), config.batch_size):
                 batch = collate(encoded, order[start : start + config.batch_size], tokenizer.pad_token_id).to(device)
-                if config.answer_tokens == "first":
+                if config.answer_tokens in ("last", "first"):
                     batch = first_token_only(batch)
                 loss = batch_nll(model, batch).sum() / (batch.labels != -100).sum()
                 optimizer.zero_grad(set_to_none=True)

@@ -49,7 +49,9 @@ class RunConfig:
         "help": "with --p auto: dev evaluations the search may spend, the grid's four included"})
     select: str = field(default=DEFAULT_SELECT, metadata={
         "help": "how dev chooses: 'accuracy' (ties go to the smaller p), 'accuracy+loss' (ties go to the lower dev "
-                "NLL of the correct answers) or 'loss' (the lowest dev NLL)", "choices": SELECTS})
+                "NLL of the correct answers), 'loss' (the lowest dev NLL) or '1se' (the smallest strength whose dev "
+                "accuracy is within one paired standard error of the best, the unedited model included)",
+        "choices": SELECTS})
     folds: int = field(default=1, metadata={"help": "cross-fitted folds: every example tested once, by a run that "
                                                     "chose on the other folds (1: the fixed train/dev/test split)"})
     eval_mode: str | None = field(default=None, metadata={"help": "next-token, choice or exact (default: the "

@@ -1,7 +1,9 @@
 """What every method of an experiment shares: one model, one task split, one eval mode, one chooser, CIs.
 
 `Harness` evaluates the current model on a split; `best_on_dev` is the one rule by which every method
-chooses among its candidates (the unedited model competes and wins ties; then the mildest change);
+chooses among its candidates (the unedited model competes and wins ties; then the mildest change), and
+`chosen_on_dev` the same with the run's `select`: `"1se"` takes the mildest candidate whose dev accuracy is
+within one paired standard error of the best (`significance.one_se_choice`);
 `ci` and `diff_ci` are the bootstrap intervals every report shows. Every method gets a `Harness`;
 this module builds on evaluation alone.
 """
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from eigenprune.evaluation.significance import one_se_choice
 from eigenprune.evaluation.stats import Accuracy, Difference, accuracy, accuracy_ci, paired_diff_ci  # noqa: F401
 
 
@@ -33,6 +36,15 @@ def best_on_dev(base_acc: float | None, candidates: Sequence[float]) -> int:
         if acc > best_acc:
             best, best_acc = i, acc
     return best
+
+
+def chosen_on_dev(base_dev: torch.Tensor, devs: Sequence[torch.Tensor], select: str) -> int:
+    """Index of the chosen candidate, -1 for the base model: `best_on_dev` on the accuracies, or with `select`
+    "1se" the one-standard-error rule on the per-example (n_dev,) correctness (`devs` mildest first, as for
+    `best_on_dev`). Any other `select` needs a dev loss the caller does not have: the accuracy rule."""
+    if select != "1se":
+        return best_on_dev(accuracy(base_dev), [accuracy(d) for d in devs])
+    return one_se_choice([base_dev.float().numpy(), *(d.float().numpy() for d in devs)]) - 1
 
 
 class Harness:

@@ -8,7 +8,14 @@ its accuracy and the summed NLL of the correct answers (`dev_nll`), and the choi
 - `select="accuracy+loss"`: the highest dev accuracy; ties go to the lower dev NLL, then the weaker edit;
 - `select="loss"`: the lowest dev NLL outright; ties go to the weaker edit;
 - `select="accuracy"`: the highest dev accuracy; ties go to the weaker edit (the NLL is only reported:
-  eigenprune's choice before the search existed, kept so a fixed-grid run reports what it always did).
+  eigenprune's choice before the search existed, kept so a fixed-grid run reports what it always did);
+- `select="1se"`: the one-standard-error rule (Breiman et al. 1984; Hastie et al., ESL 7.10): the weakest
+  candidate whose dev accuracy is within one paired standard error of the best candidate's, the base
+  included (`significance.one_se_choice`, on each candidate's per-example dev correctness,
+  `Candidate.correct`). Dev NLL falls steadily with p while dev accuracy stays flat, so a loss tie-break
+  leans to strong edits whose dev lead is noise; 1se leans the other way, to the weakest edit dev cannot
+  tell from the best. A search under 1se explores as `accuracy` does (it looks for the best; the rule
+  needs it) and applies the rule to every candidate tried.
 
 The base model (p = 0) always competes. The search (`search_p`, or `search_strength` for any knob):
 
@@ -42,13 +49,14 @@ from typing import Any
 
 import torch
 
+from eigenprune.evaluation.significance import one_se_choice
 from eigenprune.evaluation.stats import accuracy
 
 DEFAULT_GRID = (0.01, 0.05, 0.1, 0.3)  # the paper's
 DEFAULT_EXTEND = (0.5, 0.7, 0.9)
 DEFAULT_BUDGET = 10
 MAX_P = 0.999
-SELECTS = ("accuracy", "accuracy+loss", "loss")
+SELECTS = ("accuracy", "accuracy+loss", "loss", "1se")
 DEFAULT_SELECT = "accuracy"  # ties go to the milder change; `run --select` and every search default to it
 PHASES = ("base", "grid", "extend", "refine")
 SIGNIFICANT_DIGITS = 3  # refined values are rounded: readable in a report, and a gap rounding closes is done
@@ -61,6 +69,8 @@ class Candidate:
     accuracy: float = field(metadata={"help": "dev accuracy in [0, 1]"})
     nll: float = field(metadata={"help": "dev NLL of the correct answers, summed over tokens and examples"})
     data: Any = field(default=None, compare=False, metadata={"help": "the caller's (edit, per-example results)"})
+    correct: torch.Tensor | None = field(default=None, compare=False, repr=False, metadata={
+        "help": "(n_dev,) per-example correctness, for the one-standard-error rule (`select='1se'`)"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.accuracy <= 1.0:
@@ -72,7 +82,7 @@ class Candidate:
     def from_examples(cls, correct: torch.Tensor, nll: torch.Tensor, data: Any = None) -> Candidate:
         """From per-example (n,) correctness and (n,) answer NLL; computed one way for every candidate, so that
         equal results tie exactly."""
-        return cls(accuracy(correct), float(nll.double().sum()), data)
+        return cls(accuracy(correct), float(nll.double().sum()), data, correct)
 
 
 @dataclass(frozen=True)
@@ -100,11 +110,12 @@ class SearchResult:
 
 
 def rank_key(step: Step, select: str, none: float = 0.0) -> tuple:
-    """Sort key, best first: see the module docstring. `none`: the knob's unedited value."""
+    """Sort key, best first: see the module docstring. `none`: the knob's unedited value. For "1se" (not a
+    sort: `choose` applies the rule) the key is accuracy's, which is how a 1se search explores."""
     c, strength = step.candidate, abs(step.value - none)
     if select == "accuracy+loss":
         return (-c.accuracy, c.nll, strength)
-    if select == "accuracy":
+    if select in ("accuracy", "1se"):
         return (-c.accuracy, strength)
     return (c.nll, strength)
 
@@ -113,7 +124,18 @@ def choose(steps: Sequence[Step], select: str = DEFAULT_SELECT, none: float = 0.
     """The best step by `select` (also for a fixed grid: include the base as a step with value `none`)."""
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+    if select == "1se":
+        return one_se_step(steps, none)
     return min(steps, key=lambda s: rank_key(s, select, none))
+
+
+def one_se_step(steps: Sequence[Step], none: float = 0.0) -> Step:
+    """The one-standard-error rule over `steps` (the base among them): the weakest step whose dev accuracy is
+    within one paired SE of the best's; equal strengths keep their given order."""
+    if any(s.candidate.correct is None for s in steps):
+        raise ValueError("select='1se' needs each candidate's per-example dev correctness (Candidate.from_examples)")
+    order = sorted(range(len(steps)), key=lambda i: (abs(steps[i].value - none), i))  # weakest first
+    return steps[order[one_se_choice([steps[i].candidate.correct.float().numpy() for i in order])]]
 
 
 def _round(value: float) -> float:
@@ -164,8 +186,10 @@ def search_strength(evaluate: Callable[[float], Candidate], base: Candidate, gri
         steps.append(Step(value, candidate, phase))
         tried.add(value)
 
+    guide = "accuracy" if select == "1se" else select  # where to look next: toward the best (1se needs it)
+
     def best() -> Step:
-        return choose(steps, select, none)
+        return choose(steps, guide, none)
 
     for value in sorted(set(grid), key=strength):
         run(value, "grid")
@@ -180,12 +204,12 @@ def search_strength(evaluate: Callable[[float], Candidate], base: Candidate, gri
             if value is not None:
                 run(value, "extend")
                 continue
-        value = _refinement(best(), sorted(tried, key=strength), steps, none, select, min_strength)
+        value = _refinement(best(), sorted(tried, key=strength), steps, none, guide, min_strength)
         if value is None:
             stopped = "resolution"
             break
         run(value, "refine")
-    return SearchResult(tuple(steps), best(), select, budget, stopped)
+    return SearchResult(tuple(steps), choose(steps, select, none), select, budget, stopped)
 
 
 def _between(a: float, b: float, tried: set[float]) -> float | None:

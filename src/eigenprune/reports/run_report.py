@@ -103,7 +103,9 @@ def _results_section(report: dict) -> list[str]:
 _SELECT_WORDS = {"accuracy": "the highest **dev accuracy** (ties go to the smaller p)",
                  "accuracy+loss": "the highest **dev accuracy**, ties going to the lower dev NLL of the correct "
                                   "answers, then to the smaller p",
-                 "loss": "the lowest **dev NLL** of the correct answers (ties go to the smaller p)"}
+                 "loss": "the lowest **dev NLL** of the correct answers (ties go to the smaller p)",
+                 "1se": "the **smallest p whose dev accuracy is within one paired standard error of the best** "
+                        "(the one-SE rule; p = 0 included)"}
 
 
 def _sweep_section(report: dict) -> list[str]:

@@ -43,6 +43,7 @@ def render_markdown(section: dict, plot_file: str | None = "side_effects.png") -
     worse = [n for n in section["model_order"] if n != BASE and significance(models[n]["delta_perplexity"]) == "gain"]
     lines += ["", f"Perplexity significantly higher than the base's: {', '.join(worse)}." if worse else
               "No edit raises perplexity significantly (every paired CI of edit − base reaches 0 or below).", ""]
+    lines += _per_method(section)
     if plot_file:
         lines += [f"![side effects: perplexity and KL per model]({plot_file})", ""]
     if section["also"]:
@@ -56,6 +57,23 @@ def render_markdown(section: dict, plot_file: str | None = "side_effects.png") -
                              f"{a['acc']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}] | {diff} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _per_method(section: dict) -> list[str]:
+    """Each method's cost over its folds' chosen edits (and the random control's seeds): mean and range; only
+    where some method has more than one (a fixed split's table above says it all)."""
+    per = section.get("per_method") or {}
+    if not any(len(m["rows"]) + m["unedited"] > 1 for m in per.values()):
+        return []
+    lines = ["Per method, over every fold's chosen edit (the random control: over its measured seeds too); a fold "
+             "that chose no edit counts 0:", "",
+             "| method | edits measured | unedited folds | Δ perplexity mean [min, max] | KL mean [min, max] |",
+             "|---|---|---|---|---|"]
+    for name, m in per.items():
+        d, k = m["delta_perplexity"], m["kl"]
+        lines.append(f"| {name} | {len(m['rows'])} | {m['unedited']} | {d['mean']:+.2f} [{d['min']:+.2f}, "
+                     f"{d['max']:+.2f}] | {k['mean']:.4f} [{k['min']:.4f}, {k['max']:.4f}] |")
+    return [*lines, ""]
 
 
 def plot(section: dict, path: str | Path) -> None:

@@ -8,8 +8,9 @@ The control is the registered method whose role is "control" (`registry.controls
 of as many components as eigenprune froze); its test difference is shown next to every method of the
 same cell.
 Side effects come from a cell's "Side effects" section (`compare` measures the base and each method's
-chosen configuration once; under folds, fold 1's): Δppl (edit − base perplexity on the packaged
-text), KL(base ‖ edit) and, for every `also` task, its accuracy difference. A method that changed no
+chosen configuration; under folds every fold's, and the study shows the mean over folds, `per_method`):
+Δppl (edit − base perplexity on the packaged text), KL(base ‖ edit) and, on a fixed split, for every
+`also` task, its accuracy difference. A method that changed no
 parameter has 0 and 0; a cell measured without side effects shows "–".
 """
 
@@ -48,6 +49,9 @@ def method_side_effects(report: dict, name: str) -> dict | None:
     section = report.get("side_effects")
     if not section:
         return None
+    spread = (section.get("per_method") or {}).get(name)
+    if spread is not None and len(spread["rows"]) + spread["unedited"] > 1:  # over folds (or seeds): the mean
+        return {"Δppl": spread["delta_perplexity"]["mean"], "KL": spread["kl"]["mean"]}
     model = section["models"].get(name)
     if model is None:
         return {"Δppl": 0.0, "KL": 0.0} if row["changed_params"] == 0 else None
