@@ -50,8 +50,8 @@ def plugin(tmp_path, monkeypatch):
         f"[{registry.ENTRY_POINT_GROUP}]\nkeep-base = keep_plugin\n")
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
-    monkeypatch.setattr(registry, "_DISCOVERED", False)
-    monkeypatch.setattr(registry, "_METHODS", {})
+    monkeypatch.setattr(registry, "_METHODS", dict(registry.methods()))  # the package's own, already imported
+    monkeypatch.setattr(registry, "_DISCOVERED", False)  # so that the entry points are read again
     yield
     sys.modules.pop("keep_plugin", None)
 
