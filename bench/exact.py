@@ -77,7 +77,8 @@ def _compare(model, tok, examples, args, device, label: str) -> dict:
     return {"model": label, "old_s": olds, "new_s": news, "ratios": ratios,
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
             "accuracy": float(want.float().mean()), "same_verdicts": same,
-            "self_accuracy": float(want_self.float().mean()), "self_same_verdicts": got_self.tolist() == want_self.tolist(),
+            "self_accuracy": float(want_self.float().mean()),
+            "self_same_verdicts": got_self.tolist() == want_self.tolist(),
             "self_retokenized": int(retokenized)}
 
 
@@ -105,7 +106,8 @@ def report(r: dict) -> str:
              "model | generation s (median) | teacher-forced s (median) | ratio median [min, max] | accuracy | "
              "same verdicts | self: accuracy, same verdicts, answers re-tokenized"]
     for row in r["rows"]:
-        lines.append(f"{row['model']} | {statistics.median(row['old_s']):.2f} | {statistics.median(row['new_s']):.2f} | "
+        old, new = statistics.median(row["old_s"]), statistics.median(row["new_s"])
+        lines.append(f"{row['model']} | {old:.2f} | {new:.2f} | "
                      f"{row['ratio_median']:.3f} [{row['ratio_min']:.3f}, {row['ratio_max']:.3f}] | "
                      f"{row['accuracy']:.3f} | {row['same_verdicts']} | {row['self_accuracy']:.3f}, "
                      f"{row['self_same_verdicts']}, {row['self_retokenized']}")

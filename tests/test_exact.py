@@ -116,7 +116,8 @@ def test_near_ties_are_generated(monkeypatch):
     calls = []
     monkeypatch.setattr(ev, "position_verdicts", lambda z, y, t: real(z, y, 1e9))  # every margin "near a tie"
     original = ev.greedy_continuations
-    monkeypatch.setattr(ev, "greedy_continuations", lambda m, e, *a, **k: calls.append(len(e)) or original(m, e, *a, **k))
+    monkeypatch.setattr(ev, "greedy_continuations",
+                        lambda m, e, *a, **k: calls.append(len(e)) or original(m, e, *a, **k))
     got = ev.exact_match(model, encoded, tok.pad_token_id, 16)
     assert got.tolist() == want.tolist()
     assert sum(calls) == len(encoded) and max(calls) <= 16

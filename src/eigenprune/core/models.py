@@ -225,13 +225,13 @@ def _file_records(folder: Path) -> dict[str, dict]:
             for p in sorted(folder.iterdir()) if p.name != _MANIFEST}
 
 
-def intact(entry: Path) -> bool:
+def intact(entry: Path, required: str = "config.json") -> bool:
     """Whether a cache entry is complete: its manifest lists exactly the files it holds, each with the size
     and sha256 it has now (sizes first, so a truncated file costs no hashing)."""
     try:
         files = json.loads((entry / _MANIFEST).read_text())["files"]
         present = {p.name for p in entry.iterdir()} - {_MANIFEST}
-        if set(files) != present or "config.json" not in files:
+        if set(files) != present or required not in files:
             return False
         if any((entry / name).stat().st_size != record["size"] for name, record in files.items()):
             return False
@@ -258,14 +258,15 @@ def _save_plain(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _fill(entry: Path, model, tokenizer, about: dict) -> bool:
-    """Write `entry` whole or not at all: into a private temporary folder, then one rename. False (after a
-    one-line warning) when the cache cannot be written; the caller then uses the model as loaded."""
+def fill_entry(entry: Path, write, about: dict, what: str = "cache", required: str = "config.json") -> bool:
+    """Write a cache entry whole or not at all: `write(folder)` fills a private temporary folder, a manifest
+    (`about` plus every file's size and sha256) is added, then one rename puts it in place. False (after a
+    one-line warning) when the cache cannot be written; the caller then goes on without it."""
     tmp = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name[:12]}-", suffix=".partial", dir=entry.parent))
-        _save_plain(model, tokenizer, tmp)
+        write(tmp)
         manifest = {**about, "files": _file_records(tmp)}
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for attempt in range(2):
@@ -273,18 +274,23 @@ def _fill(entry: Path, model, tokenizer, about: dict) -> bool:
                 os.rename(tmp, entry)  # fails while another (non-empty) entry is in place
                 return True
             except OSError:
-                if intact(entry):  # another process filled it meanwhile: as good as ours
+                if intact(entry, required):  # another process filled it meanwhile: as good as ours
                     return True
                 if attempt == 0:
                     _discard(entry)
         raise OSError(f"{entry} stays in the way")
     except OSError as err:
-        print(f"warning: cannot write the model cache under {entry.parent} ({err.strerror or err}); "
-              f"loading without it (set {CACHE_ENV}=off to skip it)", file=sys.stderr)
+        print(f"warning: cannot write the {what} under {entry.parent} ({err.strerror or err}); "
+              f"going on without it (set {CACHE_ENV}=off to skip it)", file=sys.stderr)
         return False
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fill(entry: Path, model, tokenizer, about: dict) -> bool:
+    """Write the de-quantized model's entry (`fill_entry`)."""
+    return fill_entry(entry, lambda folder: _save_plain(model, tokenizer, folder), about, "model cache")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
