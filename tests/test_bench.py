@@ -120,8 +120,9 @@ def test_side_effects_bench_matches_the_old_pass(tmp_path):
 
 
 def test_gguf_load_bench_same_weights(tmp_path):
-    from bench import gguf_load
     from test_models import write_tiny_gguf
+
+    from bench import gguf_load
 
     out = tmp_path / "gguf.json"
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
