@@ -125,3 +125,18 @@ def sums_setup(tmp_path_factory):
     model.save_pretrained(folder / "model")
     tok.save_pretrained(folder / "model")
     return folder / "model", write_task(folder / "sums.jsonl")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_in_a_temporary_folder(tmp_path_factory):
+    """De-quantized models and base side-effect passes go to a temporary folder, never the user's cache
+    (tests that need another place set $EIGENPRUNE_CACHE themselves)."""
+    import os
+
+    before = os.environ.get("EIGENPRUNE_CACHE")
+    os.environ["EIGENPRUNE_CACHE"] = str(tmp_path_factory.mktemp("eigenprune-cache"))
+    yield
+    if before is None:
+        os.environ.pop("EIGENPRUNE_CACHE", None)
+    else:
+        os.environ["EIGENPRUNE_CACHE"] = before

@@ -93,3 +93,39 @@ def test_run_bench_times_every_phase_against_its_floor(tmp_path, saved_model_dir
     for check in ("base", "p=0.3"):
         assert r["choice_check"][check]["max_rel_diff"] <= 1e-4
         assert r["choice_check"][check]["same_argmin"] == r["choice_check"]["examples"]
+
+
+def test_exact_bench_same_verdicts_and_ratios(tmp_path):
+    from bench import exact
+
+    out = tmp_path / "exact.json"
+    assert exact.main(["--model", "tiny-llama", "--n", "24", "--score-n", "8", "--repeats", "2",
+                       "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["model"] for row in r["rows"]] == ["base", "p = 0.3"]
+    for row in r["rows"]:
+        assert row["same_verdicts"] and row["self_same_verdicts"] and len(row["ratios"]) == 2
+        assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
+
+
+def test_side_effects_bench_matches_the_old_pass(tmp_path):
+    from bench import side_effects
+
+    out = tmp_path / "side.json"
+    assert side_effects.main(["--model", "tiny-llama", "--docs", "6", "--max-tokens", "40", "--repeats", "1",
+                              "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["same_numbers"] and r["new_over_bare_median"] > 0 and r["old_over_bare_median"] > 0
+    assert set(r["peak_rss_bytes"]) == {"bare", "old", "new"} and r["base_pass_cached_s"] > 0
+
+
+def test_gguf_load_bench_same_weights(tmp_path):
+    from test_models import write_tiny_gguf
+
+    from bench import gguf_load
+
+    out = tmp_path / "gguf.json"
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert gguf_load.main(["--model", str(path), "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["same_weights"] and r["fast_wall_s_median"] > 0 and r["plain_wall_s_median"] > 0

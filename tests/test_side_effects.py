@@ -296,3 +296,52 @@ def test_sweep_bench_times_one_side_effect_pass_per_model(tmp_path):
     assert s["documents"] == 5 and s["one_pass_per_model"] and s["forwards"] == s["batches"] == 1
     assert s["base_pass_s"] > 0 and s["floor_s"] > 0 and s["measure_s"] > 0
     assert s["perplexity"]["lo"] <= s["perplexity"]["value"] <= s["perplexity"]["hi"]
+
+
+# -- chunks and the base-pass cache ----------------------------------------------------------------------
+
+def test_chunks_over_rows_give_the_same_numbers_and_no_forward_holds_all_logits(documents, monkeypatch):
+    model, tok, edit = edited("llama", 0.4)
+    whole = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, cache=False)
+    with applied(model, edit):
+        want = whole.measure(model)
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    monkeypatch.setattr(se, "CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5 rows a chunk
+    try:
+        chunked = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, cache=False)
+        with applied(model, edit):
+            got = chunked.measure(model)
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(chunked.base.nll, whole.base.nll, rtol=1e-6)
+    np.testing.assert_allclose(got.nll, want.nll, rtol=1e-6)
+    np.testing.assert_allclose(got.kl, want.kl, rtol=1e-5)
+    assert max(s[0] for s in shapes if len(s) == 2) == 5  # the rows' logits: chunks of 5 rows
+    assert {s[1] for s in shapes if len(s) == 3} == {1}  # the model's own head call: the last position only
+
+
+def test_the_base_pass_is_cached_across_probes(documents, tmp_path, monkeypatch):
+    monkeypatch.setenv("EIGENPRUNE_CACHE", str(tmp_path))
+    model, tok, edit = edited("gpt2", 0.4)
+    first = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS)
+    assert len(list((tmp_path / "side-effects-v1").iterdir())) == 1
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        again = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS)
+    finally:
+        handle.remove()
+    assert calls == []  # read, not recomputed
+    np.testing.assert_array_equal(again.base.nll, first.base.nll)
+    np.testing.assert_array_equal(again.base.tokens, first.base.tokens)
+    assert all(torch.equal(a, b) for a, b in zip(again._hidden, first._hidden, strict=True))
+    with applied(model, edit):
+        np.testing.assert_array_equal(again.measure(model).kl, first.measure(model).kl)
+        se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS)  # the edited model: own key
+    se.SideEffectProbe(model, tok, documents[:4], batch_size=3, max_tokens=MAX_TOKENS)  # another sample
+    se.SideEffectProbe(model, tok, documents, batch_size=2, max_tokens=MAX_TOKENS)  # other batches
+    assert len(list((tmp_path / "side-effects-v1").iterdir())) == 4
+    monkeypatch.setenv("EIGENPRUNE_CACHE", "off")
+    se.SideEffectProbe(model, tok, documents, batch_size=4, max_tokens=MAX_TOKENS)
+    assert len(list((tmp_path / "side-effects-v1").iterdir())) == 4

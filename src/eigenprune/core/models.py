@@ -25,7 +25,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,7 @@ CACHE_ENV = "EIGENPRUNE_CACHE"
 _CACHE_OFF = ("0", "off", "false", "no")
 _CACHE_LAYOUT = "gguf-v1"  # bump when what an entry holds changes: old entries are then never read
 _MANIFEST = "manifest.json"
+FAST_GGUF = True  # `_fast_gguf` on a first load (bench/gguf_load.py turns it off to time the plain path)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,101 @@ def _no_gguf_bar() -> Iterator[None]:
             gguf_utils.tqdm = original
 
 
+@contextlib.contextmanager
+def _fast_gguf(path: Path, threads: int | None = None) -> Iterator[None]:
+    """Within the context, transformers' GGUF loading of `path` does its work once and in parallel:
+
+    - `gguf.GGUFReader(path)` is built once (parsing the metadata, a 49k-entry vocabulary and its merges, is
+      most of a small model's load) and the metadata-only `load_gguf_checkpoint` result is computed once for
+      the config and the tokenizer (each caller gets its own deep copy);
+    - `gguf.get_tensor_name_map(arch, n_blocks)` is built once, not once per module of the model;
+    - `gguf.dequantize` is served, in transformers' own tensor order, from a thread pool that runs up to
+      2 × threads tensors ahead (numpy releases the GIL in the de-quantizing arithmetic), so at most that
+      many de-quantized tensors wait beside the state dict being built.
+    The values are those of the plain calls: the same functions on the same bytes."""
+    try:
+        import gguf
+        import transformers.modeling_gguf_pytorch_utils as hf_gguf
+    except ImportError:  # transformers or gguf too old for GGUF: the plain path reports it
+        yield
+        return
+    import copy
+
+    import numpy as np
+
+    threads = threads or max(1, min(8, torch.get_num_threads()))
+    original = {"reader": gguf.GGUFReader, "names": gguf.get_tensor_name_map, "dequantize": gguf.dequantize,
+                "checkpoint": hf_gguf.load_gguf_checkpoint}
+    readers: dict[str, object] = {}
+    metadata: dict[str, dict] = {}
+    names = functools.lru_cache(maxsize=None)(original["names"])
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="dequantize")
+    ahead: deque = deque()  # (data pointer, qtype, future) in the reader's tensor order
+    pending: list = []  # tensors not yet submitted
+
+    class PlainReader(original["reader"]):
+        """gguf's reader, reading through a plain ndarray view of its memmap: numpy's memmap subclass costs
+        more per slice than the slice itself, and parsing a vocabulary takes a few hundred thousand."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)  # the same bytes, no copy
+            count = int(count)
+            end = offset + int(np.empty([], dtype=dtype).itemsize) * count
+            arr = plain[offset:end].view(dtype=dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    def reader(file, *args, **kwargs):
+        key = str(Path(file).resolve())
+        if args or kwargs or key != str(path.resolve()):
+            return original["reader"](file, *args, **kwargs)
+        if key not in readers:
+            readers[key] = PlainReader(file)
+        return readers[key]
+
+    def pointer(data) -> int:
+        return data.__array_interface__["data"][0]
+
+    def refill() -> None:
+        while pending and len(ahead) < 2 * threads:
+            tensor = pending.pop(0)
+            ahead.append((pointer(tensor.data), tensor.tensor_type,
+                          pool.submit(original["dequantize"], tensor.data, tensor.tensor_type)))
+
+    def dequantize(data, qtype):
+        key = (pointer(data), qtype)
+        while ahead and ahead[0][:2] != key and key in [(a, b) for a, b, _ in ahead]:
+            ahead.popleft()  # a tensor transformers skipped
+        if ahead and ahead[0][:2] == key:
+            result = ahead.popleft()[2].result()
+            refill()
+            return result
+        return original["dequantize"](data, qtype)
+
+    def checkpoint(file, return_tensors=False, **kwargs):
+        if not return_tensors and not kwargs:
+            key = str(Path(file).resolve())
+            if key not in metadata:
+                metadata[key] = original["checkpoint"](file, return_tensors=False)
+            return copy.deepcopy(metadata[key])
+        if return_tensors and str(Path(file).resolve()) == str(path.resolve()):
+            pending[:] = list(reader(file).tensors)
+            ahead.clear()
+            refill()
+        return original["checkpoint"](file, return_tensors=return_tensors, **kwargs)
+
+    gguf.GGUFReader, gguf.get_tensor_name_map, gguf.dequantize = reader, names, dequantize
+    hf_gguf.load_gguf_checkpoint = checkpoint
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original["reader"], original["names"]
+        gguf.dequantize, hf_gguf.load_gguf_checkpoint = original["dequantize"], original["checkpoint"]
+        pending.clear()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _has(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
@@ -137,13 +235,13 @@ def _file_records(folder: Path) -> dict[str, dict]:
             for p in sorted(folder.iterdir()) if p.name != _MANIFEST}
 
 
-def intact(entry: Path) -> bool:
+def intact(entry: Path, required: str = "config.json") -> bool:
     """Whether a cache entry is complete: its manifest lists exactly the files it holds, each with the size
     and sha256 it has now (sizes first, so a truncated file costs no hashing)."""
     try:
         files = json.loads((entry / _MANIFEST).read_text())["files"]
         present = {p.name for p in entry.iterdir()} - {_MANIFEST}
-        if set(files) != present or "config.json" not in files:
+        if set(files) != present or required not in files:
             return False
         if any((entry / name).stat().st_size != record["size"] for name, record in files.items()):
             return False
@@ -170,14 +268,15 @@ def _save_plain(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _fill(entry: Path, model, tokenizer, about: dict) -> bool:
-    """Write `entry` whole or not at all: into a private temporary folder, then one rename. False (after a
-    one-line warning) when the cache cannot be written; the caller then uses the model as loaded."""
+def fill_entry(entry: Path, write, about: dict, what: str = "cache", required: str = "config.json") -> bool:
+    """Write a cache entry whole or not at all: `write(folder)` fills a private temporary folder, a manifest
+    (`about` plus every file's size and sha256) is added, then one rename puts it in place. False (after a
+    one-line warning) when the cache cannot be written; the caller then goes on without it."""
     tmp = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name[:12]}-", suffix=".partial", dir=entry.parent))
-        _save_plain(model, tokenizer, tmp)
+        write(tmp)
         manifest = {**about, "files": _file_records(tmp)}
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for attempt in range(2):
@@ -185,18 +284,23 @@ def _fill(entry: Path, model, tokenizer, about: dict) -> bool:
                 os.rename(tmp, entry)  # fails while another (non-empty) entry is in place
                 return True
             except OSError:
-                if intact(entry):  # another process filled it meanwhile: as good as ours
+                if intact(entry, required):  # another process filled it meanwhile: as good as ours
                     return True
                 if attempt == 0:
                     _discard(entry)
         raise OSError(f"{entry} stays in the way")
     except OSError as err:
-        print(f"warning: cannot write the model cache under {entry.parent} ({err.strerror or err}); "
-              f"loading without it (set {CACHE_ENV}=off to skip it)", file=sys.stderr)
+        print(f"warning: cannot write the {what} under {entry.parent} ({err.strerror or err}); "
+              f"going on without it (set {CACHE_ENV}=off to skip it)", file=sys.stderr)
         return False
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fill(entry: Path, model, tokenizer, about: dict) -> bool:
+    """Write the de-quantized model's entry (`fill_entry`)."""
+    return fill_entry(entry, lambda folder: _save_plain(model, tokenizer, folder), about, "model cache")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -236,7 +340,9 @@ def _from_pretrained(spec: str, source: ModelSource, torch_dtype: torch.dtype, t
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    with _no_gguf_bar():
+    fast = _fast_gguf(Path(source.location) / source.gguf_file) if source.gguf_file and FAST_GGUF \
+        else contextlib.nullcontext()
+    with _no_gguf_bar(), fast:
         try:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=True, **kwargs)

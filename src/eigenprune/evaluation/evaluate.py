@@ -7,6 +7,8 @@
   label. Needs classification examples. The prompt runs once per example; its choices are scored on
   its KV cache.
 - `exact`: greedy generation of as many tokens as the answer has reproduces the answer's token ids.
+  Decided by one teacher-forced pass over prompt + answer (`exact_match`; `exact.py` says why that is
+  the same verdict); only examples with a near tie at an answer position are generated.
 
 Every function here runs under `torch.inference_mode()`, batches examples of similar length together
 and leaves the model in the train/eval mode it found. Choice forwards (the prompts, then the choices
@@ -25,9 +27,19 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from eigenprune.core.batching import Encoded, Example, answer_nll, check_fits, encode, last_logits
+from eigenprune.core.batching import (
+    Encoded,
+    Example,
+    answer_nll,
+    batches,
+    check_fits,
+    encode,
+    last_logits,
+    teacher_forced,
+)
 from eigenprune.core.errors import UsageError
 from eigenprune.core.positions import prompt_lengths
+from eigenprune.evaluation.exact import UNSURE, plain_greedy, position_verdicts, tolerance
 from eigenprune.evaluation.stats import accuracy
 from eigenprune.evaluation.tasks import EVAL_MODES
 
@@ -230,6 +242,30 @@ def greedy_continuations(model: torch.nn.Module, encoded: Sequence[Encoded], pad
     return out
 
 
+def exact_match(model: torch.nn.Module, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 16,
+                progress: bool = False) -> torch.Tensor:
+    """Whether greedy decoding reproduces each answer's token ids, (n,) bool in input order: the verdict of
+    `greedy_continuations(...) == answer_ids`, decided by one teacher-forced pass (`exact.py` proves it the
+    same). Examples with a near tie at an answer position are generated, each in the very batch
+    `greedy_continuations` would have put it in, so even their floating point is what generation gives."""
+    verdict = torch.full((len(encoded),), UNSURE, dtype=torch.int8)
+    device = _device(model)
+    if plain_greedy(model):
+        with _evaluating(model):
+            for batch in _progress(batches(encoded, batch_size, pad_id), _n_batches(len(encoded), batch_size),
+                                   progress, "exact"):
+                logits = teacher_forced(model, batch.to(device))  # (batch, last, vocab)
+                labels = batch.labels[:, batch.labels.shape[1] - logits.shape[1]:].to(device)  # (batch, last)
+                verdict[batch.index] = position_verdicts(logits, labels, tolerance(logits.dtype))
+    correct = verdict == 1
+    for group in _prompt_batches(encoded, batch_size):
+        if (verdict[group] == UNSURE).any():
+            rows = [encoded[i] for i in group]
+            generated = greedy_continuations(model, rows, pad_id, batch_size)
+            correct[group] = torch.tensor([g == e.answer_ids for g, e in zip(generated, rows, strict=True)])
+    return correct
+
+
 def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], mode: str,
              batch_size: int = 16, progress: bool = False) -> EvalResult:
     """Judge every example in `mode` ('next-token', 'choice' or 'exact'); see the module docstring."""
@@ -249,9 +285,7 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], mod
         predicted = next_token_predictions(model, encoded, pad_id, batch_size, progress)  # (n,)
         first = torch.tensor([e.answer_ids[0] for e in encoded])  # (n,)
         return EvalResult(predicted == first, mode)
-    generated = greedy_continuations(model, encoded, pad_id, batch_size, progress)
-    correct = torch.tensor([g == e.answer_ids for g, e in zip(generated, encoded, strict=True)])
-    return EvalResult(correct, mode)
+    return EvalResult(exact_match(model, encoded, pad_id, batch_size, progress), mode)
 
 
 def multi_token_answers(tokenizer, examples: Sequence[Example]) -> bool:

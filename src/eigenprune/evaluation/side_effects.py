@@ -16,16 +16,20 @@ a negative offset that depends on the document's length, which no deployed call 
 Memory. KL(base ‖ edit) needs the base's full next-token distribution at every scored token; as
 log-probs that is tokens × vocab (10,901 × 49,152 in float32 on SmolLM2-135M: 2.0 GiB). The probe
 keeps instead the base's final hidden states (tokens × d_model: 25 MiB) and a copy of its LM head,
-and recomputes the base logits with one head matmul per batch: exact (the same values as the base
-pass, which the first batch checks) for one head's share of a forward.
+and recomputes the base logits with one head matmul per chunk of rows: exact (the same values as the
+base pass) for one head's share of a forward. No step holds batch × positions × vocab: the model's
+own head runs on the last position only, and NLL and KL run over chunks of rows (`SideEffectProbe`).
+The base pass is cached on disk across processes (`base_cache.py`), so a study's cells and folds
+share it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -36,8 +40,8 @@ from tqdm.auto import tqdm
 
 from eigenprune.core.batching import Encoded, batches, check_fits, read_jsonl
 from eigenprune.core.errors import UsageError
-from eigenprune.core.hooks import capture_io
 from eigenprune.core.positions import prompt_lengths
+from eigenprune.evaluation import base_cache
 from eigenprune.evaluation.evaluate import _evaluating, evaluate
 from eigenprune.evaluation.splits import split_task
 from eigenprune.evaluation.stats import Accuracy, accuracy_ci, bootstrap_means, paired_diff_ci
@@ -122,15 +126,52 @@ def _encode(tokenizer, doc: Document, max_tokens: int | None) -> Encoded:
     return Encoded(tuple(ids[:1]), tuple(ids[1:]))  # prompt = the first token (module docstring)
 
 
+CHUNK_ELEMENTS = 1 << 22  # rows × vocabulary of each vocabulary-wide temporary (16 MiB in float32)
+
+
+@contextlib.contextmanager
+def _head_input(head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Within: each model call's LM head input, (batch, pos, d_model), lands in the yielded list, and the head
+    itself runs on the last position only, so no forward holds a (batch, pos, vocab) tensor; the caller runs
+    the head over the rows in chunks. Calling the head directly (with `_bypass` set) is unaffected."""
+    grabbed: list[torch.Tensor] = []
+
+    def pre_hook(module, args):
+        if getattr(module, "_eigenprune_bypass", False):
+            return None
+        grabbed.append(args[0])
+        return (args[0][:, -1:], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield grabbed
+    finally:
+        handle.remove()
+
+
+def _direct(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    head._eigenprune_bypass = True
+    try:
+        return head(x)
+    finally:
+        head._eigenprune_bypass = False
+
+
 class SideEffectProbe:
     """The base model's pass over the documents, kept so `measure` can score any edit against it.
 
     `measure(model)` takes the same model object with an edit applied, or another model with the same
-    tokenizer; it runs one forward pass over the sample and no second base pass.
+    tokenizer; it runs one forward pass over the sample and no second base pass. The base pass itself is
+    read from the cache (`base_cache.py`) when this model, dtype, sample and torch set-up made it before.
+
+    Each forward runs the LM head on its last position only and keeps the head's input; NLL and KL then run
+    over the rows in chunks of `CHUNK_ELEMENTS` // vocab rows (the head, log-sum-exp, the base's head and
+    KL per chunk), so memory holds a few chunk × vocab tensors, not batch × positions × vocab. Every row is
+    computed as before, by the same operations: a batch that fits in one chunk gives the same bits.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, documents: Sequence[Document], batch_size: int = 8,
-                 max_tokens: int | None = None, progress: bool = False) -> None:
+                 max_tokens: int | None = None, progress: bool = False, cache: bool = True) -> None:
         if not documents:
             raise UsageError("the side-effect sample is empty")
         if batch_size < 1:
@@ -149,7 +190,15 @@ class SideEffectProbe:
         self._head = copy.deepcopy(head)  # the base head, even if the caller then edits the model in place
         self._hidden: list[torch.Tensor] = []  # per batch (batch, pos, d_model), the head's input, on CPU
         self.vocab = 0
-        self.base = self._pass(model, None)
+        key = base_cache.key(model, self.encoded, batch_size) if cache else None
+        stored = base_cache.load(key) if key else None
+        if stored is not None:
+            nll, tokens, self._hidden, self.vocab, wall = stored
+            self.base = TextScores(nll, np.zeros(len(nll)), tokens, wall)
+        else:
+            self.base = self._pass(model, None)
+            if key:
+                base_cache.save(key, self.base.nll, self.base.tokens, self._hidden, self.vocab, self.base.wall_s)
 
     @property
     def n_tokens(self) -> int:
@@ -163,39 +212,50 @@ class SideEffectProbe:
         n = len(self.encoded)
         nll, kl, tokens = np.zeros(n), np.zeros(n), np.zeros(n)
         device = next(model.parameters()).device
+        head = model.get_submodule(self._head_name)
+        base_head = self._head.to(device) if base_hidden is not None else None
         start = time.perf_counter()
-        with _evaluating(model), capture_io(model, [self._head_name], grads=False) as captured:
+        with _evaluating(model), _head_input(head) as grabbed:
             groups = tqdm(batches(self.encoded, self.batch_size, self.pad_id), total=-(-n // self.batch_size),
                           disable=not self.progress, desc="side effects", unit="batch", leave=False)
             for i, batch in enumerate(groups):
                 batch = batch.to(device)
+                grabbed.clear()
                 with prompt_lengths(model, batch.prompt_lengths):
-                    logits = model(**batch.model_inputs(), use_cache=False).logits  # (batch, pos, vocab)
-                # every position but padding is scored (prompt = the first token): work on all of them, no copies
-                scored = (batch.labels != -100).flatten()  # (rows,) rows = batch * pos
-                z = logits.flatten(0, 1).float()  # (rows, vocab)
+                    last = model(**batch.model_inputs(), use_cache=False).logits  # (batch, 1, vocab)
+                hidden = grabbed[-1]  # (batch, pos, d_model)
+                if i == 0:
+                    self._check_head(head, hidden, last)
+                if base_hidden is None:
+                    self.vocab = last.shape[-1]
+                    self._hidden.append(hidden.cpu())
+                elif last.shape[-1] != self.vocab:
+                    raise UsageError(f"the measured model's vocabulary ({last.shape[-1]}) differs from the "
+                                     f"base's ({self.vocab}); side effects compare models of one tokenizer")
+                # every position but padding is scored (prompt = the first token): work on all rows, in chunks
+                rows = hidden.flatten(0, 1)  # (rows, d_model) rows = batch * pos
+                base_rows = base_hidden[i].to(device).flatten(0, 1) if base_hidden is not None else None
                 labels = batch.labels.flatten().clamp(min=0)[:, None]  # (rows, 1)
+                nll_tok = torch.empty(len(rows), device=device)  # (rows,)
+                kl_tok = torch.empty(len(rows), device=device) if base_hidden is not None else None
+                step = max(1, CHUNK_ELEMENTS // last.shape[-1])
+                for r in range(0, len(rows), step):
+                    z = _direct(head, rows[r:r + step]).float()  # (chunk, vocab)
+                    nll_tok[r:r + step] = torch.logsumexp(z, -1) - z.gather(1, labels[r:r + step])[:, 0]
+                    if base_rows is not None:
+                        kl_tok[r:r + step] = kl_per_token(base_head(base_rows[r:r + step]).float(), z)
+                scored = (batch.labels != -100).flatten()  # (rows,)
                 index = batch.index.cpu().numpy()  # (batch,) positions of the documents
-                nll_tok = torch.logsumexp(z, -1) - z.gather(1, labels)[:, 0]  # (rows,)
                 nll[index] = _per_doc(torch.where(scored, nll_tok, 0.0), len(index))
                 tokens[index] = _per_doc(scored, len(index))
-                if base_hidden is None:  # the base pass: keep what the base logits are one matmul from
-                    if i == 0:
-                        self.vocab = logits.shape[-1]
-                        self._check_head(captured.inputs[self._head_name], logits)
-                    self._hidden.append(captured.inputs[self._head_name].cpu())
-                    continue
-                if logits.shape[-1] != self.vocab:
-                    raise UsageError(f"the measured model's vocabulary ({logits.shape[-1]}) differs from the "
-                                     f"base's ({self.vocab}); side effects compare models of one tokenizer")
-                base_logits = self._head.to(device)(base_hidden[i].to(device))  # (batch, pos, vocab)
-                kl_tok = kl_per_token(base_logits.flatten(0, 1).float(), z)  # (rows,)
-                kl[index] = _per_doc(torch.where(scored, kl_tok, 0.0), len(index))
+                if kl_tok is not None:
+                    kl[index] = _per_doc(torch.where(scored, kl_tok, 0.0), len(index))
         return TextScores(nll, kl, tokens, time.perf_counter() - start)
 
-    def _check_head(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
-        again = self._head(hidden)
-        if again.shape != logits.shape or not torch.allclose(again.float(), logits.float(), rtol=1e-4, atol=1e-4):
+    @staticmethod
+    def _check_head(head: torch.nn.Module, hidden: torch.Tensor, last: torch.Tensor) -> None:
+        again = _direct(head, hidden[:, -1:])
+        if again.shape != last.shape or not torch.allclose(again.float(), last.float(), rtol=1e-4, atol=1e-4):
             raise UsageError("this model's logits are not its LM head's output (scaled or soft-capped after the "
                              "head?), which side effects' KL relies on; turn side effects off for it")
 
@@ -251,8 +311,8 @@ class SideEffects:
 
     def __init__(self, model: torch.nn.Module, tokenizer, documents: Sequence[Document], also: Sequence[str] = (),
                  also_limit: int | None = None, batch_size: int = 8, eval_batch_size: int = 16,
-                 max_tokens: int | None = None, progress: bool = False) -> None:
-        self.text = SideEffectProbe(model, tokenizer, documents, batch_size, max_tokens, progress)
+                 max_tokens: int | None = None, progress: bool = False, cache: bool = True) -> None:
+        self.text = SideEffectProbe(model, tokenizer, documents, batch_size, max_tokens, progress, cache)
         self.tasks = TaskProbe(model, tokenizer, also, also_limit, eval_batch_size, progress) if also else None
         self.edits: dict[str, tuple[TextScores, dict[str, np.ndarray]]] = {}
 

@@ -1,0 +1,80 @@
+"""The base model's side-effect pass, cached on disk so that a study's cells, its folds and later runs share it.
+
+An entry holds what `SideEffectProbe` keeps of the base pass: per-document NLL and scored-token counts, and
+per batch the final hidden states (the LM head's input). It sits beside the de-quantized models
+(`models.cache_root()`, `$EIGENPRUNE_CACHE`; off there means off here), written whole or not at all and
+checked against its manifest's sha256s before use, exactly like a model entry (`models.fill_entry`).
+
+The key is a sha256 over everything the pass's numbers depend on, so a hit gives the bits a fresh pass
+would: the model's class, config and every tensor of its state dict (weights and buffers, so an edited
+model never hits the base's entry), the dtype and device type, the encoded documents and the batch size,
+and the torch build, its thread count and the transformers version (float32 sums differ across these).
+Hashing the weights reads them once (about 1 s for SmolLM2-135M's 540 MB); the pass costs about 10×.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eigenprune.core.batching import Encoded
+from eigenprune.core.models import cache_root, fill_entry, intact
+
+LAYOUT = "side-effects-v1"  # bump when an entry's contents change
+_FILE = "base.safetensors"
+
+
+def key(model: torch.nn.Module, encoded: Sequence[Encoded], batch_size: int) -> str | None:
+    """The entry name for this model and sample, or None when the cache is off."""
+    if cache_root() is None:
+        return None
+    import transformers
+
+    digest = hashlib.sha256()
+    params = next(model.parameters())
+    setup = {"layout": LAYOUT, "class": type(model).__qualname__, "dtype": str(params.dtype),
+             "device": params.device.type, "batch_size": batch_size, "torch": torch.__version__,
+             "threads": torch.get_num_threads(), "transformers": transformers.__version__,
+             "config": model.config.to_json_string(use_diff=False) if hasattr(model, "config") else ""}
+    digest.update(json.dumps(setup, sort_keys=True).encode())
+    digest.update(json.dumps([[e.prompt_ids, e.answer_ids] for e in encoded]).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _entry(name: str) -> Path:
+    return cache_root() / LAYOUT / name
+
+
+def load(name: str) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor], int, float] | None:
+    """(nll, tokens, hidden per batch, vocab, wall seconds of the pass that made it), or None on a miss."""
+    from safetensors.torch import load_file
+
+    entry = _entry(name)
+    if not intact(entry, _FILE):
+        return None
+    about = json.loads((entry / "manifest.json").read_text())
+    tensors = load_file(entry / _FILE)
+    hidden = [tensors[f"hidden.{i}"] for i in range(about["batches"])]
+    return tensors["nll"].numpy(), tensors["tokens"].numpy(), hidden, about["vocab"], about["wall_s"]
+
+
+def save(name: str, nll: np.ndarray, tokens: np.ndarray, hidden: list[torch.Tensor], vocab: int,
+         wall_s: float) -> bool:
+    from safetensors.torch import save_file
+
+    def write(folder: Path) -> None:
+        tensors = {"nll": torch.from_numpy(nll), "tokens": torch.from_numpy(tokens),
+                   **{f"hidden.{i}": h.contiguous() for i, h in enumerate(hidden)}}
+        save_file(tensors, folder / _FILE)
+
+    return fill_entry(_entry(name), write, {"layout": LAYOUT, "batches": len(hidden), "vocab": vocab,
+                                            "wall_s": wall_s}, "side-effect cache", _FILE)
