@@ -8,7 +8,9 @@
   its KV cache.
 - `exact`: greedy generation of as many tokens as the answer has reproduces the answer's token ids.
 
-In `choice` mode the choice each example's evaluation picked is kept: `EvalResult.predicted`, and
+In `choice` mode the label each example's evaluation picked is kept — the choice's text when every example
+offers the same choices (CB's entailment/contradiction/neutral), else its position ("choice 2": COPA) —
+as `EvalResult.predicted`, and
 `predicted_choices(correct)` for the correctness tensor `evaluate` returned (the same object, as it travels
 through a method's result), so reports can show which labels a model answers.
 
@@ -43,7 +45,7 @@ class EvalResult:
 
     correct: torch.Tensor  # (n,) bool
     mode: str
-    predicted: tuple[str, ...] | None = None  # `choice` mode: the choice picked for each example
+    predicted: tuple[str, ...] | None = None  # `choice` mode: the label picked for each example (see below)
 
     @property
     def n(self) -> int:
@@ -263,7 +265,9 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], mod
         nll = choice_nll(model, tokenizer, examples, batch_size, progress)
         picked = [int(v.argmin()) for v in nll]
         correct = torch.tensor([i == ex.label for i, ex in zip(picked, examples, strict=True)])
-        predicted = tuple(ex.choices[i] for i, ex in zip(picked, examples, strict=True))
+        shared = len({tuple(ex.choices) for ex in examples}) == 1  # label words (CB, RTE), else positions (COPA)
+        predicted = tuple(ex.choices[i].strip() if shared else f"choice {i + 1}"
+                          for i, ex in zip(picked, examples, strict=True))
         _remember(correct, predicted)
         return EvalResult(correct, mode, predicted)
     encoded = encode(tokenizer, examples)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eigenprune.evaluation.stats import significance
-from eigenprune.reports.words import diff_text, judged, labels_text, one_label_text, test_text
+from eigenprune.reports.words import brief, diff_text, labels_text, one_label_text, test_text
 
 
 def _ci_text(c: dict) -> str:
@@ -48,7 +48,7 @@ def verdict(report: dict) -> str:
              if significance(r["diff_vs_base"]) == "gain"]
     losses = [f"{m} ({diff_text(r['diff_vs_base'])}, {test_text(r['diff_vs_base'])})" for m, r in rows.items()
               if significance(r["diff_vs_base"]) == "loss"]
-    others = [f"{m}: {judged(rows[m]['diff_vs_base'])}" for m in method_order(report)
+    others = [f"{m}: {brief(rows[m]['diff_vs_base'])}" for m in method_order(report)
               if significance(rows[m]["diff_vs_base"]) is None]
     k = _folds(report)
     pooled = (f"Pooled over {k} cross-fitted folds ({report['folds']['n_tested']} test examples, each tested once; "
@@ -60,7 +60,7 @@ def verdict(report: dict) -> str:
     if losses:
         text += f" Significantly worse than base: {', '.join(losses)}."
     if others:
-        text += f" Not significant — {'; '.join(others)}."
+        text += f" Not significant: {'; '.join(others)}."
     text += " " + family_text(report)
     labels = one_label_text("The base model", (report.get("base") or {}).get("predicted_labels"))
     own = [rows[m].get("verdict") for m in method_order(report)]
