@@ -2,7 +2,6 @@
 `evaluate` keeps for the very correctness tensor it returned, and the reports that carry and word them."""
 
 import pytest
-import torch
 from helpers import sensitive
 
 from eigenprune.core.batching import Example
@@ -31,7 +30,8 @@ def test_evaluate_keeps_the_choice_it_picked_for_its_own_tensor():
     assert predicted_choices(result.correct) == result.predicted
     assert predicted_choices(result.correct.clone()) is None  # only the tensor evaluate returned
     # correctness is exactly "the picked label is the example's label"
-    assert result.correct.tolist() == [p == ex.choices[ex.label].strip() for p, ex in zip(result.predicted, shared)]
+    expected = [p == ex.choices[ex.label].strip() for p, ex in zip(result.predicted, shared, strict=True)]
+    assert result.correct.tolist() == expected
     varied = [Example(f"{a} + 1 =", f" {a + 1}", choices=(f" {a + 1}", f" {a}"), label=0) for a in range(4)]
     picked = evaluate(model, tok, varied, "choice").predicted
     assert set(picked) <= {"choice 1", "choice 2"}  # positions where every example has its own choices

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from eigenprune.evaluation.stats import ALPHA, significance
+from eigenprune.evaluation.stats import ALPHA
 
 
 def _finite(value) -> bool:
