@@ -98,8 +98,9 @@ def _setting(report: dict) -> str:
     return (f"{k} cross-fitted folds (seed {folds['seed']}) over {folds['n_tested']} examples ({sources}, pooled), "
             f"eval mode `{report['eval_mode']}`. For each fold, every method chose its configuration on a dev split "
             "carved from the other folds and was tested once, on that fold; test accuracy and test - base pool "
-            "every fold's test examples (each tested once), and their CIs resample within folds. Dev acc is the "
-            "mean of the folds' dev accuracies; the configuration shows what every fold chose alike.")
+            "every fold's test examples (each tested once); accuracy CIs resample within folds, differences and "
+            "p-values are stratified by fold. Dev acc is the mean of the folds' dev accuracies; the configuration "
+            "shows what every fold chose alike.")
 
 
 def _folds_section(report: dict) -> list[str]:
@@ -108,8 +109,9 @@ def _folds_section(report: dict) -> list[str]:
     sources = ", ".join(f"{n} from {name}" for name, n in folds["pooled"].items())
     lines = ["## Folds", "", f"{folds['k']} folds, seed {folds['seed']}, {folds['n_tested']} examples pooled "
              f"({sources}); every example is in exactly one fold's test and in no split of that fold's run. "
-             "The CIs of pooled accuracies and differences resample within folds (each replicate keeps every "
-             "fold's size).", "", "| fold | train | dev | test | base dev acc | base test acc |",
+             "The CIs of pooled accuracies resample within folds (each replicate keeps every fold's size); "
+             "differences and exact p-values are stratified by fold.", "",
+             "| fold | train | dev | test | base dev acc | base test acc |",
              "|---|---|---|---|---|---|",
              *(f"| {f['fold']} | {f['train']} | {f['dev']} | {f['test']} | {f['base_dev_acc']:.3f} | "
                f"{f['base_test_acc']:.3f} |" for f in folds["per_fold"]), ""]
