@@ -188,7 +188,7 @@ def test_random_control_pools_its_seeds_and_its_comparison(tmp_path):
     versus = rand.result.extra["vs_eigenprune"]
     assert versus["n_frozen"] == [3, 4] and versus["random_test_accs"] == [0.5, 0.5]
     want = fold_paired_diff_ci(rand.result.test.numpy(), eigen.result.test.numpy(), rand.fold_of, n_boot=200)
-    assert tuple(versus["diff"].values()) == pytest.approx(want)
+    assert tuple(versus["diff"][k] for k in ("diff", "lo", "hi")) == pytest.approx(want)
     assert "3, 4 components in folds 1-2" in rand.result.verdict and "lies inside" in rand.result.verdict
     assert [m["acc"] for m in rand.result.markers] == [0.5, 0.5] and "pooled over 2 folds" in rand.result.sections[0]
 
