@@ -206,7 +206,7 @@ VERDICTS = [
     ({"m": row(0.2, 0.05, 0.35)}, ["Significant test gain over the base model", "m (+0.200"]),
     ({"m": row(-0.2, -0.35, -0.05)}, ["Significantly worse than base: m"]),
     ({"m": row(0.1, -0.1, 0.3, own="First words."), "n": row(0, 0, 0, own="Second words.")},
-     ["reaches 0 or below. First words. Second words."]),
+     ["no gain larger than +30.0 points (95% upper bound", "First words. Second words."]),
 ]
 
 

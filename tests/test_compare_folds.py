@@ -194,7 +194,7 @@ def test_random_control_pools_its_seeds_and_its_comparison(tmp_path):
     assert tuple(versus["diff_examples_only"].values()) == pytest.approx(examples_only)
     seeds = torch.stack([rand.pool([f.extra["_test_seeds"][j] for f in rand_folds]) for j in range(2)])
     want = two_level_diff_ci(eigen.result.test.numpy(), seeds.float().numpy(), strata=rand.fold_of, n_boot=200)
-    assert tuple(versus["diff"].values()) == pytest.approx(want)  # seeds, then examples within folds
+    assert tuple(versus["diff"][k] for k in ("diff", "lo", "hi")) == pytest.approx(want)  # seeds, then examples
     assert "3, 4 components in folds 1-2" in rand.result.verdict and "lies inside" in rand.result.verdict
     assert [m["acc"] for m in rand.result.markers] == [0.5, 0.5] and "pooled over 2 folds" in rand.result.sections[0]
 

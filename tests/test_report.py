@@ -106,7 +106,7 @@ def test_chosen_p_zero_keeps_base_and_skips_component_map(tmp_path):
     md = read_outputs(tmp_path, paths)
     assert "pruned_components.png" not in {p.name for p in paths}
     assert "froze nothing" in md
-    assert "no p improved dev accuracy" in md
+    assert "No p improved dev accuracy" in md
     base_row = next(line for line in md.splitlines() if line.startswith("| 0 (base) |"))
     assert "◀ chosen" in base_row
 
@@ -223,10 +223,10 @@ def test_repeats_section(tmp_path):
 
 
 @pytest.mark.parametrize("diff, expected, absent", [
-    ((0.03, 0.01, 0.05), "the gain is significant", "not significant"),
-    ((0.014, -0.01, 0.04), "includes 0, so the gain is not significant", "did not carry"),
+    ((0.03, 0.01, 0.05), "a significant gain at the 5% level", "no gain larger"),
+    ((0.014, -0.01, 0.04), "no gain larger than +4.0 points (95% upper bound)", "did not carry"),
     ((-0.01, -0.04, 0.02), "the gain on dev (+0.030) did not carry to test", "significant"),
-    ((-0.05, -0.08, -0.02), "significantly worse", "gain is significant"),
+    ((-0.05, -0.08, -0.02), "significantly worse", "significant gain"),
 ])
 def test_verdict_wording(diff, expected, absent):
     report, _, _ = make_report(diff=diff)
@@ -238,8 +238,8 @@ def test_verdict_wording(diff, expected, absent):
 def test_verdict_when_pruning_did_not_help():
     report, _, _ = make_report(chosen_p=0.0)
     text = verdict(report)
-    assert text.startswith("Pruning did not help: no p improved dev accuracy")
-    assert "keeps the base model" in text and "significant" not in text
+    assert text.startswith("No p improved dev accuracy")
+    assert "kept the base model" in text and "significant" not in text and "did not help" not in text
 
 
 def test_verdict_flags_majority_class():

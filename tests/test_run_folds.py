@@ -64,7 +64,7 @@ def test_pooled_accuracy_is_the_folds_weighted_mean(folded):
         assert sum(per["edited"][i] for i in mine) / len(mine) == pytest.approx(row["pruned_test"])
     assert len({r["pruned_test"] for r in rows}) > 1  # else a swap of folds would go unseen
     md = (out / "report.md").read_text()
-    assert "## Folds" in md and "Across 3 cross-fitted folds (30 examples" in md and "resampled within folds" in md
+    assert "## Folds" in md and "Across 3 cross-fitted folds (30 examples" in md and "stratified by fold" in md
     assert sorted(p.name for p in (out / "folds").iterdir()) == ["fold-1", "fold-2", "fold-3"]
 
 

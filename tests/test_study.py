@@ -120,7 +120,8 @@ def test_writes_every_file(done):
         assert list(cell["methods"]) == ["eigenprune", "random"] and cell["control"] == "random"
         section = json.loads((done / cell["dir"] / "comparison.json").read_text())["side_effects"]
         for name, row in cell["methods"].items():
-            assert set(row["diff_vs_base"]) == {"diff", "lo", "hi"} and row["significant"] in (None, "gain", "loss")
+            assert set(row["diff_vs_base"]) == {"diff", "lo", "hi", "p", "p_adjusted", "n", "discordant", "mde",
+                                                    "interval"} and row["significant"] in (None, "gain", "loss")
             assert (row["control_diff"] is None) == (name == "random")
             measured = section["models"].get(name)  # absent: the method changed nothing
             spread = section["per_method"].get(name)  # the random control: the mean over its measured seeds
@@ -334,7 +335,7 @@ def test_report_marks_significance_and_shows_side_effects_when_cells_have_them()
     study = {"spec": {"study": {"models": ["m"], "tasks": ["t"], "targets": ["key"], "methods": ["eigenprune"]}},
              "spec_file": "s.toml", "cells": [summary]}
     md = render_markdown(study)
-    assert "| ppl | kl |" in md and "| 0.25 | 0.01 |" in md and "| – | – |" in md
+    assert "| ppl | kl |" in md and "| 0.250 | 0.010 |" in md and "| – | – |" in md
     assert "▲ gain" in md and "▼ loss" in md and "Significant test gains over the base model" in md
 
 
@@ -367,4 +368,4 @@ def test_side_effects_come_from_the_cells_section():
     study = {"spec": {"study": {"models": ["m"], "tasks": ["t"], "targets": ["key"], "methods": ["eigenprune"]}},
              "spec_file": "s.toml", "cells": [rows]}
     md = render_markdown(study)
-    assert "| Δppl | KL | cb Δacc |" in md and "| 0.62 | 0.0177 | -0.05 |" in md and "fold 1's" in md
+    assert "| Δppl | KL | cb Δacc |" in md and "| +0.62 | 0.0177 | -0.050 |" in md and "fold 1's" in md

@@ -10,6 +10,12 @@
   Decided by one teacher-forced pass over prompt + answer (`exact_match`; `exact.py` says why that is
   the same verdict); only examples with a near tie at an answer position are generated.
 
+In `choice` mode the label each example's evaluation picked is kept — the choice's text when every example
+offers the same choices (CB's entailment/contradiction/neutral), else its position ("choice 2": COPA) —
+as `EvalResult.predicted`, and
+`predicted_choices(correct)` for the correctness tensor `evaluate` returned (the same object, as it travels
+through a method's result), so reports can show which labels a model answers.
+
 Every function here runs under `torch.inference_mode()`, batches examples of similar length together
 and leaves the model in the train/eval mode it found. Choice forwards (the prompts, then the choices
 on their cache) run inside `prompt_lengths(...)` so an edited model knows where each prompt ends;
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +57,7 @@ class EvalResult:
 
     correct: torch.Tensor  # (n,) bool
     mode: str
+    predicted: tuple[str, ...] | None = None  # `choice` mode: the label picked for each example (see below)
 
     @property
     def n(self) -> int:
@@ -58,6 +66,21 @@ class EvalResult:
     @property
     def accuracy(self) -> float:
         return accuracy(self.correct) if self.n else float("nan")
+
+
+_PREDICTED: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}  # id(correct) -> (its weak ref, the choices)
+
+
+def _remember(correct: torch.Tensor, predicted: tuple[str, ...]) -> None:
+    key = id(correct)
+    _PREDICTED[key] = (weakref.ref(correct, lambda _, key=key: _PREDICTED.pop(key, None)), predicted)
+
+
+def predicted_choices(correct: torch.Tensor) -> tuple[str, ...] | None:
+    """The choice picked for each example, for a correctness tensor that `evaluate` returned in `choice` mode
+    (that very object); None for any other tensor (another mode, or values a method computed itself)."""
+    entry = _PREDICTED.get(id(correct))
+    return entry[1] if entry is not None and entry[0]() is correct else None
 
 
 @contextlib.contextmanager
@@ -276,9 +299,13 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], mod
     pad_id = tokenizer.pad_token_id
     if mode == "choice":
         nll = choice_nll(model, tokenizer, examples, batch_size, progress)
-        labels = [ex.label for ex in examples]
-        correct = torch.tensor([int(v.argmin()) == label for v, label in zip(nll, labels, strict=True)])
-        return EvalResult(correct, mode)
+        picked = [int(v.argmin()) for v in nll]
+        correct = torch.tensor([i == ex.label for i, ex in zip(picked, examples, strict=True)])
+        shared = len({tuple(ex.choices) for ex in examples}) == 1  # label words (CB, RTE), else positions (COPA)
+        predicted = tuple(ex.choices[i].strip() if shared else f"choice {i + 1}"
+                          for i, ex in zip(picked, examples, strict=True))
+        _remember(correct, predicted)
+        return EvalResult(correct, mode, predicted)
     encoded = encode(tokenizer, examples)
     check_fits(model, encoded)
     if mode == "next-token":

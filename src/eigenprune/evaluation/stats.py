@@ -53,10 +53,24 @@ def accuracy(correct) -> float:
     return float(values.mean())
 
 
+ALPHA = 0.05  # the level of every "significant" in a report
+
+
 def significance(difference: Mapping[str, float] | Difference) -> str | None:
-    """The one rule for "significant": "gain" when the interval lies above 0, "loss" when below, else None."""
-    lo, hi = (difference.lo, difference.hi) if isinstance(difference, Difference) else (difference["lo"],
-                                                                                           difference["hi"])
+    """The one rule for "significant": "gain" or "loss" (the sign of the difference), else None.
+
+    A difference that carries an exact paired test is judged by its p-value at the 5% level: the family's
+    Holm-adjusted one (`p_adjusted`, in a comparison or a study) when present, else the raw `p` (one test,
+    as in `run`). One without a test (a bootstrap interval: side effects, a control averaged over seeds)
+    is significant when its 95% interval excludes 0."""
+    get = (lambda key: getattr(difference, key, None)) if not isinstance(difference, Mapping) else difference.get
+    for key in ("p_adjusted", "p"):
+        p = get(key)
+        if p is not None:
+            if p >= ALPHA or get("diff") == 0:
+                return None
+            return "gain" if get("diff") > 0 else "loss"
+    lo, hi = get("lo"), get("hi")
     return "gain" if lo > 0 else "loss" if hi < 0 else None
 
 
@@ -172,6 +186,21 @@ def majority_rate(labels: Iterable[Hashable]) -> float:
     if not counts:
         raise ValueError("labels is empty")
     return max(counts.values()) / sum(counts.values())
+
+
+ONE_LABEL_SHARE = 0.9  # a model that answers one label this often can gain only by moving its label prior
+
+
+def label_distribution(predicted: Iterable[Hashable]) -> dict:
+    """How often each label was answered: {"counts": label -> n (most answered first), "top": the most
+    answered label, "top_share": its share, "one_label": top_share >= ONE_LABEL_SHARE, "n"}."""
+    counts = Counter(str(label) for label in predicted)
+    if not counts:
+        raise ValueError("predicted is empty")
+    ordered = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    top, n = next(iter(ordered)), sum(counts.values())
+    return {"counts": ordered, "top": top, "top_share": ordered[top] / n, "one_label": ordered[top] / n >=
+            ONE_LABEL_SHARE, "n": n}
 
 
 def mean_sd(values: Iterable[float]) -> tuple[float, float]:

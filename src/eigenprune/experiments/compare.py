@@ -176,6 +176,8 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
         report |= pooled_report(folds, runs, specs, cfg.n_boot)
         saves = [(name, i, r.results[name].save) for name in report["methods"] for i, r in enumerate(runs)]
     side_effects = costs.section() if costs is not None else None
+    add_per_example(report, folds, runs)
+    report["family"] = adjust_family(report)
     if side_effects is not None:
         report["side_effects"] = side_effects
     report |= {"timings": timings, "warnings": warnings,
@@ -205,6 +207,46 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
         (tmp / "comparison.md").write_text(render_markdown(report))
     report["out"] = str(out)
     return report
+
+
+def add_per_example(report: dict, folds, runs: list[pipeline.SplitRun]) -> None:
+    """Every test example's correctness for the base and each method (`per_example`, pooled `tested` order and
+    each example's fold under folds), from which every p-value and interval of the report can be recomputed;
+    and, in `choice` mode, the labels each answered (`predicted_labels` of the base and of each row)."""
+    from eigenprune.evaluation.evaluate import predicted_choices
+    from eigenprune.evaluation.stats import label_distribution
+
+    pooled = len(folds) > 1
+    gather = (lambda per_fold: folds.pool(per_fold)[0]) if pooled else (lambda per_fold: list(per_fold[0]))
+    number = lambda v: int(v) if isinstance(v, bool) else v
+    block = {"base": [number(v) for v in gather([r.base["test"].tolist() for r in runs])],
+             "methods": {name: [number(v) for v in gather([r.results[name].test.tolist() for r in runs])]
+                         for name in report["methods"]}}
+    if pooled:
+        block["fold"] = [f + 1 for f in folds.pool([r.base["test"].tolist() for r in runs])[1]]
+    report["per_example"] = block
+
+    def labels(tensors: list) -> dict | None:
+        picked = [predicted_choices(t) for t in tensors]
+        return None if any(p is None for p in picked) else label_distribution(gather(picked))
+
+    if report["eval_mode"] == "choice":
+        report["base"]["predicted_labels"] = labels([r.base["test"] for r in runs])
+        for name, row in report["methods"].items():
+            row["predicted_labels"] = labels([r.results[name].test for r in runs])
+
+
+def adjust_family(report: dict) -> dict:
+    """Holm-adjust every method − base test difference of the comparison (`p_adjusted` in each row's
+    `diff_vs_base`): the family is this comparison's methods with an exact paired test."""
+    from eigenprune.evaluation.paired import holm_family
+    from eigenprune.evaluation.stats import ALPHA
+
+    names = [name for name in report["methods"]]
+    size = holm_family(report["methods"][name]["diff_vs_base"] for name in names)
+    tested = [name for name in names if report["methods"][name]["diff_vs_base"]["p"] is not None]
+    return {"adjustment": "holm", "alpha": ALPHA, "size": size, "tests": tested,
+            "over": "the method − base test differences of this comparison"}
 
 
 def _mean_dev(devs: list[torch.Tensor]) -> dict:

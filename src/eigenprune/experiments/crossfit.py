@@ -3,7 +3,8 @@
 The pipeline runs the whole experiment (`methods.eigenprune.run_one`: base, score on the fold's train,
 choose p on its dev, test once) once per fold of `splits.fold_splits`; `folds_report` pools what each
 fold's test split says: the base model's and the chosen edit's per-example correctness on all N pooled
-examples, with CIs that resample within folds (`stats.fold_accuracy_ci`, `stats.fold_paired_diff_ci`). Nothing a
+examples, with accuracy CIs that resample within folds (`stats.fold_accuracy_ci`) and the paired difference
+stratified by fold (`paired.paired_difference`: Newcombe's interval, the exact McNemar p). Nothing a
 fold learns on its test split reaches its own choices; each fold's p may differ, and the report says
 which. The sweep, the plots and the saved scores are fold 1's (each fold's chosen edit is saved too).
 `reports.run_report` puts it in words.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+from eigenprune.evaluation.evaluate import predicted_choices
+from eigenprune.evaluation.stats import label_distribution
 from eigenprune.experiments.pipeline import SplitRun
 from eigenprune.methods.registry import Pooled
 
@@ -48,6 +51,13 @@ def folds_report(folds, runs: list[SplitRun], pooled: Pooled) -> dict:
                        "per_fold": per_fold,
                        "per_example": {"index": folds.tested, "fold": [f + 1 for f in fold_of],
                                        "base": base_test.tolist(), "edited": edit_test.tolist()}}
+    picked = [[predicted_choices(one.base["test"]) for one in runs],
+              [predicted_choices(one.results[pooled.result.method].test) for one in runs]]
+    if all(p is not None for fold in picked for p in fold):
+        report["predicted_labels"] = {key: label_distribution(folds.pool(per_fold)[0])
+                                      for key, per_fold in zip(("base", "pruned"), picked, strict=True)}
+    else:
+        report.pop("predicted_labels", None)  # fold 1's alone would not describe the pooled examples
     if "majority_rate" in report:
         from eigenprune.evaluation.stats import majority_rate
 

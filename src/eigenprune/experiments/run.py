@@ -169,12 +169,9 @@ def cmd_run(args) -> int:
             raise UsageError("run needs --task (or --config DIR/config.json)")
         cfg = config_from_args(args)
     report = execute(cfg, args.out, args.quiet, expected, args.allow_changed)
-    pruned, base = report["pruned"]["test"], report["base"]["test"]
-    d = report["diff_ci"]
-    print(f"{report['task']}: base test {base['acc']:.3f} [{base['lo']:.3f}, {base['hi']:.3f}] -> "
-          f"pruned {pruned['acc']:.3f} [{pruned['lo']:.3f}, {pruned['hi']:.3f}] at p={report['chosen_p']} "
-          f"(diff {d['diff']:+.3f}, 95% CI [{d['lo']:+.3f}, {d['hi']:+.3f}], n={base['n']})")
-    print(report["verdict"])
+    from eigenprune.reports.run_report import console_lines
+
+    print("\n".join(console_lines(report)))
     print(f"report: {report['out']}/report.md")
     return 0
 

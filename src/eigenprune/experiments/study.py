@@ -249,6 +249,10 @@ def cmd_study(args) -> int:
             print(f"changed since it ran: {cell.key} ({why})")
         if state.orphans:
             print(f"in {out}/cells but not in the spec (kept, not reported): {', '.join(state.orphans)}")
+        from eigenprune.experiments.study_power import cell_power, power_lines
+
+        print("\n".join(power_lines(cell_power(study, out, args.effect, args.assume_discordance), args.effect,
+                                     args.assume_discordance)))
         return 0
     report = run_study(study, out, args.rerun_changed, args.quiet)
     for cell in report["cells"]:
@@ -257,11 +261,24 @@ def cmd_study(args) -> int:
         for name, row in cell["methods"].items():
             d = row["diff_vs_base"]
             mark = {"gain": "  significant gain", "loss": "  significantly worse"}.get(row["significant"], "")
+            adjusted = "" if d.get("p_adjusted") is None else f"  p {d['p']:.3f} (Holm {d['p_adjusted']:.3f})"
             print(f"  {name:<16} test {row['test']['acc']:.3f}  diff {d['diff']:+.3f} [{d['lo']:+.3f}, "
-                  f"{d['hi']:+.3f}]{mark}")
+                  f"{d['hi']:+.3f}]{adjusted}{mark}")
     last = report["last_run"]
     print(f"ran {len(last['ran'])} cells, skipped {len(last['skipped'])}; report: {report['out']}/study.md")
     return 0
+
+
+def _fraction(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got '{text}'") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
 
 
 def add_study_parser(sub, fmt) -> None:
@@ -274,12 +291,19 @@ def add_study_parser(sub, fmt) -> None:
                        epilog=(
                            "examples:\n  eigenprune study studies/smollm2-paper-tasks.toml --out runs/paper\n"
                            "  eigenprune study my-study.toml --out runs/s --plan     # what would run, skip, redo\n"
+                           "  eigenprune study my-study.toml --plan --assume-discordance 0.1 --effect 0.05\n"
                            "  eigenprune study my-study.toml --out runs/s --rerun-changed\n\n"
                            "spec format: see studies/README.md"))
     p.add_argument("spec", help="study spec, a .toml or .json file (task and model paths are relative to it)")
     p.add_argument("--out", help="study folder; running again resumes it (default runs/study-SPECNAME)")
     p.add_argument("--rerun-changed", action="store_true",
                    help="redo finished cells whose settings changed (old folders go to OUT/stale/)")
-    p.add_argument("--plan", action="store_true", help="print which cells would run, be skipped or redone; run none")
+    p.add_argument("--plan", action="store_true", help="print which cells would run, be skipped or redone, and "
+                   "what each can detect (n needed for --effect); run none")
+    p.add_argument("--effect", type=_fraction, default=0.05,
+                   help="with --plan: the change in accuracy to plan for, a fraction (default 0.05 = 5 points)")
+    p.add_argument("--assume-discordance", type=_fraction, default=None, metavar="D",
+                   help="with --plan: the share of test answers an edit changes, for cells that have not run "
+                        "(finished cells use their observed share)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_study)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from eigenprune.edits.freeze import applied
+from eigenprune.evaluation.evaluate import predicted_choices
+from eigenprune.evaluation.stats import label_distribution
 from eigenprune.methods.base import MethodResult, edit_applier, edit_changed_params, edit_saver
 from eigenprune.methods.registry import Context, register
 from eigenprune.protocol.harness import Harness, base_correct, ci, diff_ci
@@ -114,6 +116,9 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
         "p_search": {"mode": "auto" if cfg.p == "auto" else "grid", "select": cfg.select, "budget": cfg.p_budget,
                      "tried": [row["p"] for row in sweep], "base_dev_nll": float(base_nll.double().sum())},
     }
+    picked = {key: predicted_choices(correct["test"]) for key, correct in (("base", base), ("pruned", pruned))}
+    if all(v is not None for v in picked.values()):  # choice mode: which labels each model answered on test
+        report["predicted_labels"] = {key: label_distribution(v) for key, v in picked.items()}
     labels = [ex.label for ex in splits.test if ex.label is not None]
     if labels:
         from eigenprune.evaluation.stats import majority_rate

@@ -301,8 +301,8 @@ class Pooled:
     configuration on that fold's test examples, pooled over all N examples (in `Folds.tested` order), and
     its words (`verdict`, `sections`, `markers`, `notes`) are the hook's to write. Its `dev` is the folds' dev
     correctness one after another (dev splits overlap across folds: a mean, never a sample for a CI). `ci`
-    and `diff` are the intervals of the pooled report: they resample within folds (`stats.fold_accuracy_ci`,
-    `stats.fold_paired_diff_ci`).
+    and `diff` are the intervals of the pooled report, stratified by fold (`stats.fold_accuracy_ci`,
+    `paired.paired_difference`).
     """
 
     result: MethodResult
@@ -329,11 +329,12 @@ class Pooled:
                         int(correct.numel())).to_dict()
 
     def diff(self, before: torch.Tensor, after: torch.Tensor) -> dict:
-        """Pooled paired difference (after - before) with its 95% CI resampling within folds."""
-        from eigenprune.evaluation.stats import Difference, fold_paired_diff_ci
+        """Pooled paired difference (after - before), stratified by fold: Newcombe's interval and the exact
+        McNemar p (`paired.paired_difference`)."""
+        from eigenprune.evaluation.paired import paired_difference
 
-        return Difference(*fold_paired_diff_ci(before.numpy(), after.numpy(), self.fold_of,
-                                               n_boot=self.n_boot)).to_dict()
+        return paired_difference(before.double().numpy(), after.double().numpy(), self.fold_of,
+                                 n_boot=self.n_boot).to_dict()
 
     def need(self, name: str) -> Pooled:
         if name not in self.needed:

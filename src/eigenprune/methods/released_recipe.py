@@ -168,7 +168,8 @@ def released_recipe(harness: Harness, config: RecipeConfig, ctx: Context) -> Met
 
     n_boot = harness.config.n_boot
     versus = diff_ci(first.test, test, n_boot)
-    kind = "the CI excludes 0" if significance(versus) else "not distinguishable from 0"
+    kind = (f"significant, exact paired p = {versus['p']:.3f}" if significance(versus)
+            else f"not distinguishable from 0, exact paired p = {versus['p']:.3f}")
     how = (f"all {scores.numel()} scores were exactly 0 (batch size {config.score_batch_size}: every example was its "
            "own partner), so the stable sort's tie order chose" if all_zero else
            f"scores ranged over [{float(scores.min()):.3g}, {float(scores.max()):.3g}]; the lowest chosen were")

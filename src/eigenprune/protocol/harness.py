@@ -3,8 +3,9 @@
 `Harness` evaluates the current model on a split; `best_on_dev` is the one rule by which every method
 chooses among its candidates (the unedited model competes and wins ties; then the mildest change), and
 `chosen_on_dev` the same with the run's `select`: `"1se"` takes the mildest candidate whose dev accuracy is
-within one paired standard error of the best (`significance.one_se_choice`);
-`ci` and `diff_ci` are the bootstrap intervals every report shows. Every method gets a `Harness`;
+within one paired standard error of the best (`significance.one_se_choice`); `ci` is the bootstrap
+interval of one accuracy and `diff_ci` the paired difference every report shows (`evaluation.paired`:
+Newcombe's interval, the exact McNemar p, n and the detectable effect). Every method gets a `Harness`;
 this module builds on evaluation alone.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from eigenprune.evaluation.paired import paired_difference
 from eigenprune.evaluation.significance import one_se_choice
 from eigenprune.evaluation.stats import Accuracy, Difference, accuracy, accuracy_ci, paired_diff_ci  # noqa: F401
 
@@ -24,8 +26,9 @@ def ci(correct: torch.Tensor, n_boot: int, seed: int = 0) -> dict:
 
 
 def diff_ci(before: torch.Tensor, after: torch.Tensor, n_boot: int) -> dict:
-    """Paired difference (after - before) with its 95% bootstrap CI: {"diff", "lo", "hi"} (`stats.Difference`)."""
-    return Difference(*paired_diff_ci(before.numpy(), after.numpy(), n_boot=n_boot)).to_dict()
+    """Paired difference (after - before) on the same examples: {"diff", "lo", "hi", "p", "n", "discordant",
+    "mde", "interval"} (`paired.PairedDifference`; `n_boot` serves only seed-averaged values' bootstrap)."""
+    return paired_difference(before.double().numpy(), after.double().numpy(), n_boot=n_boot).to_dict()
 
 
 def best_on_dev(base_acc: float | None, candidates: Sequence[float]) -> int:

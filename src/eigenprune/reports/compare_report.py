@@ -10,14 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from eigenprune.evaluation.stats import significance
+from eigenprune.reports.words import brief, diff_text, labels_text, one_label_text, test_text
 
 
 def _ci_text(c: dict) -> str:
     return f"{c['acc']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
-
-
-def _diff_text(d: dict) -> str:
-    return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
 
 
 def method_order(report: dict) -> list[str]:
@@ -32,26 +29,42 @@ def _folds(report: dict) -> int:
     return (report.get("folds") or {}).get("k", 1)
 
 
+def family_text(report: dict) -> str:
+    """Which family the p-values were adjusted over, and its size."""
+    family = report.get("family")
+    if not family:
+        return "p-values are not adjusted (this report predates the family adjustment)."
+    return (f"p-values are Holm-adjusted over this comparison's {family['size']} method − base test "
+            f"difference(s) with an exact paired test ({', '.join(family['tests']) or 'none'}); significant "
+            f"means adjusted p < {family['alpha']:g}.")
+
+
 def verdict(report: dict) -> str:
-    """Plain words: which test differences to base are significant, then what each method adds of its own
-    (the random control's comparison with eigenprune, svd-clip's demonstrations alone, ...)."""
+    """Plain words: which test differences to base are significant (Holm-adjusted exact paired tests over the
+    comparison's methods), what the others leave possible and could have detected, a base model that answers
+    one label, then what each method adds of its own (the random control's comparison with eigenprune, ...)."""
     rows = report["methods"]
-    gains = [f"{m} ({_diff_text(r['diff_vs_base'])})" for m, r in rows.items()
+    gains = [f"{m} ({diff_text(r['diff_vs_base'])}, {test_text(r['diff_vs_base'])})" for m, r in rows.items()
              if significance(r["diff_vs_base"]) == "gain"]
-    losses = [f"{m} ({_diff_text(r['diff_vs_base'])})" for m, r in rows.items()
+    losses = [f"{m} ({diff_text(r['diff_vs_base'])}, {test_text(r['diff_vs_base'])})" for m, r in rows.items()
               if significance(r["diff_vs_base"]) == "loss"]
+    others = [f"{m}: {brief(rows[m]['diff_vs_base'])}" for m in method_order(report)
+              if significance(rows[m]["diff_vs_base"]) is None]
     k = _folds(report)
     pooled = (f"Pooled over {k} cross-fitted folds ({report['folds']['n_tested']} test examples, each tested once; "
-              "CIs resample within folds). ") if k > 1 else ""
+              "tests and intervals stratified by fold). ") if k > 1 else ""
     if gains:
-        text = f"Significant test gain over the base model (paired 95% CI above 0): {', '.join(gains)}."
+        text = f"Significant test gain over the base model: {', '.join(gains)}."
     else:
-        text = ("No method's test gain over the base model is significant: every paired 95% CI of "
-                "(method - base) on test reaches 0 or below.")
+        text = "No method's test gain over the base model is significant."
     if losses:
         text += f" Significantly worse than base: {', '.join(losses)}."
+    if others:
+        text += f" Not significant: {'; '.join(others)}."
+    text += " " + family_text(report)
+    labels = one_label_text("The base model", (report.get("base") or {}).get("predicted_labels"))
     own = [rows[m].get("verdict") for m in method_order(report)]
-    return " ".join([pooled + text, *(v for v in own if v)])
+    return " ".join([pooled + text, *([labels] if labels else []), *(v for v in own if v)])
 
 
 def _describe(config: dict) -> str:
@@ -85,8 +98,9 @@ def _setting(report: dict) -> str:
     return (f"{k} cross-fitted folds (seed {folds['seed']}) over {folds['n_tested']} examples ({sources}, pooled), "
             f"eval mode `{report['eval_mode']}`. For each fold, every method chose its configuration on a dev split "
             "carved from the other folds and was tested once, on that fold; test accuracy and test - base pool "
-            "every fold's test examples (each tested once), and their CIs resample within folds. Dev acc is the "
-            "mean of the folds' dev accuracies; the configuration shows what every fold chose alike.")
+            "every fold's test examples (each tested once); accuracy CIs resample within folds, differences and "
+            "p-values are stratified by fold. Dev acc is the mean of the folds' dev accuracies; the configuration "
+            "shows what every fold chose alike.")
 
 
 def _folds_section(report: dict) -> list[str]:
@@ -95,8 +109,9 @@ def _folds_section(report: dict) -> list[str]:
     sources = ", ".join(f"{n} from {name}" for name, n in folds["pooled"].items())
     lines = ["## Folds", "", f"{folds['k']} folds, seed {folds['seed']}, {folds['n_tested']} examples pooled "
              f"({sources}); every example is in exactly one fold's test and in no split of that fold's run. "
-             "The CIs of pooled accuracies and differences resample within folds (each replicate keeps every "
-             "fold's size).", "", "| fold | train | dev | test | base dev acc | base test acc |",
+             "The CIs of pooled accuracies resample within folds (each replicate keeps every fold's size); "
+             "differences and exact p-values are stratified by fold.", "",
+             "| fold | train | dev | test | base dev acc | base test acc |",
              "|---|---|---|---|---|---|",
              *(f"| {f['fold']} | {f['train']} | {f['dev']} | {f['test']} | {f['base_dev_acc']:.3f} | "
                f"{f['base_test_acc']:.3f} |" for f in folds["per_fold"]), ""]
@@ -121,22 +136,43 @@ def _effects(report: dict, name: str) -> str:
     return " 0 (no change) | 0 |" if name == "base" or report["methods"][name]["changed_params"] == 0 else " – | – |"
 
 
+def _p_cell(d: dict) -> str:
+    if d.get("p") is None:
+        return "– (seed-averaged)"
+    adjusted = d.get("p_adjusted")
+    return f"{d['p']:.3f}" + ("" if adjusted is None else f" ({adjusted:.3f})")
+
+
+def _mde_cell(d: dict) -> str:
+    if d.get("discordant") is None:
+        return "–"
+    mde = d.get("mde")
+    return f"{d['discordant']} / {'none' if mde is None else format(mde, '.3f')}"
+
+
 def render_markdown(report: dict) -> str:
     base = report["base"]
     effects = report.get("side_effects") is not None
+    labelled = report["eval_mode"] == "choice" and "predicted_labels" in base
+    extra_head = (" Δ perplexity | KL |" if effects else "") + (" predicted labels (test) |" if labelled else "")
+    extra_cols = 2 * effects + labelled
     lines = [f"# eigenprune compare: {report['task']} on {report['model']}", "", "## Verdict", "",
              report["verdict"], "", "## Results", "", _setting(report), "",
-             "| method | chosen configuration | dev acc | test acc [95% CI] | test - base [95% CI] | dev evals "
-             "| wall s | changed params |" + (" Δ perplexity | KL |" if effects else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|---|" if effects else ""),
-             f"| base | unmodified model | {base['dev']['acc']:.3f} | {_ci_text(base['test'])} | - | 1 | "
-             f"{report['timings']['base_eval']:.1f} | 0 |" + ("  |  |" if effects else "")]
+             "| method | chosen configuration | dev acc | test acc [95% CI] | test - base [95% CI] | p (Holm) "
+             "| changed / MDE | dev evals | wall s | changed params |" + extra_head,
+             "|---" * (10 + extra_cols) + "|",
+             f"| base | unmodified model | {base['dev']['acc']:.3f} | {_ci_text(base['test'])} | - | - | - | 1 | "
+             f"{report['timings']['base_eval']:.1f} | 0 |" + ("  |  |" if effects else "")
+             + (f" {labels_text(base.get('predicted_labels'))} |" if labelled else "")]
     for name in method_order(report):
         r = report["methods"][name]
+        d = r["diff_vs_base"]
         lines.append(f"| {name} | {_chosen(r['config'])} | {r['dev']['acc']:.3f} | {_ci_text(r['test'])} | "
-                     f"{_diff_text(r['diff_vs_base'])} | {r['dev_evaluations']} | {r['wall_s']:.1f} | "
-                     f"{r['changed_params']} |" + _effects(report, name))
-    lines += ["", "![test accuracy per method](comparison.png)", ""]
+                     f"{diff_text(d)} | {_p_cell(d)} | {_mde_cell(d)} | {r['dev_evaluations']} | "
+                     f"{r['wall_s']:.1f} | {r['changed_params']} |" + _effects(report, name)
+                     + (f" {labels_text(r.get('predicted_labels'))} |" if labelled else ""))
+    lines += ["", *_columns(report, effects, labelled), "",
+              "![test - base per method, paired 95% CI](comparison.png)", ""]
     if effects:
         from eigenprune.reports.side_effects_report import render_markdown as effects_markdown
 
@@ -159,29 +195,69 @@ def render_markdown(report: dict) -> str:
     return "\n".join([*lines, "## Notes", "", *(f"- {n}" for n in notes), ""])
 
 
-def plot_comparison(report: dict, path: Path) -> None:
-    """Test accuracy with its 95% CI per method; the base model is the vertical line and band."""
+def _columns(report: dict, effects: bool, labelled: bool) -> list[str]:
+    """Every column of the results table, explained once."""
+    stratified = ", stratified by fold" if _folds(report) > 1 else ""
+    lines = ["Columns: **dev acc** accuracy on dev (where each method chose); **test acc** accuracy on test with a "
+             "95% percentile bootstrap CI; **test - base** the paired change in test accuracy with Newcombe's hybrid "
+             f"score 95% interval{stratified} (a seed-averaged control keeps a paired bootstrap CI); **p (Holm)** "
+             f"the two-sided exact McNemar p-value{stratified} and, in brackets, Holm-adjusted over the family; "
+             "**changed / MDE** the test examples whose correctness changed, and the smallest change in accuracy "
+             "(a fraction) the exact test detects with 80% power at the 5% level given n and that many changes "
+             "(none: too few changes to detect any); **dev evals**, **wall s**, **changed params**: see the notes.",
+             family_text(report)]
+    if effects:
+        lines.append("**Δ perplexity** edit − base perplexity on general English text, **KL** mean per-token "
+                     "KL(base ‖ edit) in nats (see Side effects).")
+    if labelled:
+        lines.append("**predicted labels** how often each label was answered on test (a model answering one "
+                     "label for ≥ 90% of examples is flagged in the verdict).")
+    return [" ".join(lines)]
+
+
+def plot_data(report: dict) -> list[dict]:
+    """What `plot_comparison` draws, one entry per method in run order: {"name", "diff", "lo", "hi",
+    "significant", "marks": [{"x", "marker", "label"}]} — the paired test − base difference and its interval
+    from `diff_vs_base` (as the verdict judges it), and the method's own points (e.g. each random seed's
+    accuracy) moved to the same scale: accuracy − base test accuracy."""
+    base_acc = report["base"]["test"]["acc"]
+    out = []
+    for name in method_order(report):
+        row = report["methods"][name]
+        d = row["diff_vs_base"]
+        marks = [{"x": mark["acc"] - base_acc, "marker": mark.get("marker", "x"),
+                  "label": mark.get("label") or f"{name}: one draw (seed) each"} for mark in row.get("markers", [])]
+        out.append({"name": name, "diff": d["diff"], "lo": d["lo"], "hi": d["hi"], "significant": significance(d),
+                    "marks": marks})
+    return out
+
+
+def plot_comparison(report: dict, path: Path) -> list[dict]:
+    """Test accuracy − base per method with its paired 95% interval (the difference the verdict tests), 0 the
+    base model; filled where significant. Returns what it drew (`plot_data`)."""
     from matplotlib.figure import Figure
 
-    rows = report["methods"]
-    names = method_order(report)
-    fig = Figure(figsize=(7, 1.2 + 0.45 * len(names)), dpi=120, layout="constrained")
+    data = plot_data(report)
+    fig = Figure(figsize=(7.5, 1.6 + 0.45 * len(data)), dpi=120, layout="constrained")
     ax = fig.add_subplot()
-    base = report["base"]["test"]
-    ax.axvspan(base["lo"], base["hi"], color="0.85", label="base 95% CI")
-    ax.axvline(base["acc"], color="0.3", linestyle="--", label=f"base {base['acc']:.3f}")
-    for y, name in enumerate(names):
-        t = rows[name]["test"]
-        ax.errorbar([t["acc"]], [y], xerr=[[t["acc"] - t["lo"]], [t["hi"] - t["acc"]]], fmt="o", capsize=4,
-                    color="#d62728" if y == 0 else "#1f77b4")  # the first method asked for stands out
-        for mark in rows[name].get("markers", []):  # the method's own reference points (seeds, ICL alone, ...)
-            ax.plot([mark["acc"]], [y], mark.get("marker", "x"), mfc="none", color="0.3", markersize=6,
-                    label=mark.get("label"))
-    ax.set_yticks(range(len(names)), names)
+    ax.axvline(0.0, color="0.3", linestyle="--", label=f"base model (test acc {report['base']['test']['acc']:.3f})")
+    labelled = set()
+    for y, row in enumerate(data):
+        color = "#d62728" if y == 0 else "#1f77b4"  # the first method asked for stands out
+        ax.errorbar([row["diff"]], [y], xerr=[[row["diff"] - row["lo"]], [row["hi"] - row["diff"]]], fmt="o",
+                    capsize=4, color=color, mfc=color if row["significant"] else "white")
+        for mark in row["marks"]:  # the method's own reference points (seeds, ICL alone, ...)
+            label = None if mark["label"] in labelled else mark["label"]
+            labelled.add(mark["label"])
+            ax.plot([mark["x"]], [y], mark["marker"], mfc="none", color="0.3", markersize=6, label=label)
+    ax.plot([], [], "o", color="0.4", label="filled: significant (Holm-adjusted exact p < 0.05)")
+    ax.plot([], [], "o", color="0.4", mfc="white", label="open: not significant")
+    ax.set_yticks(range(len(data)), [row["name"] for row in data])
     ax.invert_yaxis()
-    k = _folds(report)
-    ax.set_xlabel(f"test accuracy pooled over {k} folds (n={base['n']}), 95% CI resampling within folds" if k > 1
-                  else f"test accuracy (n={base['n']}), 95% bootstrap CI")
-    ax.set_title(f"{report['task']} on {Path(str(report['model'])).name}")
+    k, n = _folds(report), report["base"]["test"]["n"]
+    ax.set_xlabel(f"test accuracy − base, pooled over {k} folds (n={n}), paired 95% CI stratified by fold" if k > 1
+                  else f"test accuracy − base (n={n}), paired 95% CI (Newcombe)")
+    ax.set_title(f"{report['task']} on {Path(str(report['model'])).name}", wrap=True)
     fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     fig.savefig(path)
+    return data

@@ -52,7 +52,8 @@ def plot_accuracy_vs_p(report: dict, path: Path) -> None:
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_xlabel("pruning fraction p (components frozen), #order tried; one tick per candidate")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{report.get('task', 'task')} on {report.get('model', 'model')}: accuracy vs p")
+    model = Path(str(report.get("model", "model"))).name  # a folder path would not fit the title
+    ax.set_title(f"{report.get('task', 'task')} on {model}: accuracy vs p", wrap=True)
     ax.grid(axis="y", alpha=0.3)
     if not sweep:
         ax.text(0.5, 0.05, "no p was swept", transform=ax.transAxes, ha="center", color="grey")

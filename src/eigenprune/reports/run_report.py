@@ -19,6 +19,7 @@ import torch
 from eigenprune.evaluation.stats import significance
 from eigenprune.reports.format import _acc_ci, _by_p, _chosen_p, _f, _interval, _is_chosen, _num, _p, _split
 from eigenprune.reports.run_plots import plot_accuracy_vs_p, plot_pruned_components, plot_score_distribution
+from eigenprune.reports.words import bound_text, labels_text, mde_text, one_label_text, test_text
 
 
 def verdict(report: dict) -> str:
@@ -32,8 +33,8 @@ def verdict(report: dict) -> str:
         if not report.get("sweep"):
             text = "Pruning was not tried: no pruning fraction p was swept, so the run keeps the base model"
         else:
-            text = (f"Pruning did not help: no p improved dev accuracy over the base model "
-                    f"({_f(base_dev.get('acc'))}), so the run keeps the base model")
+            text = (f"No p improved dev accuracy over the base model ({_f(base_dev.get('acc'))}), so the run "
+                    "kept the base model")
         text += f" (test accuracy {_acc_ci(base_test)})."
     else:
         d = report.get("diff_ci") or {}
@@ -48,19 +49,27 @@ def verdict(report: dict) -> str:
         dev_gain = f"the gain on dev ({_f(dev_d, signed=True)}) did not carry to test"
         if math.isnan(lo) or math.isnan(hi):
             text += "; the interval could not be computed, so whether the change is real is unknown."
-        elif significance({"lo": lo, "hi": hi}) == "gain":
-            text += " excludes 0, so the gain is significant at the 95% level."
-        elif significance({"lo": lo, "hi": hi}) == "loss":
-            text += f" lies below 0: pruning made test accuracy significantly worse, so {dev_gain}."
-        elif diff <= 0:
-            text += f" includes 0, and {dev_gain}."
         else:
-            text += " includes 0, so the gain is not significant."
+            text += f" ({test_text(d)})" if "p" in d else ""
+            kind = significance({**d, "lo": lo, "hi": hi, "diff": diff})
+            if kind == "gain":
+                text += ": a significant gain at the 5% level."
+            elif kind == "loss":
+                text += f": pruning made test accuracy significantly worse, so {dev_gain}."
+            else:
+                text += f": {bound_text({'hi': hi})}" + (f", and {dev_gain}." if diff <= 0 else ".")
+            if "discordant" in d:
+                text += f" Power: {mde_text(d)}."
     majority = _num((report.get("majority_rate") or {}).get("test"))
     best = max(_num(base_test.get("acc")), _num(pruned_test.get("acc")))
     if not math.isnan(majority) and not math.isnan(best) and best <= majority:
         who = "the base model does not beat" if p == 0 else "neither model beats"
         text += f" Note that {who} always answering the majority class on test ({_f(majority)})."
+    labels = report.get("predicted_labels") or {}
+    flags = [one_label_text(who, labels.get(key)) for who, key in (("The base model", "base"),
+                                                                   ("The pruned model", "pruned"))
+             if p or key == "base"]
+    text += "".join(f" {flag}" for flag in flags if flag)
     repeats = report.get("repeats") or {}
     if repeats.get("seeds"):
         rd, ps = repeats.get("diff") or {}, repeats.get("chosen_p") or []
@@ -86,17 +95,30 @@ def _results_section(report: dict) -> list[str]:
     majority = report.get("majority_rate")
     if majority:
         rows.append(["always the majority class", _f(majority.get("dev")), "", _f(majority.get("test")), ""])
-    lines += _table(["model", "dev accuracy [95% CI]", "dev n", "test accuracy [95% CI]", "test n"], rows)
+    labels = report.get("predicted_labels") or {}
+    header = ["model", "dev accuracy [95% CI]", "dev n", "test accuracy [95% CI]", "test n"]
+    if labels:
+        header.append("predicted labels (test)")
+        for row, key in zip(rows, ("base", "pruned"), strict=False):
+            row.append(labels_text(labels.get(key)))
+        rows[2:] = [[*row, ""] for row in rows[2:]]
+    lines += _table(header, rows)
     d = report.get("diff_ci")
     if not p:
-        lines.append("The run keeps the base model, so there is no pruned-vs-base difference to test.")
+        lines.append("The run kept the base model, so there is no pruned-vs-base difference to test.")
     elif d:
-        lines.append(f"Paired difference on test (pruned − base, bootstrap over the same examples): "
-                     f"**{_f(d.get('diff'), signed=True)}**, 95% CI {_interval(d.get('lo'), d.get('hi'), True)}.")
+        how = ("Newcombe's paired score interval" if d.get("interval") == "newcombe" else "paired bootstrap")
+        how += ", stratified by fold" if report.get("folds") else ""
+        lines.append(f"Paired difference on test (pruned − base, the same examples; {how}): "
+                     f"**{_f(d.get('diff'), signed=True)}**, 95% CI {_interval(d.get('lo'), d.get('hi'), True)}"
+                     + (f"; {test_text(d)}; {mde_text(d)}." if "p" in d else "."))
     dd = report.get("dev_diff_ci")
     if dd and p:
         lines.append(f"On dev: {_f(dd.get('diff'), signed=True)}, 95% CI {_interval(dd.get('lo'), dd.get('hi'), True)}"
                      " (optimistic: p was chosen to maximise dev accuracy).")
+    if labels:
+        lines.append("Predicted labels: how often each label was answered on test; a model that answers one label "
+                     "for ≥ 90% of the examples is flagged in the verdict.")
     return [*lines, ""]
 
 
@@ -132,8 +154,15 @@ def _sweep_section(report: dict) -> list[str]:
         mark = "**◀ chosen**" if _is_chosen(r, report) else ""
         nll = _f(r.get("dev_nll")) if r.get("dev_nll") is not None else "–"
         rows.append([_p(r.get("p")), r["_order"], r.get("n_frozen", "?"), dev, nll, test, mark])
-    return [*lines, *_table(["p", "tried", "components frozen", "dev accuracy [95% CI]", "dev NLL (correct answers)",
-                             "test accuracy [95% CI] (not used for selection)", "chosen"], rows)]
+    return [*lines, *_table(["p", "tried", "components frozen", "dev accuracy [95% CI]",
+                             "dev NLL (nats, summed)", "test accuracy [95% CI] (not used for selection)", "chosen"],
+                            rows),
+            "Columns: **p** the fraction of components frozen (lowest scores first); **tried** the order in which "
+            "p was evaluated; **components frozen** how many that fraction is; **dev accuracy** with a 95% "
+            "percentile bootstrap CI; **dev NLL** the negative log-likelihood of each dev example's correct "
+            "answer under teacher forcing, in nats, summed over its answer tokens and over all dev examples "
+            "(lower is better; `--select loss` and `accuracy+loss` read it); **test accuracy** with its 95% CI, "
+            "evaluated for transparency only; **chosen** the p the run kept.", ""]
 
 
 def _folds_section(report: dict) -> list[str]:
@@ -240,22 +269,47 @@ def folds_verdict(report: dict) -> str:
     text = (f"Across {f['k']} cross-fitted folds ({f['n_tested']} examples, each tested once by a run that chose p "
             f"on the other folds): edited test accuracy {edit['acc']:.3f} [{edit['lo']:.3f}, {edit['hi']:.3f}] vs base "
             f"{base['acc']:.3f} [{base['lo']:.3f}, {base['hi']:.3f}]; difference {d['diff']:+.3f}, 95% CI "
-            f"[{d['lo']:+.3f}, {d['hi']:+.3f}] (resampled within folds)")
-    if significance(d) == "gain":
-        text += ": the gain is significant at the 95% level."
-    elif significance(d) == "loss":
+            f"[{d['lo']:+.3f}, {d['hi']:+.3f}] (stratified by fold)")
+    if "p" in d:
+        text += f", {test_text(d)}"
+    kind = significance(d)
+    if kind == "gain":
+        text += ": a significant gain at the 5% level."
+    elif kind == "loss":
         text += ": the edits made test accuracy significantly worse."
     elif all(p == 0 for p in ps):
-        text += ": no fold found a p that beat the base model on dev, so every fold kept it."
+        text += ": no fold found a p that beat the base model on dev, so every fold kept the base model."
     else:
-        text += ": the interval includes 0, so the gain is not significant."
+        text += f": {bound_text(d)}."
+    if "discordant" in d and not all(p == 0 for p in ps):
+        text += f" Power: {mde_text(d)}."
     kept = sum(p == 0 for p in ps)
     text += f" p chosen per fold: {', '.join(f'{p:g}' for p in ps)}" + (
         f" (the base model kept in {kept} of {len(ps)})." if kept and kept < len(ps) else ".")
     majority = (report.get("majority_rate") or {}).get("test")
     if majority is not None and max(base["acc"], edit["acc"]) <= majority:
         text += f" Neither beats always answering the majority class ({majority:.3f})."
-    return text
+    labels = report.get("predicted_labels") or {}
+    flags = [one_label_text(who, labels.get(key)) for who, key in (("The base model", "base"),
+                                                                   ("The edited model", "pruned"))]
+    return text + "".join(f" {flag}" for flag in flags if flag)
+
+
+def console_lines(report: dict) -> list[str]:
+    """What `eigenprune run` prints: one line of numbers ("kept the base model" and nothing else when no edit
+    was kept), then the verdict."""
+    pruned, base, d = report["pruned"]["test"], report["base"]["test"], report["diff_ci"]
+    folds = report.get("folds")
+    kept = all(r["chosen_p"] == 0 for r in folds["per_fold"]) if folds else _chosen_p(report) == 0
+    if kept:
+        line = f"{report['task']}: kept the base model"
+    else:
+        where = "per fold" if folds else f"at p={report['chosen_p']}"
+        line = (f"{report['task']}: base test {base['acc']:.3f} [{base['lo']:.3f}, {base['hi']:.3f}] -> "
+                f"pruned {pruned['acc']:.3f} [{pruned['lo']:.3f}, {pruned['hi']:.3f}] {where} "
+                f"(diff {d['diff']:+.3f}, 95% CI [{d['lo']:+.3f}, {d['hi']:+.3f}], "
+                + (f"{test_text(d)}, " if "p" in d else "") + f"n={base['n']})")
+    return [line, report["verdict"]]
 
 
 def folds_section(report: dict) -> list[str]:

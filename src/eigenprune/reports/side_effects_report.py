@@ -76,28 +76,46 @@ def _per_method(section: dict) -> list[str]:
     return [*lines, ""]
 
 
-def plot(section: dict, path: str | Path) -> None:
-    """Per model: perplexity with its CI (left) and mean KL(base ‖ model) with its CI (right)."""
+def plot_data(section: dict) -> list[dict]:
+    """What `plot` draws, one entry per edited model: {"name", "delta", "lo", "hi", "significant", "kl", "kl_lo",
+    "kl_hi"} — the paired Δ perplexity (edit − base) and its interval exactly as the table and the words judge
+    it, and the mean KL(base ‖ edit) with its interval."""
+    models = section["models"]
+    out = []
+    for name in section["model_order"]:
+        if name == BASE:
+            continue
+        d, k = models[name]["delta_perplexity"], models[name].get("kl", {"value": 0.0, "lo": 0.0, "hi": 0.0})
+        out.append({"name": name, "delta": d["diff"], "lo": d["lo"], "hi": d["hi"], "significant": significance(d),
+                    "kl": k["value"], "kl_lo": k["lo"], "kl_hi": k["hi"]})
+    return out
+
+
+def plot(section: dict, path: str | Path) -> list[dict]:
+    """Per edited model: Δ perplexity (edit − base) with its paired CI, 0 being the base model (left), and the
+    mean KL(base ‖ model) with its CI (right). Returns what it drew (`plot_data`)."""
     from matplotlib.figure import Figure
 
-    names = section["model_order"]
-    models = section["models"]
-    fig = Figure(figsize=(9, 1.4 + 0.45 * len(names)), dpi=120, layout="constrained")
-    left, right = fig.subplots(1, 2, sharey=True)
-    for y, name in enumerate(names):
-        color = "0.3" if name == BASE else "#1f77b4"
-        p = models[name]["perplexity"]
-        left.errorbar([p["value"]], [y], xerr=[[p["value"] - p["lo"]], [p["hi"] - p["value"]]], fmt="o",
-                      capsize=4, color=color)
-        k = models[name].get("kl", {"value": 0.0, "lo": 0.0, "hi": 0.0})
-        right.errorbar([k["value"]], [y], xerr=[[k["value"] - k["lo"]], [k["hi"] - k["value"]]], fmt="o",
-                       capsize=4, color=color)
-    base = models[BASE]["perplexity"]
-    left.axvspan(base["lo"], base["hi"], color="0.88")
-    left.set_yticks(range(len(names)), names)
-    left.invert_yaxis()
+    data = plot_data(section)
     level = round(100 * section["bootstrap"]["level"])
-    left.set_xlabel(f"perplexity, {level}% bootstrap CI over {section['sample']['documents']} documents")
-    right.set_xlabel("mean KL(base ‖ model), nats per token")
+    fig = Figure(figsize=(9, 1.8 + 0.45 * max(1, len(data))), dpi=120, layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    base = section["models"][BASE]["perplexity"]
+    left.axvline(0.0, color="0.3", linestyle="--", label=f"base model (perplexity {base['value']:.2f})")
+    for y, row in enumerate(data):
+        filled = "#1f77b4" if row["significant"] else "white"
+        left.errorbar([row["delta"]], [y], xerr=[[row["delta"] - row["lo"]], [row["hi"] - row["delta"]]], fmt="o",
+                      capsize=4, color="#1f77b4", mfc=filled)
+        right.errorbar([row["kl"]], [y], xerr=[[row["kl"] - row["kl_lo"]], [row["kl_hi"] - row["kl"]]], fmt="o",
+                       capsize=4, color="#1f77b4")
+    left.plot([], [], "o", color="#1f77b4", label=f"filled: the paired {level}% CI excludes 0")
+    left.plot([], [], "o", color="#1f77b4", mfc="white", label="open: it includes 0")
+    left.set_yticks(range(len(data)), [row["name"] for row in data])
+    left.invert_yaxis()
+    left.set_xlabel(f"Δ perplexity (edit − base), paired {level}% bootstrap CI over "
+                    f"{section['sample']['documents']} documents")
+    right.set_xlabel(f"mean KL(base ‖ model), nats per token, {level}% CI")
     fig.suptitle("Side effects on general English text")
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     fig.savefig(path)
+    return data

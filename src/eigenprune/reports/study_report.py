@@ -3,7 +3,11 @@
 Everything here reads only each cell's comparison.json (and the cell's place in the grid), so the
 study files are re-rendered from the cells on every run, also when every cell was skipped.
 
-A difference counts as significant when its paired 95% CI excludes 0, the rule `compare` uses.
+The study is one family of tests (model x task x method − base): every cell's exact paired p-values
+(`diff_vs_base.p`, recomputed from the cell's per-example correctness) are Holm-adjusted together
+(`p_adjusted`, the family's size in `family`), and "significant" (bold, ▲/▼, '*') follows the adjusted
+value (`stats.significance`). A cell whose minimum detectable effect exceeds 5 points (or which could
+detect nothing) is marked: it could not have shown a 5-point gain.
 The control is the registered method whose role is "control" (`registry.controls()`: the random draw
 of as many components as eigenprune froze); its test difference is shown next to every method of the
 same cell.
@@ -19,9 +23,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from eigenprune.evaluation.stats import significance
+from eigenprune.evaluation.paired import holm_family, paired_difference
+from eigenprune.evaluation.stats import ALPHA, significance
 from eigenprune.methods.registry import controls
 from eigenprune.reports.compare_report import method_order
+from eigenprune.reports.words import diff_text, one_label_text, test_text
 
 FORMAT, VERSION = "eigenprune-study", 1
 NO_VALUE = "–"
@@ -61,8 +67,27 @@ def method_side_effects(report: dict, name: str) -> dict | None:
     return out
 
 
+DETECT = 0.05  # the gain a study cell should be able to detect (5 points); cells that cannot are marked
+
+
+def cell_difference(report: dict, name: str) -> dict:
+    """A method's test − base difference in a cell: recomputed from the cell's per-example correctness when the
+    comparison.json holds it (the same function compare used), else the keys it stored (without compare's
+    own `p_adjusted`, which adjusted over the cell alone)."""
+    per_example = report.get("per_example")
+    if per_example and name in per_example["methods"]:
+        d = paired_difference(per_example["base"], per_example["methods"][name], per_example.get("fold"),
+                              n_boot=report.get("n_boot", 1000)).to_dict()
+        if d["interval"] == "bootstrap":  # a seed-averaged control: keep the cell's own bootstrap numbers
+            d |= {k: report["methods"][name]["diff_vs_base"][k] for k in ("diff", "lo", "hi")}
+        return d
+    stored = report["methods"][name]["diff_vs_base"]
+    return {k: stored.get(k) for k in ("diff", "lo", "hi", "p", "n", "discordant", "mde", "interval")}
+
+
 def summarize_cell(cell: dict, report: dict) -> dict:
-    """One cell of study.json: where it sits in the grid and its methods' test differences from comparison.json."""
+    """One cell of study.json: where it sits in the grid and its methods' test differences from comparison.json
+    (`significant` judges the cell alone until `adjust` sets it from the p-value adjusted over the study)."""
     rows = report["methods"]
     control_name = next((name for name in controls() if name in rows), None)
     control = rows[control_name]["diff_vs_base"] if control_name else None
@@ -70,10 +95,10 @@ def summarize_cell(cell: dict, report: dict) -> dict:
     methods = {}
     for name in method_order(report):
         row = rows[name]
-        d = row["diff_vs_base"]
+        d = cell_difference(report, name)
         methods[name] = {
             "test": row["test"], "dev_acc": row["dev"]["acc"], "config": row["config"],
-            "diff_vs_base": diff(d), "significant": significance(d),
+            "diff_vs_base": d, "significant": significance(d), "predicted_labels": row.get("predicted_labels"),
             "control_diff": None if name == control_name or control is None else diff(control),
             "side_effects": method_side_effects(report, name),
             "dev_evaluations": row["dev_evaluations"], "changed_params": row["changed_params"],
@@ -81,17 +106,37 @@ def summarize_cell(cell: dict, report: dict) -> dict:
     return {
         **cell, "eval_mode": report["eval_mode"], "split_sizes": report["split_sizes"],
         "folds": (report.get("folds") or {}).get("k", 1),
-        "base": {"dev_acc": report["base"]["dev"]["acc"], "test": report["base"]["test"]},
+        "base": {"dev_acc": report["base"]["dev"]["acc"], "test": report["base"]["test"],
+                 "predicted_labels": report["base"].get("predicted_labels")},
         "methods_run": method_order(report), "implicit": report.get("implicit", []),
         "control": control_name, "methods": methods, "verdict": report.get("verdict", ""),
         "timings": {**report.get("timings", {}), "methods": {n: r.get("wall_s") for n, r in rows.items()}},
     }
 
 
+def cannot_detect(d: dict, effect: float = DETECT) -> bool:
+    """Whether a difference's design could not detect a gain of `effect` (its MDE is larger, or none)."""
+    return d.get("discordant") is not None and (d.get("mde") is None or d["mde"] > effect)
+
+
+def adjust(cells: list[dict]) -> dict:
+    """Holm-adjust every method − base p-value of the study together (`p_adjusted` in each `diff_vs_base`),
+    set each row's `significant` from the adjusted value and its `cannot_detect_5pt`; returns the family."""
+    rows = [r for c in cells for r in c["methods"].values()]
+    size = holm_family(r["diff_vs_base"] for r in rows)
+    for r in rows:
+        r["significant"] = significance(r["diff_vs_base"])
+        r["cannot_detect_5pt"] = cannot_detect(r["diff_vs_base"])
+    return {"adjustment": "holm", "alpha": ALPHA, "size": size,
+            "over": "every model x task x targets x method − base test difference with an exact paired test"}
+
+
 def build(spec: dict, spec_file: str, cells: list[dict], last_run: dict) -> dict:
-    """study.json: the spec, every cell's summary in grid order, and what this invocation did (`last_run`)."""
+    """study.json: the spec, every cell's summary in grid order (p-values Holm-adjusted over the study), the
+    family, and what this invocation did (`last_run`)."""
+    family = adjust(cells)
     return {"format": FORMAT, "format_version": VERSION, "spec": spec, "spec_file": spec_file, "cells": cells,
-            "last_run": last_run}
+            "family": family, "last_run": last_run}
 
 
 def _num(value, fmt: str = "{:+.3f}") -> str:
@@ -101,7 +146,7 @@ def _num(value, fmt: str = "{:+.3f}") -> str:
 
 
 def _diff(d: dict | None) -> str:
-    return NO_VALUE if d is None else f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+    return NO_VALUE if d is None else diff_text(d)
 
 
 def side_effect_columns(study: dict) -> list[str]:
@@ -113,33 +158,73 @@ def side_effect_columns(study: dict) -> list[str]:
 
 
 MARK = {"gain": "▲ gain", "loss": "▼ loss", None: ""}
+_SIDE_FORMAT = {"Δppl": "{:+.2f}", "KL": "{:.4f}"}  # one precision per column (accuracy changes: 3 decimals)
+
+
+def _side_format(column: str) -> str:
+    return _SIDE_FORMAT.get(column, "{:+.3f}" if column.endswith("Δacc") else "{:.3f}")
+
+
+def _p_cell(d: dict) -> str:
+    if d.get("p") is None:
+        return NO_VALUE
+    return f"{d['p']:.3f} ({d['p_adjusted']:.3f})" if d.get("p_adjusted") is not None else f"{d['p']:.3f}"
+
+
+def _mde_cell(d: dict) -> str:
+    if d.get("discordant") is None:
+        return NO_VALUE
+    mark = " †" if cannot_detect(d) else ""
+    return ("none" if d.get("mde") is None else f"{d['mde']:.3f}") + mark
 
 
 def render_markdown(study: dict, heatmap: str | None = "study.png") -> str:
     cells = study["cells"]
+    family = study.get("family") or {"size": 0, "alpha": ALPHA}
     control = next((c["control"] for c in cells if c.get("control")), (controls() or ["control"])[0])
     side = side_effect_columns(study)
     rows = [(c, m, r) for c in cells for m, r in c["methods"].items()]
-    gains = [f"{m} on {c['task']} ({c['model']}, {c['targets']}: {_diff(r['diff_vs_base'])})"
+    where = lambda c: f"{c['task']} ({c['model']}, {c['targets']})"
+    gains = [f"{m} on {where(c)}: {diff_text(r['diff_vs_base'])}, {test_text(r['diff_vs_base'])}"
              for c, m, r in rows if r["significant"] == "gain"]
-    losses = [f"{m} on {c['task']} ({c['model']}, {c['targets']})" for c, m, r in rows if r["significant"] == "loss"]
+    losses = [f"{m} on {where(c)}" for c, m, r in rows if r["significant"] == "loss"]
     grid = study["spec"]["study"]
     head = (f"{len(cells)} cells ({len(grid['models'])} models x {len(grid['tasks'])} tasks x "
-            f"{len(grid['targets'])} targets), methods {', '.join(grid['methods'])}.")
-    verdict = (f"Significant test gains over the base model (paired 95% CI above 0): {'; '.join(gains)}."
-               if gains else "No method's test gain over the base model is significant in any cell.")
+            f"{len(grid['targets'])} targets), methods {', '.join(grid['methods'])}. The family: "
+            f"{family['size']} method − base test differences with an exact paired test, Holm-adjusted together; "
+            f"significant means adjusted p < {family['alpha']:g}.")
+    verdict = (f"Significant test gains over the base model after Holm adjustment over the study's {family['size']} "
+               f"tests: {'; '.join(gains)}." if gains else
+               f"No method's test gain over the base model is significant after Holm adjustment over the study's "
+               f"{family['size']} tests.")
     if losses:
         verdict += f" Significantly worse than the base: {'; '.join(losses)}."
+    blind = [f"{m} on {where(c)}" for c, m, r in rows if r.get("cannot_detect_5pt") and r["significant"] is None]
+    if blind:
+        verdict += (f" {len(blind)} of {len(rows)} results (marked †) could not have detected a 5-point change "
+                    "(80% power, 5% level), so their 'not significant' says little: the table gives each one's "
+                    "95% upper bound.")
+    one_label = [one_label_text(f"On {where(c)} the base model", c["base"].get("predicted_labels")) for c in cells]
+    verdict += "".join(f" {text}" for text in one_label if text)
     lines = [f"# eigenprune study: {Path(study['spec_file']).name}", "", head, "", verdict, "", "## Results", "",
-             "| model | task | targets | method | base test | method test | test - base [95% CI] | sig. "
-             f"| {control} control: test - base | " + " | ".join(side) + " |",
-             "|---" * (9 + len(side)) + "|"]
+             "| model | task | targets | method | base test | method test | test - base [95% CI] | p (Holm) | MDE "
+             f"| sig. | {control} control: test - base | " + " | ".join(side) + " |",
+             "|---" * (11 + len(side)) + "|"]
     for c, m, r in rows:
-        effects = r["side_effects"] or {}
+        effects, d = r["side_effects"] or {}, r["diff_vs_base"]
+        shown = _diff(d) if r["significant"] is None else f"**{_diff(d)}**"
         lines.append(f"| {c['model']} | {c['task']} | {c['targets']} | {m} | {c['base']['test']['acc']:.3f} | "
-                     f"{r['test']['acc']:.3f} | {_diff(r['diff_vs_base'])} | {MARK[r['significant']]} | "
-                     f"{_diff(r['control_diff'])} | " + " | ".join(_num(effects.get(k), "{:.4g}") for k in side)
+                     f"{r['test']['acc']:.3f} | {shown} | {_p_cell(d)} | {_mde_cell(d)} | {MARK[r['significant']]} | "
+                     f"{_diff(r['control_diff'])} | " + " | ".join(_num(effects.get(k), _side_format(k)) for k in side)
                      + " |")
+    lines += ["", "Columns: **base test** / **method test** test accuracy; **test - base** the paired change in test "
+              "accuracy with Newcombe's hybrid score 95% interval (stratified by fold under folds; a seed-averaged "
+              "control keeps a paired bootstrap CI), bold where significant; **p (Holm)** the exact McNemar p-value "
+              "and, in brackets, the Holm-adjusted one over the whole study; **MDE** the smallest change in accuracy "
+              "(a fraction) the exact test detects with 80% power at the 5% level given the cell's n and the share "
+              "of answers that changed, † where it exceeds 0.05 or nothing was detectable; **sig.** follows the "
+              f"adjusted p; **{control} control** its own test − base in the same cell; "
+              + ", ".join(f"**{k}**" for k in side) + " side effects (see the notes)."]
     if heatmap:
         lines += ["", f"![test - base per task and method]({heatmap})"]
     lines += ["", "## Cells", ""]
@@ -147,7 +232,8 @@ def render_markdown(study: dict, heatmap: str | None = "study.png") -> str:
         sizes = ", ".join(f"{k} {v}" for k, v in c["split_sizes"].items())
         lines.append(f"- [{c['key']}]({c['dir']}/comparison.md): {c['eval_mode']}, {sizes}. {c['verdict']}")
     notes = ["Each cell is one `eigenprune compare` run; every method chose its configuration on dev and was "
-             "evaluated on test once. sig.: the paired 95% bootstrap CI of (method - base) on test excludes 0.",
+             "evaluated on test once. A cell's comparison.md adjusts over its own methods only; this table adjusts "
+             "over the study.",
              f"The {control} control freezes as many components as eigenprune chose, at random; its difference is "
              "repeated on every row of its cell so a method's gain can be read against it."]
     implicit = sorted({m for c in cells for m in c["implicit"]})
@@ -172,8 +258,8 @@ def _row_labels(study: dict, model: str) -> list[tuple[str, str, str]]:
 
 
 def plot_heatmaps(study: dict, path: Path) -> None:
-    """Tasks x methods per model, colour = test - base, annotated with the difference and '*' when its CI
-    excludes 0; grey where a method did not run in a cell."""
+    """Tasks x methods per model, colour = test - base, annotated with the difference and '*' where it is
+    significant after Holm adjustment over the study; grey where a method did not run in a cell."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -206,5 +292,6 @@ def plot_heatmaps(study: dict, path: Path) -> None:
         ax.set_yticks(range(len(labels)), [label for _, _, label in labels])
         ax.set_title(model, fontsize=10)
     fig.colorbar(image, ax=list(axes), label="test accuracy - base", shrink=0.8)
-    fig.suptitle("test accuracy - base model; * where the paired 95% CI excludes 0", fontsize=9)
+    fig.suptitle("test accuracy - base model; * significant (exact paired test, Holm-adjusted over the study)",
+                 fontsize=9, wrap=True)
     fig.savefig(path, format="png")
