@@ -18,7 +18,7 @@ Scores keep the max over pairs (the paper) and the mean.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,31 +27,9 @@ from tqdm.auto import tqdm
 from eigenprune.core.batching import Batch, Encoded, batch_nll, check_fits, collate, teacher_forced
 from eigenprune.core.errors import UsageError
 from eigenprune.core.hooks import activation_grads_only, capture_io
+from eigenprune.edits.config import ScoreConfig  # noqa: F401  (defined torch-free for the CLI)
 from eigenprune.edits.decompose import Components
 from eigenprune.edits.targets import Target
-
-
-@dataclass
-class ScoreConfig:
-    """How to pair examples and batch them."""
-
-    partners: int | str = field(default=4, metadata={"help": "partners per example, or 'all' (exact)"})
-    window: int = field(default=32, metadata={"help": "partners come from this many preceding examples"})
-    seed: int = field(default=0, metadata={"help": "seed of the stream order and partner draws"})
-    batch_size: int = field(default=8, metadata={"help": "examples per forward/backward"})
-
-    def __post_init__(self) -> None:
-        if isinstance(self.partners, str):
-            if self.partners != "all":
-                if not self.partners.isdigit():
-                    raise ValueError(f"partners must be a positive integer or 'all', got '{self.partners}'")
-                self.partners = int(self.partners)
-        if self.partners != "all" and self.partners < 1:
-            raise ValueError(f"partners must be at least 1, got {self.partners}")
-        if self.window < 1:
-            raise ValueError(f"window must be at least 1, got {self.window}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 @dataclass
