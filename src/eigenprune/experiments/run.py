@@ -23,7 +23,7 @@ from eigenprune.evaluation.splits import fold_splits, split_task
 from eigenprune.experiments import pipeline
 from eigenprune.experiments.crossfit import folds_report
 from eigenprune.methods import registry
-from eigenprune.protocol.config import RunConfig
+from eigenprune.protocol.config import RunConfig, to_json
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
@@ -60,6 +60,17 @@ def _check_recorded(expected: dict | None, recorded: dict, allow_changed: bool) 
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return notes
+
+
+def _chosen(cfg: RunConfig, report: dict, edit) -> dict:
+    """config.json's `chosen` block: the p of the saved edit (edit/: the fixed split's, else fold 1's or the first
+    seed's) and, with folds or seeds, every fold's or seed's; `--config` reruns choose again and ignore it."""
+    chosen = {"edit": "edit", "p": edit.config.p, "n_frozen": edit.n_frozen, "select": cfg.select}
+    if cfg.folds > 1:
+        chosen["p_per_fold"] = [row["chosen_p"] for row in report["folds"]["per_fold"]]
+    if cfg.seeds > 1:
+        chosen["p_per_seed"] = report["repeats"]["chosen_p"]
+    return chosen
 
 
 def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allow_changed: bool) -> dict:
@@ -129,7 +140,8 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
                              "chosen_p": [r["chosen_p"] for r in rows], "runs": rows}
     report["verdict"] = verdict(report)
     with atomic_dir(out) as tmp:
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"recorded": recorded}, indent=2,
+        (tmp / "config.json").write_text(json.dumps(to_json(cfg) | {"chosen": _chosen(cfg, report, edit),
+                                                                    "recorded": recorded}, indent=2,
                                                     sort_keys=True) + "\n")
         save_scores(tmp / "scores", run.scores, run.targets, run.components, run.meta)
         save_edit(tmp / "edit", edit, run.edit_meta())

@@ -3,8 +3,10 @@
 The scoring settings are `scoring.ScoreConfig` and the freezing rule `freeze.FreezeConfig`, nested here
 as `score` and `freeze` (so `score` and `run` spell each setting the same way: `--score-seed`,
 `--partners`, `--scope`, ...). `freeze.p` is unused in a run: the run tries every fraction of `p`, each
-through `freeze_at(p)`. config.json is the dataclass as sorted JSON; `config_from_file` reads it back
-(also the flat layout of config.json files written before nesting), type-checking every field.
+through `freeze_at(p)`, so config.json (`to_json`: the dataclass as sorted JSON) leaves it out and says
+what dev chose in a `chosen` block of its own. `config_from_file` reads config.json back (also the flat
+layout of files written before nesting, and the `freeze.p: 0.0` of files written before `chosen`),
+type-checking every field.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ DEFAULT_PS = DEFAULT_GRID  # the paper's grid: what `--p` tries, and where `--p 
 EVAL_MODES = ("next-token", "choice", "exact")
 COMPARE_EXCLUDES = ("seeds", "sweep_test")  # run settings compare does not use: one split seed, test only once
 SCORE_FLAGS = {"seed": "score-seed"}  # `--seed` alone would be ambiguous next to --split-seed and --seeds
+RESULTS = ("recorded", "chosen")  # what a run's config.json says beside its settings: inputs' digests, dev's choice
 # config.json files from before nesting kept these at the top level
 LEGACY = {"partners": "score.partners", "window": "score.window", "score_seed": "score.seed",
           "batch_size": "score.batch_size", "scope": "freeze.scope", "aggregate": "freeze.aggregate",
@@ -150,6 +153,15 @@ def config_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()) ->
     return cfg
 
 
+def to_json(cfg: RunConfig) -> dict:
+    """The settings as config.json holds them: every field but `freeze.p`, which a run never applies (it tries
+    each fraction of `p`; the one dev chose goes in config.json's `chosen` block). Files that still carry
+    `freeze.p` load as before."""
+    data = settings.to_dict(cfg)
+    data["freeze"].pop("p", None)
+    return data
+
+
 def config_from_file(path: str | Path) -> RunConfig:
     """A RunConfig from a run's config.json: every key known, every value of its field's type."""
     path = Path(path)
@@ -159,7 +171,7 @@ def config_from_file(path: str | Path) -> RunConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"{path} is not valid JSON ({getattr(err, 'msg', err)})") from None
-    data = {k: v for k, v in data.items() if k != "recorded"} if isinstance(data, dict) else data
+    data = {k: v for k, v in data.items() if k not in RESULTS} if isinstance(data, dict) else data
     try:
         return settings.from_dict(RunConfig, data, where=f"{path}: ", legacy=LEGACY)
     except ValueError as err:
@@ -167,4 +179,4 @@ def config_from_file(path: str | Path) -> RunConfig:
 
 
 __all__ = ["AGGREGATES", "BIASES", "DEFAULT_PS", "SCOPES", "RunConfig", "ScoreConfig", "FreezeConfig",
-           "add_run_options", "config_from_args", "config_from_file"]
+           "add_run_options", "config_from_args", "config_from_file", "to_json"]
