@@ -50,7 +50,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from eigenprune.core.models import load_model
 
-    return load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.device_map)
+    return load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.device_map,
+                      progress=not getattr(args, "quiet", False))
 
 
 def _scoring_examples(args):

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from eigenprune.core.batching import Batch, Encoded, batch_nll, check_fits, collate, teacher_forced
 from eigenprune.core.errors import UsageError
 from eigenprune.core.hooks import activation_grads_only, capture_io
+from eigenprune.core.progress import bar as progress_bar
 from eigenprune.edits.config import ScoreConfig  # noqa: F401  (defined torch-free for the CLI)
 from eigenprune.edits.decompose import Components
 from eigenprune.edits.targets import Target
@@ -259,14 +259,15 @@ class _Stream:
                 self._accumulate(t.name, a, b, rows_t, partners_t)
             self.n_pairs += len(rows)
 
-    def run(self, progress: bool) -> None:
+    def run(self, progress: bool | str) -> None:
         rank, world = _distributed()
         batches = self.batch_positions()
         share = [batches[i] for i in range(len(batches)) if i * world // len(batches) == rank]
         before = [b for b in batches if share and b[-1] < share[0][0] and b[-1] >= share[0][0] - self.window]
         tail_start = len(self.encoded) - self.window
         after = [b for b in batches if share and b[0] > share[-1][-1] and b[-1] >= tail_start]
-        bar = tqdm(total=sum(len(b) for b in share), desc="scoring", unit="ex", disable=not progress or rank != 0)
+        bar = progress_bar(total=sum(len(b) for b in share), progress=progress if rank == 0 else False,
+                           what="scoring", unit="ex")
         try:
             with activation_grads_only(self.model), capture_io(self.model, self.modules) as cap:
                 for positions in before:
@@ -304,7 +305,7 @@ def score(
     encoded: list[Encoded],
     pad_id: int,
     config: ScoreConfig | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> Scores:
     """Score every component of every target on `encoded` (one forward+backward per batch).
 

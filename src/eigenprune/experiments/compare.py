@@ -142,7 +142,7 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
     mode = cfg.eval_mode or task.eval_mode
     folds = fold_splits(task, cfg.folds, cfg.split_seed, cfg.dev_fraction, cfg.limit)  # k = 1: today's split
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map)
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map, progress=not quiet)
     timings = {"load": time.perf_counter() - t0}
     checked = folds.examples if len(folds) > 1 else folds[0].train + folds[0].test
     warnings = next_token_warnings(tok, checked) if mode == "next-token" else []
@@ -156,7 +156,7 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
             side_effects = pipeline.measure_side_effects(model, tok, task, cfg, appliers, quiet)
             timings["side_effects"] = time.perf_counter() - t0
 
-    label = (lambda i: f"compare: fold {i + 1}/{len(folds)}: ") if len(folds) > 1 else (lambda i: "compare: ")
+    label = (lambda i: f"fold {i + 1}/{len(folds)}") if len(folds) > 1 else (lambda i: "")
     runs = pipeline.run_splits([(split, cfg) for split in folds], model, tok, mode, quiet, specs, configs,
                                label=label, after=after, keep_live=len(folds) == 1)
     timings["base_eval"] = sum(r.base_s for r in runs)

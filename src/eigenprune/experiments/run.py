@@ -84,7 +84,7 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
     task = load_task(cfg.task, cfg.template, cfg.answers)
     mode = cfg.eval_mode or task.eval_mode
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map)
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map, progress=not quiet)
     load_s = time.perf_counter() - t0
     from eigenprune.experiments.provenance import record
 
@@ -96,7 +96,8 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
         folds = fold_splits(task, cfg.folds, cfg.split_seed, cfg.dev_fraction, cfg.limit)
         if mode == "next-token":
             warnings += next_token_warnings(tok, task.train + task.test)
-        runs = pipeline.run_splits([(fold, cfg) for fold in folds], model, tok, mode, quiet, [spec], configs)
+        runs = pipeline.run_splits([(fold, cfg) for fold in folds], model, tok, mode, quiet, [spec], configs,
+                                   label=lambda i: f"fold {i + 1}/{cfg.folds}")
         reports = [folds_report(folds, runs, pipeline.pool(folds, runs, [spec], cfg.n_boot, dict)[1][spec.name])]
     else:
         seeds = range(cfg.split_seed, cfg.split_seed + cfg.seeds)
@@ -112,7 +113,8 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
                 print(f"seed {r['split_seed']}: base test {r['base']['test']['acc']:.3f}, "
                       f"pruned {r['pruned']['test']['acc']:.3f} (p={r['chosen_p']})", file=sys.stderr)
 
-        runs = pipeline.run_splits(splits, model, tok, mode, quiet, [spec], configs, after=say)
+        runs = pipeline.run_splits(splits, model, tok, mode, quiet, [spec], configs, after=say,
+                                   label=lambda i: f"seed {cfg.split_seed + i}" if cfg.seeds > 1 else "")
         reports = [one.results[spec.name].report for one in runs]
     fold_edits = [(i, one.results[spec.name].score_run, one.results[spec.name].edit) for i, one in enumerate(runs)]
     _, run, edit = fold_edits[0]  # the first fold's (or seed's) scores and edit are the ones saved at the top

@@ -151,8 +151,8 @@ def _stale_message(out: Path, stale: list[tuple[Cell, str]]) -> str:
 def _progress(total: int, quiet: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="cell", desc="study", disable=quiet or total == 0, file=sys.stderr,
-                bar_format="{desc}: {n}/{total} cells |{bar}| {elapsed} elapsed, ~{remaining} left")
+    return tqdm(total=total, unit="cell", desc="study", disable=True if quiet or total == 0 else None, file=sys.stderr,
+                bar_format="{desc}: {n}/{total} cells |{bar}| {elapsed} elapsed, ~{remaining} left", leave=True)
 
 
 def _cell_meta(cell: Cell) -> dict:
@@ -216,7 +216,7 @@ def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet:
             for cell in todo:
                 bar.set_description_str(f"study ({cell.key})")
                 try:
-                    compare(cell.run, cell.opts, out / "cells" / cell.key, quiet=True)
+                    compare(cell.run, cell.opts, out / "cells" / cell.key, quiet=quiet)  # its bars below the study's
                 except UsageError as err:  # e.g. targets that match no module of this model: say which cell
                     raise UsageError(f"cell {cell.key}: {err} (finished cells are kept; fix the spec and run "
                                      "again)") from None
