@@ -140,8 +140,9 @@ def test_threads_are_capped_to_free_cores(monkeypatch):
     assert free_cores() == cores  # a quiet one: every core
     before = torch.get_num_threads()
     try:
-        assert cap_threads(None) is None and torch.get_num_threads() == before  # torch already loaded: left alone
-        assert cap_threads(1) == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert cap_threads(None) is None and torch.get_num_threads() == 2  # torch already loaded: left alone
+        assert cap_threads(1) == 1 and torch.get_num_threads() == 1  # unless --threads says
     finally:
         torch.set_num_threads(before)
     script = "from eigenprune.cli.common import cap_threads; n = cap_threads(None); import torch; print(n, " \
