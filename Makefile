@@ -22,7 +22,7 @@ venv: $(BIN)/.installed
 test: venv
 	$(BIN)/ruff check src tests bench
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest  # tiny models: one thread each is fastest
 
 lint: venv
 	$(BIN)/ruff check src tests bench

@@ -53,6 +53,28 @@ def test_score_prune_export_generate(capsys, tmp_path, saved_model_dir, data_fil
     assert merged(ids).logits.shape[-1] == 320
 
 
+def test_generate_compare_prints_base_and_edit_side_by_side(capsys, tmp_path, saved_model_dir, data_file,
+                                                         monkeypatch):
+    """--compare: the base model's continuation beside the edit's. The tiny model's greedy text rarely changes
+    under an edit, so the continuation is replaced by one that says whether the edit is on the model."""
+    import eigenprune.cli as cli
+    from eigenprune.edits.freeze import FrozenLinear
+
+    assert run_cli(capsys, "score", "--model", saved_model_dir, "--data", data_file, "--out", tmp_path / "s",
+                   "--quiet", "--partners", "2")[0] == 0
+    assert run_cli(capsys, "prune", "--scores", tmp_path / "s", "--p", "0.5", "--out", tmp_path / "e")[0] == 0
+    edited = lambda model: any(isinstance(m, FrozenLinear) for m in model.modules())
+    monkeypatch.setattr(cli, "_greedy", lambda model, tok, inputs, n: f"{'edited' if edited(model) else 'plain'} {n}")
+    code, out, err = run_cli(capsys, "generate", "--edit", tmp_path / "e", "--prompt", "1 + 2 =", "--max-new-tokens",
+                             "3", "--compare")
+    assert code == 0, err
+    name = f"edit ({tmp_path / 'e'})"
+    assert out.splitlines() == [f"{'prompt':<{len(name)}}  '1 + 2 ='", f"{'base':<{len(name)}}  'plain 3'",
+                                f"{name}  'edited 3'"]
+    assert run_cli(capsys, "generate", "--edit", tmp_path / "e", "--prompt", "1 + 2 =")[1] == "edited 16\n"
+    assert run_cli(capsys, "generate", "--prompt", "1 + 2 =", "--compare")[0] == 2  # nothing to compare with
+
+
 def test_device_map_auto_scores_like_a_plain_load(capsys, tmp_path, saved_model_dir, data_file):
     """`--device-map auto` goes through accelerate's placement (one CPU here; several GPUs elsewhere)."""
     from safetensors.torch import load_file

@@ -40,6 +40,29 @@ def test_run_writes_a_complete_directory(finished_run):
     assert report["chosen_p"] in (0.0, 0.05, 0.3)
 
 
+def test_config_records_the_chosen_p_not_a_freeze_p(finished_run):
+    """config.json holds what was chosen (the saved edit's p), and no `freeze.p`, which a run never applies."""
+    config = json.loads((finished_run / "config.json").read_text())
+    report = json.loads((finished_run / "report.json").read_text())
+    assert "p" not in config["freeze"]
+    assert config["chosen"]["p"] == report["chosen_p"]
+    assert config["chosen"]["n_frozen"] == report["n_frozen"]
+    assert config["p"] == [0.05, 0.3]  # the fractions tried
+
+
+def test_an_old_config_with_freeze_p_still_reruns(finished_run, tmp_path):
+    """config.json files written before `chosen` carry `freeze.p: 0.0` and no `chosen`: they load unchanged."""
+    from eigenprune.protocol.config import config_from_file, to_json
+
+    config = json.loads((finished_run / "config.json").read_text())
+    old = {k: v for k, v in config.items() if k != "chosen"}
+    old["freeze"] = {**old["freeze"], "p": 0.0}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert config_from_file(tmp_path / "old.json") == config_from_file(finished_run / "config.json")
+    assert to_json(config_from_file(tmp_path / "old.json")) == {k: v for k, v in config.items()
+                                                                 if k not in ("chosen", "recorded")}
+
+
 def test_config_rerun_reproduces_the_report(finished_run, tmp_path):
     code = main(["run", "--config", str(finished_run / "config.json"), "--out", str(tmp_path / "again"), "--quiet"])
     assert code == 0

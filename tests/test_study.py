@@ -16,8 +16,9 @@ from helpers import sensitive, write_task
 
 import eigenprune.experiments.compare as compare_module
 from eigenprune.cli import build_parser
+from eigenprune.cli.study import add_study_parser
 from eigenprune.core.errors import UsageError
-from eigenprune.experiments.study import CELLS_JSON, LOCK, add_study_parser
+from eigenprune.experiments.study import CELLS_JSON, LOCK
 from eigenprune.experiments.study_spec import load_spec
 from eigenprune.reports.study_report import render_markdown, summarize_cell
 

@@ -1,7 +1,9 @@
 """The `eigenprune` command: argparse subcommands, each with examples in its epilog.
 
 `main(argv)` returns an exit code and is what the tests call. Anything the user can fix ends in one
-line on stderr and exit code 2 (`UsageError`, or a config field that fails validation).
+line on stderr and exit code 2 (`UsageError`, or a config field that fails validation). This module and
+the parsers it builds (`run.py`, `compare.py`, `study.py`, `common.py`) import no torch: arguments,
+settings, task names and `--out` are checked first, and each command imports its work when it runs.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from eigenprune.cli.common import FMT, Parser, add_common, cap_threads, check_out, check_task, from_flags
 from eigenprune.core import settings
 from eigenprune.core.errors import UsageError
-from eigenprune.edits.freeze import FreezeConfig
-from eigenprune.edits.scoring import ScoreConfig
+from eigenprune.edits.config import FreezeConfig, ScoreConfig
 from eigenprune.protocol.config import SCORE_FLAGS
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -48,7 +50,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from eigenprune.core.models import load_model
 
-    return load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.device_map)
+    return load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.device_map,
+                      progress=not getattr(args, "quiet", False))
 
 
 def _scoring_examples(args):
@@ -91,11 +94,14 @@ def _start_distributed(args) -> int:
 
 
 def cmd_score(args) -> int:
+    import os
+
+    config = from_flags(ScoreConfig, args)
+    check_task(args.task)
+    if args.data and not os.path.isfile(args.data):
+        raise UsageError(f"data file not found: {args.data}")
     from eigenprune.edits.artifact import check_new_dir, save_scores
     from eigenprune.edits.engine import score_run
-
-    config = _from_flags(ScoreConfig, args)
-    import os
 
     check_new_dir(args.out, claim=os.environ.get("RANK", "0") == "0")  # before the long work; rank 0 writes
     examples, meta = _scoring_examples(args)
@@ -113,11 +119,12 @@ def cmd_score(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from eigenprune.edits.artifact import check_new_dir, load_scores, save_edit
-
     if args.p is None:
         raise UsageError("prune needs --p, the fraction of components to freeze (e.g. --p 0.05)")
-    config = _from_flags(FreezeConfig, args)
+    config = from_flags(FreezeConfig, args)
+    check_out(args.out)
+    from eigenprune.edits.artifact import check_new_dir, load_scores, save_edit
+
     check_new_dir(args.out)
     run = load_scores(args.scores)
     edit = run.edit(config)
@@ -140,12 +147,12 @@ def _load_with_edit(args):
 
 
 def cmd_export(args) -> int:
-    from eigenprune.edits.export import export_merged
-
     if not args.merge:
         raise UsageError("export writes a plain Hugging Face model and needs --merge (the edit folder itself "
                          "is the unmerged form)")
+    check_out(args.out)
     from eigenprune.edits.artifact import check_new_dir
+    from eigenprune.edits.export import export_merged
 
     check_new_dir(args.out)
     model, tok = _load_with_edit(args)
@@ -166,13 +173,29 @@ def _check_generation_fits(model, n_prompt: int, max_new_tokens: int) -> None:
                          f"context of {limit} tokens; use at most {limit - n_prompt}")
 
 
-def cmd_generate(args) -> int:
+def _greedy(model, tok, inputs, max_new_tokens: int) -> str:
     import torch
 
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def side_by_side(prompt: str, texts: dict[str, str]) -> str:
+    """The prompt, then each model's continuation under its name, names aligned."""
+    width = max(len(name) for name in texts)
+    lines = [f"{'prompt':<{width}}  {prompt!r}"]
+    lines += [f"{name:<{width}}  {text!r}" for name, text in texts.items()]
+    return "\n".join(lines)
+
+
+def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not args.prompt:
         raise UsageError("--prompt is empty; give some text to continue")
+    if args.compare and not args.edit:
+        raise UsageError("--compare shows the base model beside an edit; give the edit with --edit")
     if args.edit:
         model, tok = _load_with_edit(args)
     else:
@@ -181,42 +204,46 @@ def cmd_generate(args) -> int:
         model, tok = _load(args)
     inputs = tok(args.prompt, return_tensors="pt").to(args.device)
     _check_generation_fits(model, inputs["input_ids"].shape[1], args.max_new_tokens)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    edited = _greedy(model, tok, inputs, args.max_new_tokens)
+    if not args.compare:
+        print(edited)
+        return 0
+    from eigenprune.edits.freeze import remove_edit
+
+    remove_edit(model)  # the original layers back: the base model, loaded once
+    base = _greedy(model, tok, inputs, args.max_new_tokens)
+    print(side_by_side(args.prompt, {"base": base, f"edit ({args.edit})": edited}))
     return 0
 
 
-def _from_flags(cls, args):
-    """A config from the flags `settings.add_flags` made for it; a bad value is one line."""
-    try:
-        return settings.from_dict(cls, settings.flag_values(args, cls))
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one line on stderr (exit 2), like every other usage error."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(prog="eigenprune", formatter_class=fmt, description=(
-        "Remove singular components of a causal LM's weights to help one task, and measure it honestly."))
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    fmt = FMT
+    parser = Parser(prog="eigenprune", formatter_class=fmt, description=(
+        "Remove singular components of a causal LM's weights to help one task, and measure it honestly."),
+        epilog="start with `eigenprune run --help`; `make demo` runs SmolLM2-135M on int-mult and CB")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+
+    # the experiments first: what most people run
+    from eigenprune.cli.compare import add_compare_parser
+    from eigenprune.cli.run import add_run_parser
+    from eigenprune.cli.study import add_study_parser
+
+    add_run_parser(sub, fmt)
+    add_compare_parser(sub, fmt)
+    add_study_parser(sub, fmt)
 
     p = sub.add_parser("targets", help="list the weight matrices a selection matches", formatter_class=fmt,
+                       description="List the weight matrices --targets and --layers select: name, shape, components.",
                        epilog="examples:\n  eigenprune targets --model smollm2-135m --targets key\n"
                               "  eigenprune targets --model gpt2 --targets 'c_attn:v' --layers 6- --per-head")
     _model_args(p)
     _target_args(p)
+    add_common(p, quiet=False)
     p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("score", help="score every singular component on a task's train split",
+                       description="SVD the targets and score every component by attribution patching; `prune` "
+                                   "then makes an edit at any p without rescoring.",
                        formatter_class=fmt, epilog=(
                            "examples:\n  eigenprune score --model smollm2-135m --task int-mult --out runs/scores\n"
                            "  eigenprune score --model ./my-model --data train.jsonl --partners all --out s\n"
@@ -226,10 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     settings.add_flags(p, ScoreConfig, rename=SCORE_FLAGS, aliases={"seed": ("--seed",)})  # as `run` spells them
     p.add_argument("--out", required=True, help="directory to write (must not exist)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_common(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("prune", help="freeze the lowest fraction p of scored components into an edit",
+                       description="Make an edit from saved scores: freeze the lowest-scoring fraction p of "
+                                   "components (no model is loaded).",
                        formatter_class=fmt, epilog=(
                            "examples:\n  eigenprune prune --scores runs/scores --p 0.05 --out runs/edit\n"
                            "  eigenprune prune --scores runs/scores --p 0.1 --scope per-target --bias constant "
@@ -237,37 +266,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", required=True, help="directory written by `eigenprune score`")
     settings.add_flags(p, FreezeConfig)  # --p (required), --scope, --aggregate, --bias, as `run` spells them
     p.add_argument("--out", required=True, help="edit directory to write (must not exist)")
+    add_common(p, quiet=False)
     p.set_defaults(func=cmd_prune)
 
-    for name, helptext, func in (("export", "write a plain Hugging Face model with the edit merged", cmd_export),
-                                 ("generate", "greedy-generate from a prompt, with or without an edit",
-                                  cmd_generate)):
-        epilog = ("examples:\n  eigenprune export --edit runs/edit --merge --out merged-model"
-                  if name == "export" else
-                  "examples:\n  eigenprune generate --edit runs/edit --prompt '7 x 8 ='")
-        p = sub.add_parser(name, help=helptext, formatter_class=fmt, epilog=epilog)
-        p.add_argument("--edit", required=name == "export", help="edit directory written by `prune`")
-        p.add_argument("--model", default=None, help="base model (default: the one the edit records)")
-        p.add_argument("--dtype", default=None, help="default: the dtype the edit was made in")
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--device-map", default=None)
-        p.add_argument("--trust-remote-code", action="store_true")
+    for name in ("export", "generate"):
         if name == "export":
-            p.add_argument("--merge", action="store_true", help="fold the edit into the weights")
-            p.add_argument("--out", required=True, help="model folder to write (must not exist)")
+            p = sub.add_parser(name, help="write a plain Hugging Face model with the edit merged", formatter_class=fmt,
+                               description="Fold a saved edit into the base model's weights and save the result as "
+                                           "a model folder that loads in plain transformers.",
+                               epilog="examples:\n  eigenprune export --edit runs/mult/edit --merge --out merged-model")
         else:
-            p.add_argument("--prompt", required=True)
-            p.add_argument("--max-new-tokens", type=int, default=16)
-        p.set_defaults(func=func)
-
-    from eigenprune.experiments.compare import add_compare_parser  # `run` and `compare` live in their own modules
-    from eigenprune.experiments.run import add_run_parser
-
-    add_run_parser(sub, fmt)
-    add_compare_parser(sub, fmt)
-    from eigenprune.experiments.study import add_study_parser
-
-    add_study_parser(sub, fmt)
+            p = sub.add_parser(name, help="greedy-generate from a prompt, with or without an edit", formatter_class=fmt,
+                               description="Greedy continuation of a prompt by the base model or an edited one; "
+                                           "--compare prints both.",
+                               epilog="examples:\n  eigenprune generate --edit runs/mult/edit --prompt '7 x 8 =' "
+                                      "--compare\n  eigenprune generate --prompt 'The capital of France is'")
+        p.add_argument("--edit", required=name == "export", help="edit directory (written by `prune`, or a run's "
+                                                                  "edit/ folder)")
+        p.add_argument("--model", default=None, help="base model (default: the one the edit records, else "
+                                                     f"{DEFAULT_MODEL})")
+        p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the dtype the edit "
+                                                     "was made in)")
+        p.add_argument("--device", default="cpu", help="torch device to load the model on, e.g. cpu or cuda "
+                                                       "(default cpu)")
+        p.add_argument("--device-map", default=None, help="'auto' spreads a large model over devices (accelerate)")
+        p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
+        if name == "export":
+            p.add_argument("--merge", action="store_true",
+                           help="fold the edit into the weights (required): works for every edit `prune`, `run` "
+                                "and `compare` save (eigenprune and its controls, LASER, SVD clipping, "
+                                "feature space), each a weight change plus, for eigenprune, a bias; LoRA and "
+                                "fine-tune results are saved as full weights already")
+            p.add_argument("--out", required=True, help="model folder to write (must not exist)")
+            p.set_defaults(func=cmd_export)
+        else:
+            p.add_argument("--prompt", required=True, help="text to continue")
+            p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+            p.add_argument("--compare", action="store_true",
+                           help="with --edit: print the base model's continuation beside the edited one's")
+            p.set_defaults(func=cmd_generate)
+        add_common(p, quiet=False)
     return parser
 
 
@@ -275,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        cap_threads(args.threads)
         return args.func(args)
     except UsageError as err:
         print(f"eigenprune {args.command}: error: {err}", file=sys.stderr)

@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError
 
 from eigenprune.core.errors import UsageError
+from eigenprune.core.progress import say
 
 SMOLLM2_ALIAS = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -368,7 +369,7 @@ def _from_pretrained(spec: str, source: ModelSource, torch_dtype: torch.dtype, t
 
 
 def _from_gguf_cache(spec: str, source: ModelSource, dtype: str, root: Path, trust_remote_code: bool,
-                     device_map: str | None):
+                     device_map: str | None, progress: bool = False):
     """Load a GGUF model from its cache entry, filling the entry first when it is missing or corrupt."""
     import transformers
 
@@ -377,6 +378,8 @@ def _from_gguf_cache(spec: str, source: ModelSource, dtype: str, root: Path, tru
     entry = root / _CACHE_LAYOUT / f"{digest}-{dtype}"
     torch_dtype = parse_dtype(dtype)
     if not intact(entry):
+        say(f"loading {spec} (de-quantizing {path.name} once, 30-75 s on a laptop CPU; cached at {entry})",
+            quiet=not progress)
         model, tokenizer = _from_pretrained(spec, source, torch_dtype, trust_remote_code, device_map)
         about = {"layout": _CACHE_LAYOUT, "source": path.name, "source_sha256": digest, "dtype": dtype,
                  "source_size": path.stat().st_size, "transformers": transformers.__version__}
@@ -394,9 +397,11 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    progress: bool = False,
 ):
     """Load (model, tokenizer) in eval mode. The tokenizer always has a pad token. A `.gguf` model comes
-    from the de-quantized cache (see the module docstring) unless `$EIGENPRUNE_CACHE` is off."""
+    from the de-quantized cache (see the module docstring) unless `$EIGENPRUNE_CACHE` is off. `progress`:
+    say so on a terminal when a load will be slow (de-quantizing a GGUF file)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # eigenprune shows its own progress; loading bars are noise
@@ -407,8 +412,10 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     root = cache_root() if source.gguf_file else None
     if root is not None:
-        model, tokenizer = _from_gguf_cache(spec, source, dtype, root, trust_remote_code, device_map)
+        model, tokenizer = _from_gguf_cache(spec, source, dtype, root, trust_remote_code, device_map, progress)
     else:
+        if source.gguf_file:
+            say(f"loading {spec} (de-quantizing {source.gguf_file}; the cache is off)", quiet=not progress)
         model, tokenizer = _from_pretrained(spec, source, torch_dtype, trust_remote_code, device_map)
     if device_map is None:
         model.to(device)

@@ -184,6 +184,19 @@ def _default_text(f: dataclasses.Field) -> str:
     return "" if value is None else f" (default {value})"
 
 
+def _metavar(f: dataclasses.Field, tp) -> str:
+    """What `--help` shows after the flag: the field's own ("metavar" in its metadata), else its type's (N, X,
+    LIST, ...) rather than the field's name in capitals, which repeats the flag and pushes its help a line down."""
+    if "metavar" in f.metadata:
+        return f.metadata["metavar"]
+    base, _ = _optional(tp)
+    if typing.get_origin(base) in (list, tuple):
+        return "A,B,..."
+    if typing.get_origin(base) in (Union, types.UnionType):
+        return "|".join(_metavar(f, a) for a in typing.get_args(base))
+    return {int: "N", float: "X", bool: "BOOL"}.get(base, "TEXT")
+
+
 class _Deprecated(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         warnings.warn(f"{option_string} is deprecated; use {self.metavar_new}", FutureWarning, stacklevel=2)
@@ -218,8 +231,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (
             except (TypeError, ValueError):
                 raise argparse.ArgumentTypeError(f"{name} must be {_describe(tp)}, got '{text}'") from None
 
-        kwargs = {"dest": dest, "type": parse, "default": None, "help": help_text, "metavar": f.name.upper()}
-        if "choices" in f.metadata:
+        kwargs = {"dest": dest, "type": parse, "default": None, "help": help_text, "metavar": _metavar(f, tp)}
+        if "choices" in f.metadata and not all(c in help_text for c in f.metadata["choices"]):
             kwargs["help"] += f"; one of {', '.join(f.metadata['choices'])}"
         parser.add_argument(flag(f, rename), **kwargs)
         for alias in (aliases or {}).get(f.name, ()):

@@ -30,7 +30,7 @@ def score_run(
     layers: str | None = None,
     per_head: bool = False,
     config: ScoreConfig | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     meta: dict | None = None,
 ) -> ScoreRun:
     """Find targets, decompose them once and score every component on `examples`."""

@@ -10,38 +10,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from eigenprune.core.errors import UsageError
 from eigenprune.core.positions import OffsetTracker, tracker_of
+from eigenprune.edits.config import AGGREGATES, BIASES, SCOPES, FreezeConfig  # noqa: F401  (torch-free, for the CLI)
 from eigenprune.edits.decompose import Components
 from eigenprune.edits.scoring import InputMeans
 from eigenprune.edits.targets import Target, weight_view
-
-SCOPES = ("global", "per-target")
-AGGREGATES = ("max", "mean")
-BIASES = ("position", "constant", "none")  # none: plain truncation (LASER-style baselines)
-
-
-@dataclass
-class FreezeConfig:
-    """Which components to freeze and how to replace them."""
-
-    p: float = field(default=0.05, metadata={"help": "fraction of components to freeze, in [0, 1)"})
-    scope: str = field(default="global", metadata={"help": "rank components across all targets or per target"})
-    aggregate: str = field(default="max", metadata={"help": "rank by the max over pairs (paper) or the mean"})
-    bias: str = field(default="position",
-                      metadata={"help": "bias from the mean input per position, overall ('constant'), or 'none'"})
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.p < 1:
-            raise ValueError(f"p must be in [0, 1), got {self.p}")
-        for name, allowed in (("scope", SCOPES), ("aggregate", AGGREGATES), ("bias", BIASES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
 
 
 @dataclass

@@ -161,7 +161,7 @@ def iterative_edits(
     score_config: ScoreConfig | None = None,
     freeze_config: FreezeConfig | None = None,
     steps: int = 3,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> IterativeEdit:
     """Freeze a total fraction `freeze_config.p` of the targets' components in `steps` rounds, re-scoring
     the edited model on `examples` before each round. The model comes back as it went in (unedited)."""

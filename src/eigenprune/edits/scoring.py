@@ -18,40 +18,18 @@ Scores keep the max over pairs (the paper) and the mean.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from eigenprune.core.batching import Batch, Encoded, batch_nll, check_fits, collate, teacher_forced
 from eigenprune.core.errors import UsageError
 from eigenprune.core.hooks import activation_grads_only, capture_io
+from eigenprune.core.progress import bar as progress_bar
+from eigenprune.edits.config import ScoreConfig  # noqa: F401  (defined torch-free for the CLI)
 from eigenprune.edits.decompose import Components
 from eigenprune.edits.targets import Target
-
-
-@dataclass
-class ScoreConfig:
-    """How to pair examples and batch them."""
-
-    partners: int | str = field(default=4, metadata={"help": "partners per example, or 'all' (exact)"})
-    window: int = field(default=32, metadata={"help": "partners come from this many preceding examples"})
-    seed: int = field(default=0, metadata={"help": "seed of the stream order and partner draws"})
-    batch_size: int = field(default=8, metadata={"help": "examples per forward/backward"})
-
-    def __post_init__(self) -> None:
-        if isinstance(self.partners, str):
-            if self.partners != "all":
-                if not self.partners.isdigit():
-                    raise ValueError(f"partners must be a positive integer or 'all', got '{self.partners}'")
-                self.partners = int(self.partners)
-        if self.partners != "all" and self.partners < 1:
-            raise ValueError(f"partners must be at least 1, got {self.partners}")
-        if self.window < 1:
-            raise ValueError(f"window must be at least 1, got {self.window}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 @dataclass
@@ -281,14 +259,15 @@ class _Stream:
                 self._accumulate(t.name, a, b, rows_t, partners_t)
             self.n_pairs += len(rows)
 
-    def run(self, progress: bool) -> None:
+    def run(self, progress: bool | str) -> None:
         rank, world = _distributed()
         batches = self.batch_positions()
         share = [batches[i] for i in range(len(batches)) if i * world // len(batches) == rank]
         before = [b for b in batches if share and b[-1] < share[0][0] and b[-1] >= share[0][0] - self.window]
         tail_start = len(self.encoded) - self.window
         after = [b for b in batches if share and b[0] > share[-1][-1] and b[-1] >= tail_start]
-        bar = tqdm(total=sum(len(b) for b in share), desc="scoring", unit="ex", disable=not progress or rank != 0)
+        bar = progress_bar(total=sum(len(b) for b in share), progress=progress if rank == 0 else False,
+                           what="scoring", unit="ex")
         try:
             with activation_grads_only(self.model), capture_io(self.model, self.modules) as cap:
                 for positions in before:
@@ -326,7 +305,7 @@ def score(
     encoded: list[Encoded],
     pad_id: int,
     config: ScoreConfig | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> Scores:
     """Score every component of every target on `encoded` (one forward+backward per batch).
 

@@ -32,7 +32,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from eigenprune.core.batching import (
     Encoded,
@@ -46,6 +45,7 @@ from eigenprune.core.batching import (
 )
 from eigenprune.core.errors import UsageError
 from eigenprune.core.positions import prompt_lengths
+from eigenprune.core.progress import bar as progress_bar
 from eigenprune.evaluation.exact import UNSURE, plain_greedy, position_verdicts, tolerance
 from eigenprune.evaluation.stats import accuracy
 from eigenprune.evaluation.tasks import EVAL_MODES
@@ -99,8 +99,9 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _progress(items, total: int, show: bool, what: str):
-    return tqdm(items, total=total, disable=not show, desc=what, unit="batch", leave=False)
+def _progress(items, total: int, show: bool | str, what: str):
+    """A bar over batches; `show` is False, True, or the step it belongs to (`core.progress`)."""
+    return progress_bar(items, total=total, progress=show, what=what, unit="batch")
 
 
 def _n_batches(n: int, batch_size: int) -> int:
@@ -290,7 +291,7 @@ def exact_match(model: torch.nn.Module, encoded: Sequence[Encoded], pad_id: int,
 
 
 def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], mode: str,
-             batch_size: int = 16, progress: bool = False) -> EvalResult:
+             batch_size: int = 16, progress: bool | str = False) -> EvalResult:
     """Judge every example in `mode` ('next-token', 'choice' or 'exact'); see the module docstring."""
     if mode not in EVAL_MODES:
         raise UsageError(f"unknown eval mode {mode!r}; choose one of {', '.join(EVAL_MODES)}")

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from eigenprune.core.batching import Encoded, batches, check_fits, read_jsonl
 from eigenprune.core.errors import UsageError
 from eigenprune.core.positions import prompt_lengths
+from eigenprune.core.progress import bar as progress_bar
 from eigenprune.evaluation import base_cache
 from eigenprune.evaluation.evaluate import _evaluating, evaluate
 from eigenprune.evaluation.splits import split_task
@@ -204,11 +204,11 @@ class SideEffectProbe:
     def n_tokens(self) -> int:
         return int(self.base.tokens.sum())
 
-    def measure(self, model: torch.nn.Module) -> TextScores:
+    def measure(self, model: torch.nn.Module, name: str = "edit") -> TextScores:
         """NLL and KL(base ‖ model) per document for `model`, against the stored base pass."""
-        return self._pass(model, self._hidden)
+        return self._pass(model, self._hidden, name)
 
-    def _pass(self, model: torch.nn.Module, base_hidden: list[torch.Tensor] | None) -> TextScores:
+    def _pass(self, model: torch.nn.Module, base_hidden: list[torch.Tensor] | None, name: str = BASE) -> TextScores:
         n = len(self.encoded)
         nll, kl, tokens = np.zeros(n), np.zeros(n), np.zeros(n)
         device = next(model.parameters()).device
@@ -216,8 +216,9 @@ class SideEffectProbe:
         base_head = self._head.to(device) if base_hidden is not None else None
         start = time.perf_counter()
         with _evaluating(model), _head_input(head) as grabbed:
-            groups = tqdm(batches(self.encoded, self.batch_size, self.pad_id), total=-(-n // self.batch_size),
-                          disable=not self.progress, desc="side effects", unit="batch", leave=False)
+            what = f"side effects: {name}"
+            groups = progress_bar(batches(self.encoded, self.batch_size, self.pad_id), total=-(-n // self.batch_size),
+                                  progress=self.progress, what=what, unit="batch")
             for i, batch in enumerate(groups):
                 batch = batch.to(device)
                 grabbed.clear()
@@ -300,8 +301,9 @@ class TaskProbe:
 
     def measure(self, model: torch.nn.Module) -> dict[str, np.ndarray]:
         """Per task spec, per-example correctness (n,) bool."""
-        return {spec: evaluate(model, self.tokenizer, examples, mode, self.batch_size, self.progress).correct.numpy()
-                for spec, (_, mode, examples) in self.tasks.items()}
+        return {spec: evaluate(model, self.tokenizer, examples, mode, self.batch_size,
+                               f"also {name}" if self.progress else False).correct.numpy()
+                for spec, (name, mode, examples) in self.tasks.items()}
 
 
 # -- the section: base model and each edit ----------------------------------------------------------------
@@ -319,7 +321,7 @@ class SideEffects:
     def measure(self, name: str, model: torch.nn.Module) -> None:
         if name == BASE or name in self.edits:
             raise UsageError(f"side effects of {name!r} are already measured; give each edit its own name")
-        self.edits[name] = (self.text.measure(model), self.tasks.measure(model) if self.tasks else {})
+        self.edits[name] = (self.text.measure(model, name), self.tasks.measure(model) if self.tasks else {})
 
     def section(self, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
         return summarize(self.text, {k: v[0] for k, v in self.edits.items()}, self.tasks,

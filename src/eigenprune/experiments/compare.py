@@ -22,7 +22,6 @@ split, and its comparison.json is what it was before folds existed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
@@ -37,7 +36,8 @@ from eigenprune.evaluation.stats import accuracy
 from eigenprune.experiments import pipeline
 from eigenprune.methods import registry
 from eigenprune.methods.base import MethodResult
-from eigenprune.protocol.config import RunConfig, add_run_options, config_from_args
+from eigenprune.protocol.config import COMPARE_EXCLUDES as _NOT_COMPARE
+from eigenprune.protocol.config import RunConfig
 from eigenprune.protocol.harness import ci, diff_ci
 from eigenprune.reports.compare_report import plot_comparison, render_markdown, verdict
 
@@ -142,7 +142,7 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
     mode = cfg.eval_mode or task.eval_mode
     folds = fold_splits(task, cfg.folds, cfg.split_seed, cfg.dev_fraction, cfg.limit)  # k = 1: today's split
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map)
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map, progress=not quiet)
     timings = {"load": time.perf_counter() - t0}
     checked = folds.examples if len(folds) > 1 else folds[0].train + folds[0].test
     warnings = next_token_warnings(tok, checked) if mode == "next-token" else []
@@ -158,7 +158,7 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
             costs.measure(i, run)
             timings["side_effects"] = timings.get("side_effects", 0.0) + time.perf_counter() - t0
 
-    label = (lambda i: f"compare: fold {i + 1}/{len(folds)}: ") if len(folds) > 1 else (lambda i: "compare: ")
+    label = (lambda i: f"fold {i + 1}/{len(folds)}") if len(folds) > 1 else (lambda i: "")
     runs = pipeline.run_splits([(split, cfg) for split in folds], model, tok, mode, quiet, specs, configs,
                                label=label, after=after, keep_live=len(folds) == 1)
     timings["base_eval"] = sum(r.base_s for r in runs)
@@ -278,80 +278,3 @@ def pooled_report(folds, runs: list[pipeline.SplitRun], specs: list[registry.Spe
             "base": {"dev": _mean_dev([b["dev"] for b in bases]),
                      "test": next(iter(pooled.values())).ci(base_test)},  # every row resamples the same folds
             "methods": rows}
-
-
-def _method_arg(text: str) -> tuple[str, str, str]:
-    key, eq, raw = text.partition("=")
-    method, dot, arg = key.rpartition(".")
-    if not (eq and dot and method and arg.isidentifier()):
-        raise argparse.ArgumentTypeError(f"expected METHOD.FIELD=VALUE, got '{text}'")
-    return method, arg, raw
-
-
-def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-_NOT_COMPARE = ("seeds", "sweep_test")  # run settings compare does not use: one split seed, test only once
-_FLAG_DEST = "legacy_flag"  # dest prefix of the deprecated per-method flags (`--laser-keep` = `--set laser.keep=`)
-
-
-def cmd_compare(args) -> int:
-    if not args.task:
-        raise UsageError("compare needs --task")
-    given: dict[str, dict] = {}
-    for key, raw in vars(args).items():
-        if key.startswith(_FLAG_DEST + ":") and raw is not None:
-            method, name = key.split(":", 1)[1].split(".")
-            given.setdefault(method, {})[name] = raw
-    for method, arg, raw in args.method_args or []:
-        given.setdefault(method, {})[arg] = raw
-    try:
-        cfg = config_from_args(args, exclude=_NOT_COMPARE)
-        opts = CompareConfig(methods=tuple(args.methods or ()), method_args=given)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    report = compare(cfg, opts, args.out, args.quiet)
-    base = report["base"]["test"]
-    print(f"{report['task']}: base test {base['acc']:.3f} [{base['lo']:.3f}, {base['hi']:.3f}] (n={base['n']})")
-    for name, row in report["methods"].items():
-        t, d = row["test"], row["diff_vs_base"]
-        print(f"  {name:<16} test {t['acc']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}]  diff {d['diff']:+.3f} "
-              f"[{d['lo']:+.3f}, {d['hi']:+.3f}]  dev evals {row['dev_evaluations']}")
-    print(report["verdict"])
-    print(f"report: {report['out']}/comparison.md")
-    return 0
-
-
-def _methods_help() -> str:
-    lines = ["methods:"]
-    for name, m in registry.methods().items():
-        kind = " (learned stage: also STAGE+METHOD)" if m.stage is not None else ""
-        needs = f" (runs {', '.join(m.needs)} first)" if m.needs else ""
-        lines.append(f"  {name}{kind}{needs}: {m.summary}")
-        fields = registry.settings.describe_fields(m.config).splitlines()
-        lines += [f"    --set {name}.{line.strip()}" for line in fields]
-    return "\n".join(lines)
-
-
-def add_compare_parser(sub, fmt) -> None:
-    """`compare`: `run`'s settings (less --seeds, --config, --no-sweep-test), the methods and their settings."""
-    p = sub.add_parser("compare", help="eigenprune against random/smallest controls, LASER, SVD clipping, ...",
-                       formatter_class=fmt, epilog=(
-                           "examples:\n  eigenprune compare --model ./tiny --task int-mult --limit 50 --out runs/cmp\n"
-                           "  eigenprune compare --task cb --methods eigenprune,random,laser --set laser.layers=20,24\n"
-                           "  eigenprune compare --task cb --methods lora,lora+eigenprune --set lora.steps=100\n\n"
-                           + _methods_help()))
-    add_run_options(p, exclude=_NOT_COMPARE)
-    p.add_argument("--methods", type=_names, help="comma-separated method names or STAGE+METHOD composites "
-                   f"(default {','.join(default_methods())}); see the list below")
-    p.add_argument("--set", dest="method_args", action="append", type=_method_arg, metavar="METHOD.FIELD=VALUE",
-                   help="one setting of one method (or composite), VALUE as text or JSON; repeatable "
-                        "(e.g. lora.steps=50, laser.keep=0.5,0.1)")
-    for name, m in registry.methods().items():
-        for legacy, field_name in m.flags.items():
-            p.add_argument(legacy, dest=f"{_FLAG_DEST}:{name}.{field_name}", default=None,
-                           help=f"same as --set {name}.{field_name}=VALUE")
-    p.add_argument("--out", help="output directory (default runs/compare-TASK-TIMESTAMP)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_compare)

@@ -13,7 +13,7 @@ split); `compare` runs the methods asked for. Nothing here names a method.
 
 from __future__ import annotations
 
-import sys
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,16 +58,16 @@ def run_split(split, model, tokenizer, mode: str, cfg: RunConfig, quiet: bool, s
               configs: dict[str, tuple], check: Callable[[str], None], label: str = "") -> SplitRun:
     """Every method on one split: a fresh harness and context, so nothing another split's methods learned or
     chose is seen here. The base model is evaluated once and handed to every method."""
-    harness = Harness(model, tokenizer, split, mode, cfg, quiet)
+    harness = Harness(model, tokenizer, split, mode, cfg, quiet, where=[label])
     t0 = time.perf_counter()
-    base = {"dev": harness.evaluate("dev"), "test": harness.evaluate("test")}
+    with harness.step("base"):
+        base = {"dev": harness.evaluate("dev"), "test": harness.evaluate("test")}
     base_s = time.perf_counter() - t0
     ctx = registry.Context(base)
     results: dict[str, MethodResult] = {}
     for spec in specs:
-        if not quiet and (len(specs) > 1 or label):
-            print(f"{label}running {spec.name}", file=sys.stderr)
-        results[spec.name] = registry.run(spec, harness, *configs[spec.name], ctx)
+        with harness.step(spec.name) if len(specs) > 1 else contextlib.nullcontext():  # `run`: one method, unnamed
+            results[spec.name] = registry.run(spec, harness, *configs[spec.name], ctx)
         check(spec.name)
     return SplitRun(split, cfg, base, results, base_s)
 
@@ -75,7 +75,8 @@ def run_split(split, model, tokenizer, mode: str, cfg: RunConfig, quiet: bool, s
 def run_splits(splits: Sequence[tuple[object, RunConfig]], model, tokenizer, mode: str, quiet: bool,
                specs: Sequence[registry.Spec], configs: dict[str, tuple], label: Callable[[int], str] = lambda i: "",
                after: Callable[[int, SplitRun], None] | None = None, keep_live: bool = True) -> list[SplitRun]:
-    """`run_split` on each (split, settings) in turn. `after(i, run)` sees each split's results while their live
+    """`run_split` on each (split, settings) in turn, `label(i)` naming the split in progress bars ("fold 2/5").
+    `after(i, run)` sees each split's results while their live
     objects (SVDs, edits) exist; unless `keep_live`, they are released once it returns."""
     check = shared_model_check(model)
     runs = []

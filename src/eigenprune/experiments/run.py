@@ -22,7 +22,7 @@ from eigenprune.evaluation.splits import fold_splits, split_task
 from eigenprune.experiments import pipeline
 from eigenprune.experiments.crossfit import folds_report
 from eigenprune.methods import registry
-from eigenprune.protocol.config import RunConfig, add_run_options, config_from_args, config_from_file
+from eigenprune.protocol.config import RunConfig, to_json
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
@@ -61,6 +61,17 @@ def _check_recorded(expected: dict | None, recorded: dict, allow_changed: bool) 
     return notes
 
 
+def _chosen(cfg: RunConfig, report: dict, edit) -> dict:
+    """config.json's `chosen` block: the p of the saved edit (edit/: the fixed split's, else fold 1's or the first
+    seed's) and, with folds or seeds, every fold's or seed's; `--config` reruns choose again and ignore it."""
+    chosen = {"edit": "edit", "p": edit.config.p, "n_frozen": edit.n_frozen, "select": cfg.select}
+    if cfg.folds > 1:
+        chosen["p_per_fold"] = [row["chosen_p"] for row in report["folds"]["per_fold"]]
+    if cfg.seeds > 1:
+        chosen["p_per_seed"] = report["repeats"]["chosen_p"]
+    return chosen
+
+
 def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allow_changed: bool) -> dict:
     from eigenprune.core.models import load_model
     from eigenprune.edits.artifact import atomic_dir, save_edit, save_scores
@@ -72,7 +83,7 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
     task = load_task(cfg.task, cfg.template, cfg.answers)
     mode = cfg.eval_mode or task.eval_mode
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map)
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map, progress=not quiet)
     load_s = time.perf_counter() - t0
     from eigenprune.experiments.provenance import record
 
@@ -98,7 +109,7 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
         if mode == "next-token":
             warnings += next_token_warnings(tok, task.train + task.test)
         runs = pipeline.run_splits([(fold, cfg) for fold in folds], model, tok, mode, quiet, [spec], configs,
-                                   after=measure)
+                                   after=measure, label=lambda i: f"fold {i + 1}/{cfg.folds}")
         reports = [folds_report(folds, runs, pipeline.pool(folds, runs, [spec], cfg.n_boot, dict)[1][spec.name])]
     else:
         seeds = range(cfg.split_seed, cfg.split_seed + cfg.seeds)
@@ -118,7 +129,8 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
             say(i, one)
             measure(i, one)
 
-        runs = pipeline.run_splits(splits, model, tok, mode, quiet, [spec], configs, after=say_and_measure)
+        runs = pipeline.run_splits(splits, model, tok, mode, quiet, [spec], configs, after=say_and_measure,
+                                   label=lambda i: f"seed {cfg.split_seed + i}" if cfg.seeds > 1 else "")
         reports = [one.results[spec.name].report for one in runs]
     fold_edits = [(i, one.results[spec.name].score_run, one.results[spec.name].edit) for i, one in enumerate(runs)]
     _, run, edit = fold_edits[0]  # the first fold's (or seed's) scores and edit are the ones saved at the top
@@ -142,7 +154,8 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
                              "chosen_p": [r["chosen_p"] for r in rows], "runs": rows}
     report["verdict"] = verdict(report)
     with atomic_dir(out) as tmp:
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"recorded": recorded}, indent=2,
+        (tmp / "config.json").write_text(json.dumps(to_json(cfg) | {"chosen": _chosen(cfg, report, edit),
+                                                                    "recorded": recorded}, indent=2,
                                                     sort_keys=True) + "\n")
         save_scores(tmp / "scores", run.scores, run.targets, run.components, run.meta)
         save_edit(tmp / "edit", edit, run.edit_meta())
@@ -157,35 +170,3 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
 def _edit_name(method: str, fold: int, tag: str | None, n_folds: int, result) -> str:
     """`run`'s row names for its edits: "edit (p = 0.3)" on a fixed split, "fold 2 (p = 0.3)" over folds."""
     return f"fold {fold + 1} (p = {result.edit.config.p:g})" if n_folds > 1 else f"edit (p = {result.edit.config.p:g})"
-
-
-def cmd_run(args) -> int:
-    expected = None
-    if args.config:
-        cfg = config_from_file(args.config)
-        expected = json.loads(Path(args.config).read_text(encoding="utf-8")).get("recorded")
-    else:
-        if not args.task:
-            raise UsageError("run needs --task (or --config DIR/config.json)")
-        cfg = config_from_args(args)
-    report = execute(cfg, args.out, args.quiet, expected, args.allow_changed)
-    from eigenprune.reports.run_report import console_lines
-
-    print("\n".join(console_lines(report)))
-    print(f"report: {report['out']}/report.md")
-    return 0
-
-
-def add_run_parser(sub, fmt) -> None:
-    p = sub.add_parser("run", help="the whole experiment: base, score, choose p on dev, test once, report",
-                       formatter_class=fmt, epilog=(
-                           "examples:\n  eigenprune run --task int-mult --limit 100 --out runs/mult\n"
-                           "  eigenprune run --model ./gpt2 --task cb --targets key --p 0.01,0.05,0.1 --seeds 3\n"
-                           "  eigenprune run --config runs/mult/config.json --out runs/mult-again"))
-    p.add_argument("--config", help="repeat a run from its config.json (other settings are ignored)")
-    p.add_argument("--allow-changed", action="store_true",
-                   help="with --config: run even if the task data or the model weights differ from the recorded run")
-    add_run_options(p)
-    p.add_argument("--out", help="output directory (default runs/TASK-TIMESTAMP)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_run)

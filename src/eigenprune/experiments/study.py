@@ -27,7 +27,7 @@ from pathlib import Path
 
 from eigenprune.core.errors import UsageError
 from eigenprune.core.outdir import remove_stale
-from eigenprune.experiments.study_spec import Cell, Study, load_spec
+from eigenprune.experiments.study_spec import Cell, Study, load_spec  # noqa: F401  (the study API in one place)
 
 CELLS_JSON, LOCK = "cells.json", ".study.lock"
 
@@ -151,8 +151,8 @@ def _stale_message(out: Path, stale: list[tuple[Cell, str]]) -> str:
 def _progress(total: int, quiet: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="cell", desc="study", disable=quiet or total == 0, file=sys.stderr,
-                bar_format="{desc}: {n}/{total} cells |{bar}| {elapsed} elapsed, ~{remaining} left")
+    return tqdm(total=total, unit="cell", desc="study", disable=True if quiet or total == 0 else None, file=sys.stderr,
+                bar_format="{desc}: {n}/{total} cells |{bar}| {elapsed} elapsed, ~{remaining} left", leave=True)
 
 
 def _cell_meta(cell: Cell) -> dict:
@@ -216,7 +216,7 @@ def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet:
             for cell in todo:
                 bar.set_description_str(f"study ({cell.key})")
                 try:
-                    compare(cell.run, cell.opts, out / "cells" / cell.key, quiet=True)
+                    compare(cell.run, cell.opts, out / "cells" / cell.key, quiet=quiet)  # its bars below the study's
                 except UsageError as err:  # e.g. targets that match no module of this model: say which cell
                     raise UsageError(f"cell {cell.key}: {err} (finished cells are kept; fix the spec and run "
                                      "again)") from None
@@ -235,75 +235,3 @@ def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet:
 def _entry(cell: Cell) -> dict:
     return {"dir": f"cells/{cell.key}", "model": cell.model, "task": cell.task, "targets": cell.targets,
             "settings_hash": cell.settings_hash(), "identity": cell.identity()}
-
-
-def cmd_study(args) -> int:
-    study = load_spec(args.spec)
-    out = Path(args.out or f"runs/study-{study.path.stem}")
-    if args.plan:
-        _check_out(out)
-        state = plan(study, out)
-        for title, cells in (("finished (skipped)", state.done), ("to run", state.todo)):
-            print(f"{title}: {', '.join(c.key for c in cells) or 'none'}")
-        for cell, why in state.stale:
-            print(f"changed since it ran: {cell.key} ({why})")
-        if state.orphans:
-            print(f"in {out}/cells but not in the spec (kept, not reported): {', '.join(state.orphans)}")
-        from eigenprune.experiments.study_power import cell_power, power_lines
-
-        print("\n".join(power_lines(cell_power(study, out, args.effect, args.assume_discordance), args.effect,
-                                     args.assume_discordance)))
-        return 0
-    report = run_study(study, out, args.rerun_changed, args.quiet)
-    for cell in report["cells"]:
-        base = cell["base"]["test"]
-        print(f"{cell['key']}: base test {base['acc']:.3f} (n={base['n']})")
-        for name, row in cell["methods"].items():
-            d = row["diff_vs_base"]
-            mark = {"gain": "  significant gain", "loss": "  significantly worse"}.get(row["significant"], "")
-            adjusted = "" if d.get("p_adjusted") is None else f"  p {d['p']:.3f} (Holm {d['p_adjusted']:.3f})"
-            print(f"  {name:<16} test {row['test']['acc']:.3f}  diff {d['diff']:+.3f} [{d['lo']:+.3f}, "
-                  f"{d['hi']:+.3f}]{adjusted}{mark}")
-    last = report["last_run"]
-    print(f"ran {len(last['ran'])} cells, skipped {len(last['skipped'])}; report: {report['out']}/study.md")
-    return 0
-
-
-def _fraction(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got '{text}'") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
-    return value
-
-
-def add_study_parser(sub, fmt) -> None:
-    """`study`: a spec file, an output folder, and how to treat cells whose settings changed."""
-    p = sub.add_parser("study", help="a grid of compare runs (models x tasks x targets x methods), resumable",
-                       formatter_class=fmt, description=(
-                           "Run every model x task x target of a spec as one `eigenprune compare` of all its methods,\n"
-                           "then write OUT/study.md, study.json and study.png (test - base per task and method).\n"
-                           "Running again skips finished cells; a changed spec names the cells it invalidates."),
-                       epilog=(
-                           "examples:\n  eigenprune study studies/smollm2-paper-tasks.toml --out runs/paper\n"
-                           "  eigenprune study my-study.toml --out runs/s --plan     # what would run, skip, redo\n"
-                           "  eigenprune study my-study.toml --plan --assume-discordance 0.1 --effect 0.05\n"
-                           "  eigenprune study my-study.toml --out runs/s --rerun-changed\n\n"
-                           "spec format: see studies/README.md"))
-    p.add_argument("spec", help="study spec, a .toml or .json file (task and model paths are relative to it)")
-    p.add_argument("--out", help="study folder; running again resumes it (default runs/study-SPECNAME)")
-    p.add_argument("--rerun-changed", action="store_true",
-                   help="redo finished cells whose settings changed (old folders go to OUT/stale/)")
-    p.add_argument("--plan", action="store_true", help="print which cells would run, be skipped or redone, and "
-                   "what each can detect (n needed for --effect); run none")
-    p.add_argument("--effect", type=_fraction, default=0.05,
-                   help="with --plan: the change in accuracy to plan for, a fraction (default 0.05 = 5 points)")
-    p.add_argument("--assume-discordance", type=_fraction, default=None, metavar="D",
-                   help="with --plan: the share of test answers an edit changes, for cells that have not run "
-                        "(finished cells use their observed share)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_study)

@@ -36,7 +36,7 @@ def sweep_p(harness: Harness, run, base_dev: torch.Tensor, base_nll: torch.Tenso
 
     def evaluate_p(p: float) -> Candidate:
         edit = run.edit(cfg.freeze_at(p))
-        with applied(harness.model, edit):
+        with applied(harness.model, edit), harness.step(f"p={p:g}"):
             dev, nll = harness.evaluate("dev"), harness.nll("dev")
             test = harness.evaluate("test") if sweep_test else None
         results[p] = (edit, dev, test)
@@ -79,7 +79,7 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
     timings["base_eval"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     run = score_run(harness.model, harness.tokenizer, harness.splits.train, cfg.targets, cfg.layers, cfg.per_head,
-                    cfg.score, progress=not harness.quiet, meta={"model": cfg.model, "dtype": cfg.dtype,
+                    cfg.score, progress=harness.progress(), meta={"model": cfg.model, "dtype": cfg.dtype,
                                                                  "data": cfg.task, "split_seed": seed})
     timings["scoring"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
     else:
         edit, dev, test = results[chosen_p]
         if test is None:
-            with applied(harness.model, edit):
+            with applied(harness.model, edit), harness.step(f"chosen p={chosen_p:g}"):
                 test = harness.evaluate("test")
         pruned = {"dev": dev, "test": test}
     timings["test_eval"] = time.perf_counter() - t0

@@ -44,10 +44,11 @@ def eigenprune_iterative(harness: Harness, config: IterativeSettings, ctx: Conte
     base_dev = base_correct(harness, ctx.base, "dev")
     edits, devs, sweep = [], [], []
     for p, steps in candidates:
-        edit = iterative_edits(model, harness.tokenizer, harness.splits.train, cfg.targets, cfg.layers, cfg.per_head,
-                               cfg.score, cfg.freeze_at(p), steps=steps, progress=not harness.quiet)
-        with edit.applied(model):
-            devs.append(harness.evaluate("dev"))  # (n_dev,)
+        with harness.step(f"p={p:g} S={steps}"):
+            edit = iterative_edits(model, harness.tokenizer, harness.splits.train, cfg.targets, cfg.layers,
+                                   cfg.per_head, cfg.score, cfg.freeze_at(p), steps=steps, progress=harness.progress())
+            with edit.applied(model):
+                devs.append(harness.evaluate("dev"))  # (n_dev,)
         edits.append(edit)
         sweep.append({"p": p, "steps": steps, "rounds": len(edit.rounds), "n_frozen": edit.n_frozen,
                       "dev_acc": accuracy(devs[-1])})

@@ -93,7 +93,10 @@ class Method:
     summary: str
     needs: tuple[str, ...] = ()
     stage: Callable[[Harness, Any, Context], Stage] | None = None
-    flags: dict[str, str] = field(default_factory=dict)  # shorthand `compare` flag -> config field
+    # deprecated shorthand `compare` flags -> config field, kept for the built-in methods' old spellings; the
+    # parser lists them in `cli/compare.py` LEGACY_FLAGS without importing any method (a test keeps the two equal).
+    # A new method gives none: `--set METHOD.FIELD=VALUE` reaches every setting.
+    flags: dict[str, str] = field(default_factory=dict)
     default: int = 0  # its place in `compare`'s default method list (0: not in it)
     pool: Callable[[Pooled], None] | None = None  # fills a row pooled over folds with words of its own
     role: str = "method"  # "control": the yardstick a method's gain is judged against (see `controls()`)

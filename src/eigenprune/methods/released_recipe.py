@@ -127,7 +127,7 @@ def _score(harness: Harness, config: RecipeConfig) -> ScoreRun:
         score_cfg = ScoreConfig(partners=cfg.partners, window=cfg.window, seed=cfg.score_seed,
                                 batch_size=cfg.batch_size)
         return score_run(model, tok, examples, config.targets, None, config.per_head, score_cfg,
-                         progress=not harness.quiet, meta=meta)
+                         progress=harness.progress(), meta=meta)
     found, components = _targets(harness, config.targets, config.per_head)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.score_seed)).tolist()
     scores = roll_scores(model, found, components, encode(tok, examples), tok.pad_token_id,

@@ -3,8 +3,10 @@
 The scoring settings are `scoring.ScoreConfig` and the freezing rule `freeze.FreezeConfig`, nested here
 as `score` and `freeze` (so `score` and `run` spell each setting the same way: `--score-seed`,
 `--partners`, `--scope`, ...). `freeze.p` is unused in a run: the run tries every fraction of `p`, each
-through `freeze_at(p)`. config.json is the dataclass as sorted JSON; `config_from_file` reads it back
-(also the flat layout of config.json files written before nesting), type-checking every field.
+through `freeze_at(p)`, so config.json (`to_json`: the dataclass as sorted JSON) leaves it out and says
+what dev chose in a `chosen` block of its own. `config_from_file` reads config.json back (also the flat
+layout of files written before nesting, and the `freeze.p: 0.0` of files written before `chosen`),
+type-checking every field.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from pathlib import Path
 
 from eigenprune.core import settings
 from eigenprune.core.errors import UsageError
-from eigenprune.edits.freeze import AGGREGATES, BIASES, SCOPES, FreezeConfig
-from eigenprune.edits.scoring import ScoreConfig
-from eigenprune.protocol.search import DEFAULT_BUDGET, DEFAULT_GRID, DEFAULT_SELECT, SELECTS
+from eigenprune.edits.config import AGGREGATES, BIASES, SCOPES, FreezeConfig, ScoreConfig
+from eigenprune.protocol.defaults import DEFAULT_BUDGET, DEFAULT_GRID, DEFAULT_SELECT, SELECTS
 
 DEFAULT_PS = DEFAULT_GRID  # the paper's grid: what `--p` tries, and where `--p auto` starts
 EVAL_MODES = ("next-token", "choice", "exact")
+COMPARE_EXCLUDES = ("seeds", "sweep_test")  # run settings compare does not use: one split seed, test only once
 SCORE_FLAGS = {"seed": "score-seed"}  # `--seed` alone would be ambiguous next to --split-seed and --seeds
+RESULTS = ("recorded", "chosen")  # what a run's config.json says beside its settings: inputs' digests, dev's choice
 # config.json files from before nesting kept these at the top level
 LEGACY = {"partners": "score.partners", "window": "score.window", "score_seed": "score.seed",
           "batch_size": "score.batch_size", "scope": "freeze.scope", "aggregate": "freeze.aggregate",
@@ -35,27 +38,32 @@ LEGACY = {"partners": "score.partners", "window": "score.window", "score_seed": 
 class RunConfig:
     """Everything that determines a run; saved as config.json and accepted back by --config."""
 
-    task: str = field(metadata={"help": "built-in task (int-sum, int-mult, cb, copa, rte) or a task JSONL file"})
+    task: str = field(metadata={"help": "built-in task (int-sum, int-mult, cb, copa, rte) or a task JSONL file",
+                                "metavar": "TASK"})
     model: str = field(default="smollm2-135m", metadata={"help": "model: HF folder or cached id, a .gguf file, or "
-                                                                 "the alias smollm2-135m"})
+                                                                 "the alias smollm2-135m", "metavar": "MODEL"})
     targets: str = field(default="key", metadata={"help": "target preset (key, query, value, attn-out, mlp-in, "
-                                                          "mlp-out, all) or a regex over module names"})
-    layers: str | None = field(default=None, metadata={"help": "restrict to layers: N, A-B, A- or -B"})
+                                                          "mlp-out, all) or a regex over module names",
+                                                          "metavar": "TARGETS"})
+    layers: str | None = field(default=None, metadata={"help": "restrict to layers: N, A-B, A- or -B",
+                                                                      "metavar": "LAYERS"})
     per_head: bool = field(default=False, metadata={"help": "one component set per attention head"})
     p: list[float] | str = field(default_factory=lambda: list(DEFAULT_PS),
                                  metadata={"help": "comma-separated fractions of components to freeze, each tried on "
-                                                   "dev, or 'auto': search p from the paper's grid (--p-budget)"})
+                                                   "dev, or 'auto': search p from the paper's grid (--p-budget)",
+                                                   "metavar": "P,P,...|auto"})
     p_budget: int = field(default=DEFAULT_BUDGET, metadata={
         "help": "with --p auto: dev evaluations the search may spend, the grid's four included"})
     select: str = field(default=DEFAULT_SELECT, metadata={
         "help": "how dev chooses: 'accuracy' (ties go to the smaller p), 'accuracy+loss' (ties go to the lower dev "
                 "NLL of the correct answers), 'loss' (the lowest dev NLL) or '1se' (the smallest strength whose dev "
                 "accuracy is within one paired standard error of the best, the unedited model included)",
-        "choices": SELECTS})
+        "choices": SELECTS, "metavar": "RULE"})
     folds: int = field(default=1, metadata={"help": "cross-fitted folds: every example tested once, by a run that "
                                                     "chose on the other folds (1: the fixed train/dev/test split)"})
     eval_mode: str | None = field(default=None, metadata={"help": "next-token, choice or exact (default: the "
-                                                                  "task's)", "choices": EVAL_MODES})
+                                                                  "task's)", "choices": EVAL_MODES,
+                                                                  "metavar": "MODE"})
     dev_fraction: float = field(default=0.2, metadata={"help": "dev share carved from train"})
     split_seed: int = field(default=0, metadata={"help": "seed of the (first) dev split"})
     seeds: int = field(default=1, metadata={"help": "repeat over N split seeds, report mean ± sd"})
@@ -70,14 +78,19 @@ class RunConfig:
         "help": "measure what the chosen edit costs elsewhere: perplexity and KL(base ‖ edit) on a general-English "
                 "sample that ships with the package (one pass per model)"})
     also: list[str] | None = field(default=None, metadata={
-        "help": "comma-separated other tasks (built-in or JSONL) to evaluate base and edit on, with paired CIs"})
+        "help": "comma-separated other tasks (built-in or JSONL) to evaluate base and edit on, with paired CIs",
+        "metavar": "TASK,..."})
     sweep_test: bool = field(default=True, metadata={"help": "also evaluate every p on test (shown, never used)"})
-    template: str | None = field(default=None, metadata={"help": "prompt template with {field} placeholders"})
-    answers: list[str] | None = field(default=None, metadata={"help": "comma-separated answer words"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16 or float16"})
-    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
+    template: str | None = field(default=None, metadata={"help": "prompt template with {field} placeholders",
+                                                                     "metavar": "TEMPLATE"})
+    answers: list[str] | None = field(default=None, metadata={"help": "comma-separated answer words",
+                                                                          "metavar": "WORD,..."})
+    dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16 or float16",
+                                                               "metavar": "DTYPE"})
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda",
+                                                           "metavar": "DEVICE"})
     device_map: str | None = field(default=None, metadata={"help": "'auto' spreads a large model over devices "
-                                                                   "(accelerate)"})
+                                                                   "(accelerate)", "metavar": "auto"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples"})
 
     def __post_init__(self) -> None:
@@ -141,6 +154,15 @@ def config_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()) ->
     return cfg
 
 
+def to_json(cfg: RunConfig) -> dict:
+    """The settings as config.json holds them: every field but `freeze.p`, which a run never applies (it tries
+    each fraction of `p`; the one dev chose goes in config.json's `chosen` block). Files that still carry
+    `freeze.p` load as before."""
+    data = settings.to_dict(cfg)
+    data["freeze"].pop("p", None)
+    return data
+
+
 def config_from_file(path: str | Path) -> RunConfig:
     """A RunConfig from a run's config.json: every key known, every value of its field's type."""
     path = Path(path)
@@ -150,7 +172,7 @@ def config_from_file(path: str | Path) -> RunConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"{path} is not valid JSON ({getattr(err, 'msg', err)})") from None
-    data = {k: v for k, v in data.items() if k != "recorded"} if isinstance(data, dict) else data
+    data = {k: v for k, v in data.items() if k not in RESULTS} if isinstance(data, dict) else data
     try:
         return settings.from_dict(RunConfig, data, where=f"{path}: ", legacy=LEGACY)
     except ValueError as err:
@@ -158,4 +180,4 @@ def config_from_file(path: str | Path) -> RunConfig:
 
 
 __all__ = ["AGGREGATES", "BIASES", "DEFAULT_PS", "SCOPES", "RunConfig", "ScoreConfig", "FreezeConfig",
-           "add_run_options", "config_from_args", "config_from_file"]
+           "add_run_options", "config_from_args", "config_from_file", "to_json"]

@@ -11,10 +11,12 @@ this module builds on evaluation alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
+from eigenprune.core.progress import SEP
 from eigenprune.evaluation.paired import paired_difference
 from eigenprune.evaluation.significance import one_se_choice
 from eigenprune.evaluation.stats import Accuracy, Difference, accuracy, accuracy_ci, paired_diff_ci  # noqa: F401
@@ -53,10 +55,26 @@ def chosen_on_dev(base_dev: torch.Tensor, devs: Sequence[torch.Tensor], select: 
 class Harness:
     """One model, one task split, one eval mode: what every method in a comparison shares."""
 
-    def __init__(self, model, tokenizer, splits, mode: str, config, quiet: bool) -> None:
+    def __init__(self, model, tokenizer, splits, mode: str, config, quiet: bool, where: Sequence[str] = ()) -> None:
         self.model, self.tokenizer, self.splits, self.mode = model, tokenizer, splits, mode
         self.config, self.quiet = config, quiet
+        self.where = [w for w in where if w]  # the steps the work in progress belongs to: fold, method, candidate
         self.dev_evaluations = 0
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Name a step (a method, a candidate such as "p=0.05"): every progress bar inside says it."""
+        self.where.append(name)
+        try:
+            yield
+        finally:
+            self.where.pop()
+
+    def progress(self, what: str = "") -> bool | str:
+        """What to pass as a long function's `progress` (`core.progress`): False under --quiet, else the steps."""
+        if self.quiet:
+            return False
+        return SEP.join([*self.where, what] if what else self.where) or True
 
     def evaluate(self, split: str) -> torch.Tensor:
         """(n,) bool correctness of the model as it is now on `split`."""
@@ -65,7 +83,7 @@ class Harness:
         self.dev_evaluations += split == "dev"
         examples = getattr(self.splits, split)
         return evaluate(self.model, self.tokenizer, examples, self.mode, self.config.eval_batch_size,
-                        progress=not self.quiet).correct
+                        progress=self.progress(split)).correct
 
 
     def nll(self, split: str) -> torch.Tensor:

@@ -51,13 +51,10 @@ import torch
 
 from eigenprune.evaluation.significance import one_se_choice
 from eigenprune.evaluation.stats import accuracy
+from eigenprune.protocol.defaults import DEFAULT_BUDGET, DEFAULT_GRID, DEFAULT_SELECT, SELECTS
 
-DEFAULT_GRID = (0.01, 0.05, 0.1, 0.3)  # the paper's
 DEFAULT_EXTEND = (0.5, 0.7, 0.9)
-DEFAULT_BUDGET = 10
 MAX_P = 0.999
-SELECTS = ("accuracy", "accuracy+loss", "loss", "1se")
-DEFAULT_SELECT = "accuracy"  # ties go to the milder change; `run --select` and every search default to it
 PHASES = ("base", "grid", "extend", "refine")
 SIGNIFICANT_DIGITS = 3  # refined values are rounded: readable in a report, and a gap rounding closes is done
 

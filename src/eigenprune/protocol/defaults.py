@@ -1,0 +1,12 @@
+"""The dev-choice defaults that flags and configs show (`search.py` uses them), importable without torch.
+
+The command line builds `run`'s flags from `RunConfig` before importing torch, so the values its
+fields default to live here rather than in `search.py`, which holds the search itself.
+"""
+
+from __future__ import annotations
+
+DEFAULT_GRID = (0.01, 0.05, 0.1, 0.3)  # the paper's
+DEFAULT_BUDGET = 10
+SELECTS = ("accuracy", "accuracy+loss", "loss", "1se")
+DEFAULT_SELECT = "accuracy"  # ties go to the milder change; `run --select` and every search default to it
