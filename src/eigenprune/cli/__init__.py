@@ -142,6 +142,17 @@ def _load_with_edit(args):
 def cmd_export(args) -> int:
     from eigenprune.edits.export import export_merged
 
+    if args.format == "peft":  # the edit as a LoRA adapter (edits/peft_export.py)
+        from eigenprune.edits.artifact import check_new_dir
+        from eigenprune.edits.peft_export import export_peft, require_peft
+
+        if args.merge:
+            raise UsageError("--merge and --format peft exclude each other (an adapter is the unmerged form)")
+        require_peft()
+        check_new_dir(args.out)
+        model, _ = _load_with_edit(args)  # sets args.model to the edit's base when not given
+        print(export_peft(model, args.out, args.model).summary())
+        return 0
     if not args.merge:
         raise UsageError("export writes a plain Hugging Face model and needs --merge (the edit folder itself "
                          "is the unmerged form)")
@@ -239,10 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="edit directory to write (must not exist)")
     p.set_defaults(func=cmd_prune)
 
-    for name, helptext, func in (("export", "write a plain Hugging Face model with the edit merged", cmd_export),
+    for name, helptext, func in (("export", "write the edit merged into a Hugging Face model, or as a LoRA adapter",
+                                  cmd_export),
                                  ("generate", "greedy-generate from a prompt, with or without an edit",
                                   cmd_generate)):
-        epilog = ("examples:\n  eigenprune export --edit runs/edit --merge --out merged-model"
+        epilog = ("examples:\n  eigenprune export --edit runs/edit --merge --out merged-model\n"
+                  "  eigenprune export --edit runs/edit --format peft --out adapter"
                   if name == "export" else
                   "examples:\n  eigenprune generate --edit runs/edit --prompt '7 x 8 ='")
         p = sub.add_parser(name, help=helptext, formatter_class=fmt, epilog=epilog)
@@ -254,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trust-remote-code", action="store_true")
         if name == "export":
             p.add_argument("--merge", action="store_true", help="fold the edit into the weights")
+            p.add_argument("--format", choices=("merged", "peft"), default="merged",
+                           help="merged: a Hugging Face model (with --merge); peft: a LoRA adapter (default: merged)")
             p.add_argument("--out", required=True, help="model folder to write (must not exist)")
         else:
             p.add_argument("--prompt", required=True)
