@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     from eigenprune.experiments.study import add_study_parser
 
     add_study_parser(sub, fmt)
+    from eigenprune.cli.lm_eval import add_lm_eval_parser
+
+    add_lm_eval_parser(sub, fmt)
     return parser
 
 
