@@ -84,7 +84,7 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
 
 def test_every_command_and_flag_says_what_it_is():
     commands, summaries = subparsers(build_parser())
-    assert set(commands) == {"run", "compare", "study", "targets", "score", "prune", "export", "generate"}
+    assert set(commands) == {"run", "compare", "study", "targets", "score", "prune", "export", "generate", "lm-eval"}
     for name, parser in commands.items():
         assert summaries[name] and "\n" not in summaries[name], name  # a one-line description in `eigenprune --help`
         assert parser.description, name

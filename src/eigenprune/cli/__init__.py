@@ -147,6 +147,18 @@ def _load_with_edit(args):
 
 
 def cmd_export(args) -> int:
+    if args.format == "peft":  # the edit as a LoRA adapter (edits/peft_export.py)
+        if args.merge:
+            raise UsageError("--merge and --format peft exclude each other (an adapter is the unmerged form)")
+        check_out(args.out)
+        from eigenprune.edits.artifact import check_new_dir
+        from eigenprune.edits.peft_export import export_peft, require_peft
+
+        require_peft()
+        check_new_dir(args.out)
+        model, _ = _load_with_edit(args)  # sets args.model to the edit's base when not given
+        print(export_peft(model, args.out, args.model).summary())
+        return 0
     if not args.merge:
         raise UsageError("export writes a plain Hugging Face model and needs --merge (the edit folder itself "
                          "is the unmerged form)")
@@ -231,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub, fmt)
     add_compare_parser(sub, fmt)
     add_study_parser(sub, fmt)
+    from eigenprune.cli.lm_eval import add_lm_eval_parser
+
+    add_lm_eval_parser(sub, fmt)
 
     p = sub.add_parser("targets", help="list the weight matrices a selection matches", formatter_class=fmt,
                        description="List the weight matrices --targets and --layers select: name, shape, components.",
@@ -271,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("export", "generate"):
         if name == "export":
-            p = sub.add_parser(name, help="write a plain Hugging Face model with the edit merged", formatter_class=fmt,
+            p = sub.add_parser(name, help="write the edit merged into a Hugging Face model, or as a LoRA adapter",
+                               formatter_class=fmt,
                                description="Fold a saved edit into the base model's weights and save the result as "
                                            "a model folder that loads in plain transformers.",
                                epilog="examples:\n  eigenprune export --edit runs/mult/edit --merge --out merged-model")
@@ -293,10 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
         if name == "export":
             p.add_argument("--merge", action="store_true",
-                           help="fold the edit into the weights (required): works for every edit `prune`, `run` "
-                                "and `compare` save (eigenprune and its controls, LASER, SVD clipping, "
-                                "feature space), each a weight change plus, for eigenprune, a bias; LoRA and "
+                           help="fold the edit into the weights (needed for --format merged): works for every "
+                                "edit `prune`, `run` and `compare` save (eigenprune and its controls, LASER, SVD "
+                                "clipping, feature space), each a weight change plus, for eigenprune, a bias; LoRA and "
                                 "fine-tune results are saved as full weights already")
+            p.add_argument("--format", choices=("merged", "peft"), default="merged",
+                           help="merged: a Hugging Face model (with --merge); peft: a LoRA adapter of the edit, "
+                                "for --bias none or constant edits (default: merged)")
             p.add_argument("--out", required=True, help="model folder to write (must not exist)")
             p.set_defaults(func=cmd_export)
         else:
