@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from eigenprune.core import settings
+from eigenprune.core import settings, signals
 from eigenprune.core.errors import UsageError
 from eigenprune.edits.freeze import FreezeConfig
 from eigenprune.edits.scoring import ScoreConfig
@@ -279,6 +279,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"eigenprune {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("eigenprune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM under the entry point's handler (core/signals.py)
+        return signals.report(signals.signal_of(err))

@@ -63,6 +63,8 @@ class CompareConfig:
                                          metadata={"help": "method -> {setting: value} (`--set METHOD.FIELD=VALUE`)"})
 
     def __post_init__(self) -> None:
+        if self.methods and not any(m.strip() for m in self.methods):  # given, but empty: not "the defaults"
+            raise ValueError("methods is empty; name at least one method (or leave methods out for the defaults)")
         self.methods = tuple(dict.fromkeys(m.strip() for m in self.methods if m.strip())) or default_methods()
         try:
             self.plan()
@@ -244,7 +246,10 @@ def _method_arg(text: str) -> tuple[str, str, str]:
 
 
 def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:  # `--methods ""` is a mistake, not a request for the defaults
+        raise argparse.ArgumentTypeError(f"expected comma-separated method names, got '{text}'")
+    return names
 
 
 _NOT_COMPARE = ("seeds", "sweep_test")  # run settings compare does not use: one split seed, test only once
