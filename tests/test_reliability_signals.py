@@ -48,7 +48,7 @@ def leftovers(folder: Path) -> list[str]:
                   or ".tmp-" in p.name)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])  # in the imports of torch and transformers, or loading
 def test_a_signal_during_start_up_is_one_line(tmp_path, sums_setup, sig, delay):
     model, task = sums_setup
@@ -77,7 +77,7 @@ sys.exit(entry())
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_that_a_library_turns_into_another_error_is_still_one_line(tmp_path, sig):
     script = CONVERTED.replace("signal.SIG)", f"signal.{sig.name})")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env(tmp_path), stdout=subprocess.PIPE,
@@ -104,7 +104,7 @@ sys.exit(entry())
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_writing_an_output_removes_its_partial_folder_and_lock(tmp_path, sig):
     out, inside = tmp_path / "out", tmp_path / "inside"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(inside)], env=env(tmp_path),
@@ -130,7 +130,7 @@ side_effects = false
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_mid_cell_leaves_no_cell_lock_or_partial_and_the_study_resumes(tmp_path, sums_setup, sig):
     model, task = sums_setup
     spec = tmp_path / "s.toml"

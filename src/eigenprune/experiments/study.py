@@ -96,9 +96,9 @@ def plan(study: Study, out: str | Path) -> Plan:
             else:
                 result.todo.append(cell)
             continue
-        damage = _damage(cell, folder)
-        if damage:
-            result.stale.append((cell, damage))
+        summary = _summary(cell, folder)
+        if isinstance(summary, str):  # damaged: redone like a changed cell (--rerun-changed)
+            result.stale.append((cell, summary))
             continue
         entry = index.get(cell.key)
         if entry is not None:
@@ -122,17 +122,17 @@ def plan(study: Study, out: str | Path) -> Plan:
     return result
 
 
-def _damage(cell: Cell, folder: Path) -> str | None:
-    """Why a finished cell's comparison.json cannot be summarised (a key removed, cut short), or None."""
+def _summary(cell: Cell, folder: Path) -> dict | str:
+    """The cell's row of study.json from its comparison.json, or why that file is damaged (a key removed, cut
+    short)."""
     from eigenprune.reports.study_report import summarize_cell
 
     try:
-        summarize_cell(_cell_meta(cell), json.loads((folder / "comparison.json").read_text(encoding="utf-8")))
+        return summarize_cell(_cell_meta(cell), json.loads((folder / "comparison.json").read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError,
             AttributeError) as err:
         return "its comparison.json is damaged: " + (f"no {err}" if isinstance(err, KeyError) else
                                                      getattr(err, "msg", None) or type(err).__name__)
-    return None
 
 
 def _check_out(out: Path) -> None:
@@ -185,14 +185,15 @@ def _cell_meta(cell: Cell) -> dict:
 
 def render(study: Study, out: Path, last_run: dict) -> dict:
     """study.json, study.md and study.png from every cell's comparison.json (each file replaced atomically)."""
-    from eigenprune.reports.study_report import build, plot_heatmaps, render_markdown, summarize_cell
+    from eigenprune.reports.study_report import build, plot_heatmaps, render_markdown
 
-    for c in study.cells:  # damaged since plan() looked: name the cell and how to redo it
-        if why := _damage(c, out / "cells" / c.key):
-            raise UsageError(f"cells/{c.key} in {out}: {why}; run the study again with --rerun-changed to move "
-                             f"it to {out}/stale/ and redo it")
-    cells = [summarize_cell(_cell_meta(c), json.loads((out / "cells" / c.key / "comparison.json").read_text()))
-             for c in study.cells]
+    cells = []
+    for c in study.cells:
+        summary = _summary(c, out / "cells" / c.key)
+        if isinstance(summary, str):  # damaged since plan() looked: name the cell and how to redo it
+            raise UsageError(f"cells/{c.key} in {out}: {summary}; run the study again with --rerun-changed to "
+                             f"move it to {out}/stale/ and redo it")
+        cells.append(summary)
     report = build(study.spec, str(study.path), cells, last_run)
     tmp = out / f".study.png.tmp-{os.getpid()}"
     try:
