@@ -3,13 +3,14 @@
 Python turns SIGINT into KeyboardInterrupt, but SIGTERM (what SLURM, most schedulers, `kill` and
 torchrun send first) kills the process outright: no `finally`, no `except BaseException`, no atexit,
 so a claimed output's lock and a half-written `.OUT.partial-PID` folder stay behind. `install()`
-makes SIGTERM raise `Terminated` (a KeyboardInterrupt), so both signals unwind through the same
-cleanup (`core/outdir.py`'s atomic_dir and released_on_error, the study's cell folders) and atexit.
+makes SIGTERM raise `Terminated` (a KeyboardInterrupt, as Ctrl-C's `Interrupted` is), so both
+signals unwind through the same cleanup (`core/outdir.py`'s atomic_dir and released_on_error, the
+study's cell folders) and atexit.
 
 A signal may land anywhere, also inside an import (the first seconds of a command are mostly imports)
 where a library turns the KeyboardInterrupt into another error (an ImportError of a partially
-initialised module). So the handler also records that a signal came: `exit_code(err)` then answers
-for whatever exception reached the top, and `message()` is the one line to print.
+initialised module). So the handler also records that a signal came: `signal_of(err)` then answers
+for whatever exception reached the top, and `report()` prints the one line and gives the exit code.
 
 `install()` is the first thing the command does (`eigenprune._entry.main`); it imports nothing heavy.
 Library users who import eigenprune keep Python's own signal behaviour.
@@ -25,6 +26,12 @@ _WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 _received: list[int] = []  # signals received, in order
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C. A subclass, not KeyboardInterrupt itself: CPython marks a bare KeyboardInterrupt raised inside
+    `exec`'d source (dataclasses and namedtuples are made that way while modules import) as unhandled, even
+    when it is caught later, and then ends the process by SIGINT instead of with the exit code it returned."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM as an exception: whatever cleans up after Ctrl-C cleans up after it too."""
 
@@ -33,12 +40,12 @@ def _handle(signum: int, frame) -> None:
     _received.append(signum)
     if signum == signal.SIGTERM:
         raise Terminated("terminated")
-    raise KeyboardInterrupt
+    raise Interrupted
 
 
 def install() -> None:
-    """Make SIGINT and SIGTERM raise (KeyboardInterrupt, Terminated) and remember that they came. Only
-    from the main thread, and a signal the parent set to be ignored (`nohup`, a background job's SIGINT)
+    """Make SIGINT and SIGTERM raise (Interrupted, Terminated: both KeyboardInterrupts) and remember that they
+    came. Only from the main thread; a signal the parent set to be ignored (`nohup`, a background job's SIGINT)
     stays ignored."""
     for signum in EXIT_CODES:
         if signal.getsignal(signum) is signal.SIG_IGN:
