@@ -9,6 +9,7 @@ index can be reached).
 
 import os
 import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -108,3 +109,91 @@ def test_everything_make_installs_has_a_wheel(what):
     errors = [line for line in output.splitlines() if line.startswith("ERROR")]
     why = errors[-1] if errors else output[-500:]
     assert done.returncode == 0, f"pip cannot install the {what} from wheels alone: {why}"
+
+
+def write_gguf(path: Path) -> None:
+    """The tiny Llama as a .gguf file with its tokenizer (byte-level BPE, as 'gpt2' in GGUF terms)."""
+    import json
+
+    import gguf
+    from conftest import build
+
+    model, tok = build("llama")
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_vocab_size(c.vocab_size)
+    bpe = json.loads(tok.backend_tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda kv: kv[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    writer.add_token_types([3 if t in ("<s>", "</s>") else 1 for t in tokens])  # 3: control, 1: normal
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names |= {f"model.layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight"
+              for i in range(c.num_hidden_layers) for hf, gg in parts.items()}
+    for name, tensor in model.state_dict().items():
+        writer.add_tensor(names[name], tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def run_logged(command: list, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in command], capture_output=True, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_plain_install_of_the_built_wheel_loads_a_gguf_file_and_a_model_folder(tmp_path, saved_model_dir):
+    """`pip install eigenprune` with no extras, as a new user does: the project's wheel, built from this tree,
+    into a fresh virtual environment (torch first, as the Makefile does; wheels only, from pip's configured
+    index), then the console script loads a .gguf file and a model folder. 2.3 to 3.3 minutes on the 2-core VM
+    under load (most of it unpacking torch)."""
+    source = tmp_path / "source"  # a copy: building in the tree would leave build/ and *.egg-info there
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip = ["--quiet", "--only-binary=:all:", "--retries", "0", "--timeout", "60"]
+    built = run_logged([sys.executable, "-m", "pip", "wheel", *pip, "--no-deps", "-w", tmp_path / "dist", source],
+                       timeout=600)
+    if built.returncode and (why := unreachable_index()):
+        pytest.skip(f"no package index reachable ({why})")
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("eigenprune-*.whl"))
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    python = venv / "bin" / "python"
+    variables = dict(re.findall(r"^(\w+)\s*:?=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M))
+    for what in ([variables["TORCH"].strip()], [wheel]):
+        done = run_logged([python, "-m", "pip", "install", *pip, "-c", ROOT / "constraints.txt", *what],
+                          timeout=900)
+        if done.returncode and (why := unreachable_index()):
+            pytest.skip(f"no package index reachable ({why})")
+        errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+        assert done.returncode == 0, f"pip install {what[0]}: {errors[-1] if errors else done.stderr[-1000:]}"
+    installed = run_logged([python, "-m", "pip", "list", "--format=freeze"]).stdout
+    assert "peft" not in installed.lower(), "no extras: peft (which pulls accelerate in) must not be there"
+
+    write_gguf(tmp_path / "tiny.gguf")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "EIGENPRUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for model in (tmp_path / "tiny.gguf", saved_model_dir):
+        done = run_logged([venv / "bin" / "eigenprune", "targets", "--model", model, "--targets", "key"],
+                          env=env, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, f"eigenprune targets --model {model.name}: {done.stderr[-1500:]}"
+        assert "model.layers.1.self_attn.k_proj" in done.stdout

@@ -308,7 +308,10 @@ def test_the_shipped_paper_spec_plans_its_cells(monkeypatch):
 
     if "lora" not in registry.methods():
         pytest.skip("peft is not installed")
+    from conftest import tiny_llama
+
     monkeypatch.setattr(models, "resolve", lambda spec: models.ModelSource(spec, "/nowhere", "x.gguf"))
+    monkeypatch.setattr(models, "load_skeleton", lambda spec: tiny_llama())  # SmolLM2 is a Llama too
     study = load_spec(ROOT / "studies" / "smollm2-paper-tasks.toml")
     assert [c.task for c in study.cells] == ["int-mult", "int-sum", "copa", "cb", "rte"]
     assert [c.run.limit for c in study.cells] == [None, 200, 120, 120, 60]
@@ -340,14 +343,26 @@ def test_report_marks_significance_and_shows_side_effects_when_cells_have_them()
     assert "▲ gain" in md and "▼ loss" in md and "Significant test gains over the base model" in md
 
 
-def test_a_cell_that_fails_on_its_model_says_which_cell(folder, tmp_path):
-    """Targets are checked against the models only when a cell loads its model: the error names the cell."""
+def test_targets_that_match_no_module_of_a_model_are_found_before_any_cell_runs(folder, tmp_path):
+    """Targets are checked against each model's skeleton (its config, no weights) when the spec is read: the error
+    names the spec file and the line, and nothing is written."""
     path = folder / "no-match.toml"
     path.write_text(GOOD.replace('["all"]', '["no_such_module"]'))
     code, err = run_cli(path, "--out", tmp_path / "o", "--quiet")
-    key = load_spec(path).cells[0].key
-    assert code == 2 and err.startswith(f"cell {key}: --targets 'no_such_module'") and "\n" not in err
-    assert not (tmp_path / "o" / "cells" / key).exists()
+    assert code == 2 and err.startswith(f"{path}: line 4: target 'no_such_module' for model 'model': --targets "
+                                        "'no_such_module'") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cell_that_fails_says_which_cell(folder, tmp_path, monkeypatch):
+    """What only a cell's run finds (here a stand-in refusal) names the cell; finished cells are kept."""
+    def refuse(cfg, opts, out, quiet=False):
+        raise UsageError("something only the cell finds")
+
+    monkeypatch.setattr(compare_module, "compare", refuse)
+    code, err = run_cli(spec(folder), "--out", tmp_path / "o", "--quiet")
+    key = load_spec(spec(folder)).cells[0].key
+    assert code == 2 and err.startswith(f"cell {key}: something only the cell finds") and "\n" not in err
 
 
 def test_side_effects_come_from_the_cells_section():

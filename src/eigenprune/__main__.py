@@ -1,5 +1,5 @@
 """`python -m eigenprune` (also what `torchrun -m eigenprune` launches)."""
 
-from eigenprune.cli import main
+from eigenprune._entry import main
 
 raise SystemExit(main())

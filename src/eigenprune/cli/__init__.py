@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from eigenprune.cli.common import FMT, Parser, add_common, cap_threads, check_out, check_task, from_flags
-from eigenprune.core import settings
+from eigenprune.core import settings, signals
 from eigenprune.core.errors import UsageError
 from eigenprune.edits.config import FreezeConfig, ScoreConfig
 from eigenprune.protocol.config import SCORE_FLAGS
@@ -337,6 +337,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"eigenprune {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("eigenprune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM under the entry point's handler (core/signals.py)
+        return signals.report(signals.signal_of(err))

@@ -36,7 +36,10 @@ def _method_arg(text: str) -> tuple[str, str, str]:
 
 
 def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:  # `--methods ""` is a mistake, not a request for the defaults
+        raise argparse.ArgumentTypeError(f"expected comma-separated method names, got '{text}'")
+    return names
 
 
 def method_args(args) -> dict[str, dict]:

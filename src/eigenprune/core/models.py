@@ -391,6 +391,24 @@ def _from_gguf_cache(spec: str, source: ModelSource, dtype: str, root: Path, tru
     return model, tokenizer
 
 
+def load_skeleton(spec: str, trust_remote_code: bool = False):
+    """The model's modules with their shapes and no weights (on the meta device), built from its config alone:
+    config.json, or a GGUF file's metadata. For checks before any work (which modules a target selects); reads
+    no weights, so it takes milliseconds where `load_model` takes seconds to minutes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve(spec)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.location, local_files_only=True,
+                                            trust_remote_code=trust_remote_code, **kwargs)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot read model '{spec}': {first}") from None
+
+
 def load_model(
     spec: str,
     dtype: str = "float32",

@@ -52,17 +52,28 @@ def _check_free(given: Path, real: Path, overwrite: bool) -> None:
         raise UsageError(f"{given} already exists; choose another --out or remove it")
 
 
-def _make_parent(given: Path, real: Path) -> None:
-    parent = real.parent
-    blocker = next((p for p in (parent, *parent.parents) if os.path.lexists(p) and not p.is_dir()), None)
+def _make(given: Path, folder: Path) -> None:
+    """Create `folder` (parents included) for writing `given`; one line if a parent is a file or read-only."""
+    blocker = next((p for p in (folder, *folder.parents) if os.path.lexists(p) and not p.is_dir()), None)
     if blocker is not None:
         raise UsageError(f"cannot write {given}: {blocker} is a file, not a folder")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UsageError(f"cannot write {given}: cannot create {parent} ({err.strerror})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write {given}: the folder {parent} is not writable")
+        raise UsageError(f"cannot write {given}: cannot create {folder} ({err.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {given}: the folder {folder} is not writable")
+
+
+def _make_parent(given: Path, real: Path) -> None:
+    _make(given, real.parent)
+
+
+def make_folder(folder: str | Path) -> Path:
+    """Create `folder` to write into (a study's folder, which is filled over several runs, not claimed whole):
+    a parent that is a file, or a read-only one, is one line."""
+    _make(Path(folder), _real(folder))
+    return Path(folder)
 
 
 def _holder(lock: Path) -> str:

@@ -153,6 +153,13 @@ def from_dict(cls, data: dict, where: str = "", legacy: dict[str, str] | None = 
             outer, inner = new.split(".")
             data.setdefault(outer, {})
             if isinstance(data[outer], dict):
+                if inner in data[outer]:  # both spellings: they must agree, or one value is silently lost
+                    nested = _hints(cls)[outer]
+                    flat = coerce(nested, inner, data[old], where=where)
+                    if flat != coerce(nested, inner, data[outer][inner], where=where):
+                        raise ValueError(f"{where}{old} = {json.dumps(data[old])} and {new} = "
+                                         f"{json.dumps(data[outer][inner])} disagree; keep one ({new} is the "
+                                         f"current spelling)")
                 data[outer] = {inner: data.pop(old), **data[outer]}
     values = {name: coerce(cls, name, value, where=where) for name, value in data.items()}
     try:

@@ -108,7 +108,7 @@ def _load_tensors(path: Path, run_id: str | None) -> dict[str, torch.Tensor]:
 
 
 def _expect(tensors: dict[str, torch.Tensor], key: str, shape: tuple, path: Path) -> torch.Tensor:
-    """tensors[key] with the given shape (None: any size); else one line naming what does not fit."""
+    """tensors[key] with the given shape (None: any size) and finite values; else one line naming what is wrong."""
     if key not in tensors:
         raise UsageError(f"{path} lacks tensor '{key}': it does not belong with the targets its folder's JSON "
                          "lists (files of different models or runs?)")
@@ -117,6 +117,10 @@ def _expect(tensors: dict[str, torch.Tensor], key: str, shape: tuple, path: Path
         want = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ")"
         raise UsageError(f"{path}: '{key}' has shape {got}, but its folder's JSON implies {want} "
                          "(files of different models or runs?)")
+    if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
+        bad = int((~torch.isfinite(tensors[key])).sum())
+        raise UsageError(f"{path}: '{key}' holds {bad} NaN or infinite value(s); the file is damaged "
+                         "(write it again)")
     return tensors[key]
 
 

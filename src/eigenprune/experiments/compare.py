@@ -63,6 +63,8 @@ class CompareConfig:
                                          metadata={"help": "method -> {setting: value} (`--set METHOD.FIELD=VALUE`)"})
 
     def __post_init__(self) -> None:
+        if self.methods and not any(m.strip() for m in self.methods):  # given, but empty: not "the defaults"
+            raise ValueError("methods is empty; name at least one method (or leave methods out for the defaults)")
         self.methods = tuple(dict.fromkeys(m.strip() for m in self.methods if m.strip())) or default_methods()
         try:
             self.plan()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eigenprune.core.errors import UsageError
-from eigenprune.core.outdir import remove_stale
+from eigenprune.core.outdir import make_folder, remove_stale
 from eigenprune.experiments.study_spec import Cell, Study, load_spec  # noqa: F401  (the study API in one place)
 
 CELLS_JSON, LOCK = "cells.json", ".study.lock"
@@ -44,8 +44,12 @@ class Plan:
 
 def _write_atomic(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:  # a signal or a full disk: no temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _dump(data) -> str:
@@ -92,6 +96,10 @@ def plan(study: Study, out: str | Path) -> Plan:
             else:
                 result.todo.append(cell)
             continue
+        summary = _summary(cell, folder)
+        if isinstance(summary, str):  # damaged: redone like a changed cell (--rerun-changed)
+            result.stale.append((cell, summary))
+            continue
         entry = index.get(cell.key)
         if entry is not None:
             same = entry.get("settings_hash") == cell.settings_hash()
@@ -112,6 +120,19 @@ def plan(study: Study, out: str | Path) -> Plan:
         else set()
     result.orphans = sorted((folders | set(index)) - keys)
     return result
+
+
+def _summary(cell: Cell, folder: Path) -> dict | str:
+    """The cell's row of study.json from its comparison.json, or why that file is damaged (a key removed, cut
+    short)."""
+    from eigenprune.reports.study_report import summarize_cell
+
+    try:
+        return summarize_cell(_cell_meta(cell), json.loads((folder / "comparison.json").read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError,
+            AttributeError) as err:
+        return "its comparison.json is damaged: " + (f"no {err}" if isinstance(err, KeyError) else
+                                                     getattr(err, "msg", None) or type(err).__name__)
 
 
 def _check_out(out: Path) -> None:
@@ -144,7 +165,9 @@ def _locked(out: Path) -> Iterator[None]:
 
 def _stale_message(out: Path, stale: list[tuple[Cell, str]]) -> str:
     listed = "; ".join(f"cells/{c.key} ({why})" for c, why in stale)
-    return (f"the spec changed for {len(stale)} finished cell(s) in {out}: {listed}. Run again with "
+    damaged = all(why.startswith("its ") for _, why in stale)  # a damaged or unfinished folder, not the spec
+    what = "cannot reuse" if damaged else "the spec changed for"
+    return (f"{what} {len(stale)} finished cell(s) in {out}: {listed}. Run again with "
             f"--rerun-changed to move them to {out}/stale/ and redo them, or choose another --out")
 
 
@@ -162,14 +185,23 @@ def _cell_meta(cell: Cell) -> dict:
 
 def render(study: Study, out: Path, last_run: dict) -> dict:
     """study.json, study.md and study.png from every cell's comparison.json (each file replaced atomically)."""
-    from eigenprune.reports.study_report import build, plot_heatmaps, render_markdown, summarize_cell
+    from eigenprune.reports.study_report import build, plot_heatmaps, render_markdown
 
-    cells = [summarize_cell(_cell_meta(c), json.loads((out / "cells" / c.key / "comparison.json").read_text()))
-             for c in study.cells]
+    cells = []
+    for c in study.cells:
+        summary = _summary(c, out / "cells" / c.key)
+        if isinstance(summary, str):  # damaged since plan() looked: name the cell and how to redo it
+            raise UsageError(f"cells/{c.key} in {out}: {summary}; run the study again with --rerun-changed to "
+                             f"move it to {out}/stale/ and redo it")
+        cells.append(summary)
     report = build(study.spec, str(study.path), cells, last_run)
     tmp = out / f".study.png.tmp-{os.getpid()}"
-    plot_heatmaps(report, tmp)
-    os.replace(tmp, out / "study.png")
+    try:
+        plot_heatmaps(report, tmp)
+        os.replace(tmp, out / "study.png")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _write_atomic(out / "study.md", render_markdown(report))
     _write_atomic(out / "study.json", _dump(report))
     return report
@@ -185,7 +217,7 @@ def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet:
     if state.stale and not rerun_changed:
         raise UsageError(_stale_message(out, state.stale))
     t0 = time.perf_counter()
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    make_folder(out / "cells")  # a parent that is a file, or read-only: one line
     with _locked(out):
         if (out / "cells").is_dir():
             remove_stale(out / "cells")  # what killed cells left behind

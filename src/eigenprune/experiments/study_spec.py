@@ -128,7 +128,14 @@ def _table(section: tuple[str, ...]) -> str:
 def _read(path: Path) -> tuple[str, dict]:
     if not path.is_file():
         raise UsageError(f"study spec not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise UsageError(f"{path}: line {line}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save the "
+                         "spec as UTF-8") from None
+    except OSError as err:
+        raise UsageError(f"cannot read study spec {path} ({err.strerror})") from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -339,12 +346,29 @@ def _cell_key(model: str, task: str, targets: str) -> str:
     return key
 
 
+def _check_targets(where: _Where, model: str, target: str, run: RunConfig, skeletons: dict) -> None:
+    """The target selects at least one weight matrix of the model (with the cell's layers and per_head): checked
+    on the model's skeleton (its config on the meta device, no weights), so a typo costs milliseconds."""
+    from eigenprune.core.models import load_skeleton
+    from eigenprune.edits.targets import find_targets
+
+    if run.model not in skeletons:
+        try:
+            skeletons[run.model] = load_skeleton(run.model)
+        except UsageError as err:
+            raise where.error(f"model '{model}': {err}", ("study",), "models", model) from None
+    try:
+        find_targets(skeletons[run.model], target, run.layers, run.per_head)
+    except UsageError as err:
+        raise where.error(f"target '{target}' for model '{model}': {err}", ("study",), "targets", target) from None
+
+
 def _plan(where: _Where, spec: dict, model_specs: dict, task_specs: dict) -> list[Cell]:
     """Every model x task x target, in that order, with its settings checked together."""
     from eigenprune.edits.targets import parse_layers
     from eigenprune.evaluation.tasks import load_task
 
-    grid, loaded = spec["study"], {}
+    grid, loaded, skeletons = spec["study"], {}, {}
     cells = []
     for model in grid["models"]:
         for task in grid["tasks"]:
@@ -364,6 +388,8 @@ def _plan(where: _Where, spec: dict, model_specs: dict, task_specs: dict) -> lis
                         for t in grid["targets"]]
             except ValueError as err:
                 raise _blame(where, err, values, sections) from None
+            for t, run in zip(grid["targets"], runs, strict=True):
+                _check_targets(where, model, t, run, skeletons)
             load_key = (task_path, str(merged.get("template")), str(merged.get("answers")))
             if load_key not in loaded:
                 try:
