@@ -67,6 +67,8 @@ def _compare(model, tok, examples, args, device, label: str) -> dict:
         olds.append(t["old"])
         news.append(t["new"])
         ratios.append(t["new"] / t["old"])
+        print(f"{label} repeat {r + 1}: generation {t['old']:.2f} s, teacher-forced {t['new']:.2f} s, "
+              f"same verdicts {got.correct.tolist() == want.tolist()}", file=sys.stderr, flush=True)
     # "self" answers: greedy's own output (decoded) for even examples, the task's answer for odd ones
     selfish = [dataclasses.replace(ex, answer=tok.decode(g) if i % 2 == 0 and tok.decode(g).strip() else ex.answer)
                for i, (ex, g) in enumerate(zip(examples, generated, strict=True))]
