@@ -133,11 +133,15 @@ def test_lazy_epilog_is_built_only_for_help():
 def test_threads_are_capped_to_free_cores(monkeypatch):
     import torch
 
+    from eigenprune.cli import common
+
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 8.0, 0.0, 0.0))
+    monkeypatch.setattr(common, "other_runnable", lambda: cores + 8.0)
     assert free_cores() == 1  # a busy machine: one thread
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    monkeypatch.setattr(common, "other_runnable", lambda: 0.0)
     assert free_cores() == cores  # a quiet one: every core
+    monkeypatch.undo()
+    assert 0.0 <= common.other_runnable() < 1000  # the real reading: this process is not counted
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

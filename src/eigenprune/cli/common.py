@@ -68,18 +68,29 @@ def check_out(out: str | Path | None) -> None:
         check_new_dir(out, claim=False)
 
 
+def other_runnable() -> float:
+    """How many other processes want a core now: /proc/loadavg's runnable count less this process. An
+    instantaneous count, not the 1-minute load average, which lags: right after `make test` it still says one
+    core is busy, and a demo started then would run on one thread of an idle machine. Elsewhere, the 1-minute
+    load average."""
+    try:
+        runnable = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+        return max(0.0, float(runnable) - 1.0)
+    except (OSError, IndexError, ValueError):
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
+
+
 def free_cores() -> int:
-    """The cores this process may use (its CPU affinity) less the ones other processes keep busy (the 1-minute
-    load average), at least 1."""
+    """The cores this process may use (its CPU affinity) less the ones other processes keep busy now
+    (`other_runnable`), at least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        busy = 0.0
-    return max(1, min(cores, round(cores - busy)))
+    return max(1, min(cores, round(cores - other_runnable())))
 
 
 def cap_threads(threads: int | None) -> int | None:
