@@ -63,3 +63,46 @@ def run_report(model_and_task, out, *argv) -> dict:
     model, task = model_and_task
     assert main(["run", "--model", str(model), "--task", str(task), *map(str, argv), "--out", str(out)]) == 0
     return json.loads((out / "report.json").read_text())
+
+
+def write_llama_gguf(path, with_tokenizer: bool = False):
+    """conftest's tiny Llama as a GGUF file (float32 tensors), as the demo model comes; `with_tokenizer` adds its
+    byte-level BPE tokenizer ('gpt2' in GGUF terms). Returns the tokenizer."""
+    import gguf
+    from conftest import build
+
+    model, tok = build("llama")
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_vocab_size(c.vocab_size)
+    if with_tokenizer:
+        bpe = json.loads(tok.backend_tokenizer.to_str())["model"]
+        tokens = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda kv: kv[1])]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+        writer.add_token_types([3 if t in ("<s>", "</s>") else 1 for t in tokens])  # 3: control, 1: normal
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(1)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names |= {f"model.layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight"
+              for i in range(c.num_hidden_layers) for hf, gg in parts.items()}
+    for name, tensor in model.state_dict().items():
+        writer.add_tensor(names[name], tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tok
