@@ -227,3 +227,23 @@ def test_layer_budget_and_validation():
                         (lambda: ClipConfig(demos=-1), "demos"), (lambda: ClipConfig(layers=(-1,)), "layers")):
         with pytest.raises(ValueError, match=field):
             make()
+
+
+@pytest.mark.parametrize("dev_seeds", [1, 2])
+def test_random_control_evaluates_test_for_every_seed_and_dev_for_the_first(harness, results, monkeypatch, dev_seeds):
+    """Nothing is chosen on dev, so only the first `dev_seeds` draws are evaluated there; test gets every draw, and
+    each draw's dev correctness is its own edit's (the mean over those draws)."""
+    import eigenprune.methods.controls as controls
+
+    calls, real = [], controls.evaluate_edit
+    monkeypatch.setattr(controls, "evaluate_edit", lambda h, e, split: calls.append(split) or real(h, e, split))
+    result = run_random(harness, results["eigenprune"].score_run, n_frozen=6, seeds=3, dev_seeds=dev_seeds)
+    assert calls.count("test") == 3 and calls.count("dev") == dev_seeds
+    assert [r["dev_acc"] is None for r in result.runs] == [False] * dev_seeds + [True] * (3 - dev_seeds)
+    run = results["eigenprune"].score_run
+    each = []
+    for s in range(dev_seeds):
+        with applied(harness.model, random_edit(run, 6, s, harness.config.freeze_at(0.0))):
+            each.append(harness.evaluate("dev").float())
+    assert torch.allclose(result.dev, torch.stack(each).mean(0))
+    assert result.extra["_test_seeds"].shape[0] == 3

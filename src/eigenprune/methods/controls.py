@@ -20,8 +20,9 @@ mean inputs behind the bias.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,11 +73,14 @@ def _base(harness: Harness, base: dict[str, torch.Tensor] | None, splits: Sequen
 
 def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int = 5,
                freeze: FreezeConfig | None = None, first_seed: int = 0,
-               base: dict[str, torch.Tensor] | None = None, side_effect_seeds: int = 0) -> MethodResult:
-    """Freeze `n_frozen` random components, once per seed, and evaluate dev and test for each.
+               base: dict[str, torch.Tensor] | None = None, side_effect_seeds: int = 0,
+               dev_seeds: int | None = None) -> MethodResult:
+    """Freeze `n_frozen` random components, once per seed; evaluate test for each and dev for the first `dev_seeds`.
 
-    `dev`/`test` of the result hold each example's correctness averaged over the seeds (floats in
-    [0, 1]): their mean is the mean accuracy over seeds, and a paired comparison with another method
+    Nothing is chosen on dev, so dev is evaluated only to report the control's dev accuracy: by the first
+    `dev_seeds` seeds (None: every seed). `dev` of the result holds each dev example's correctness averaged over
+    those seeds, `test` each test example's averaged over all seeds (floats in [0, 1]): their mean is the mean
+    accuracy over seeds, and a paired comparison with another method
     compares it with the random control's expected correctness on the same examples. `runs` has one
     row per seed; the saved edit is the first seed's. `extra["_test_seeds"]` (never written to JSON) is
     each seed's (seeds, n_test) test correctness, for comparisons that count the seeds' spread;
@@ -90,27 +94,30 @@ def run_random(harness: Harness, score_run: ScoreRun, n_frozen: int, seeds: int 
     freeze = dataclasses.replace(freeze or harness.config.freeze_at(0.0), p=min(n_frozen / n_components, 0.999999))
     n_boot = harness.config.n_boot
     seed_list = list(range(first_seed, first_seed + seeds))
+    dev_seeds = seeds if dev_seeds is None else min(max(dev_seeds, 1), seeds)
     edits, devs, tests = [], [], []
     if n_frozen == 0:  # nothing to draw: every seed is the base model
         base = _base(harness, base, ("dev", "test"))
         edits = [random_edit(score_run, 0, s, freeze) for s in seed_list]
-        devs, tests = [base["dev"]] * seeds, [base["test"]] * seeds
+        devs, tests = [base["dev"]] * dev_seeds, [base["test"]] * seeds
     else:
-        for s in seed_list:
+        for i, s in enumerate(seed_list):
             edit = random_edit(score_run, n_frozen, s, freeze)
             edits.append(edit)
-            devs.append(evaluate_edit(harness, edit, "dev"))
+            if i < dev_seeds:
+                devs.append(evaluate_edit(harness, edit, "dev"))
             tests.append(evaluate_edit(harness, edit, "test"))
-    dev = torch.stack([d.float() for d in devs]).mean(0)  # (n_dev,) mean over seeds
-    test = torch.stack([t.float() for t in tests]).mean(0)  # (n_test,)
-    runs = [{"seed": s, "n_frozen": e.n_frozen, "dev_acc": accuracy(d), "test": ci(t, n_boot)}
-            for s, e, d, t in zip(seed_list, edits, devs, tests, strict=True)]
+    dev = torch.stack([d.float() for d in devs]).mean(0)  # (n_dev,) mean over the first dev_seeds seeds
+    test = torch.stack([t.float() for t in tests]).mean(0)  # (n_test,) mean over every seed
+    dev_accs = [accuracy(d) for d in devs] + [None] * (seeds - dev_seeds)
+    runs = [{"seed": s, "n_frozen": e.n_frozen, "dev_acc": d, "test": ci(t, n_boot)}
+            for s, e, d, t in zip(seed_list, edits, dev_accs, tests, strict=True)]
     extra = {
-        "seeds": seed_list, "n_frozen": n_frozen, "n_components": n_components,
-        "dev_acc_mean_sd": dict(zip(("mean", "sd"), mean_sd(r["dev_acc"] for r in runs), strict=True)),
+        "seeds": seed_list, "n_frozen": n_frozen, "n_components": n_components, "dev_seeds": dev_seeds,
+        "dev_acc_mean_sd": _mean_sd_json(a for a in dev_accs if a is not None),
         "test_acc_mean_sd": dict(zip(("mean", "sd"), mean_sd(r["test"]["acc"] for r in runs), strict=True)),
-        "note": "dev and test hold per-example correctness averaged over the seeds; nothing is chosen on dev "
-                "(n_frozen is eigenprune's dev choice)",
+        "note": (f"test holds per-example correctness averaged over the {seeds} seeds, dev over the first "
+                 f"{dev_seeds} (nothing is chosen on dev: n_frozen is eigenprune's dev choice)"),
         "_test_seeds": torch.stack([t.bool() for t in tests]),  # (seeds, n_test)
         "_side_effect_variants": [(f"seed {s}", edit_applier(e))
                                   for s, e in zip(seed_list[:side_effect_seeds], edits, strict=False)],
@@ -174,10 +181,15 @@ class RandomSettings:
     side_effect_seeds: int = field(default=5, metadata={
         "help": "with side effects: how many of the draws (the first ones) to measure, in every fold; each is "
                 "one pass over the text sample"})
+    dev_seeds: int = field(default=1, metadata={
+        "help": "how many of the draws (the first ones) are also evaluated on dev, only to report the control's dev "
+                "accuracy (nothing is chosen on dev); each is one dev evaluation per fold"})
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise ValueError(f"seeds must be at least 1, got {self.seeds}")
+        if self.dev_seeds < 1:
+            raise ValueError(f"dev_seeds must be at least 1, got {self.dev_seeds}")
         if self.side_effect_seeds < 1:
             raise ValueError(f"side_effect_seeds must be at least 1, got {self.side_effect_seeds}")
 
@@ -243,6 +255,16 @@ def _versus_words(n_frozen: int | list[int], accs: list[float], comparison: dict
                     f"{comparison['of']} (permutation p = {comparison['p_value']:.3f}; {reach}).")
 
 
+def _mean_sd_json(values: Iterable[float]) -> dict[str, float | None]:
+    """Mean and sd for a JSON report: the sd of a single value is null (not NaN, which is not JSON)."""
+    mean, sd = mean_sd(values)
+    return {"mean": mean, "sd": None if math.isnan(sd) else sd}
+
+
+def _acc_text(acc: float | None) -> str:
+    return "—" if acc is None else f"{acc:.3f}"
+
+
 def _ci_text(c: dict) -> str:
     return f"{c['acc']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
 
@@ -256,7 +278,8 @@ def _pool_random(pooled: Pooled) -> None:
     n = sum(int(f.test.numel()) for f in folds)
     seeds = [r["seed"] for r in folds[0].runs]
     accs = [sum(f.runs[j]["test"]["acc"] * f.runs[j]["test"]["n"] for f in folds) / n for j in range(len(seeds))]
-    devs = [sum(f.runs[j]["dev_acc"] for f in folds) / len(folds) for j in range(len(seeds))]
+    devs = [None if folds[0].runs[j]["dev_acc"] is None else sum(f.runs[j]["dev_acc"] for f in folds) / len(folds)
+            for j in range(len(seeds))]
     seed_tests = torch.stack([pooled.pool([f.extra["_test_seeds"][j] for f in folds])
                               for j in range(len(seeds))])  # (seeds, N): each seed's edits, every fold's test
     comparison = seed_comparison(eigen.test, seed_tests, pooled.n_boot, pooled.fold_of)
@@ -265,7 +288,7 @@ def _pool_random(pooled: Pooled) -> None:
     rand.sections = ["\n".join([f"## Random control, per seed (pooled over {len(folds)} folds)", "",
                                  "| seed | components per fold | dev acc (mean over folds) | test acc (pooled) |",
                                  "|---|---|---|---|",
-                                 *(f"| {s} | {', '.join(map(str, n_frozen))} | {d:.3f} | {a:.3f} |"
+                                 *(f"| {s} | {', '.join(map(str, n_frozen))} | {_acc_text(d)} | {a:.3f} |"
                                    for s, d, a in zip(seeds, devs, accs, strict=True))])]
 
 
@@ -274,15 +297,18 @@ def _pool_random(pooled: Pooled) -> None:
 def random_control(harness: Harness, config: RandomSettings, ctx: Context) -> MethodResult:
     eigen = ctx.result("eigenprune")
     result = run_random(harness, eigen.score_run, eigen.edit.n_frozen, config.seeds,
-                        first_seed=config.first_seed, base=ctx.base, side_effect_seeds=config.side_effect_seeds)
+                        first_seed=config.first_seed, base=ctx.base, side_effect_seeds=config.side_effect_seeds,
+                        dev_seeds=config.dev_seeds)
     result.extra["vs_eigenprune"], result.verdict = _versus(eigen, result, harness.config.n_boot)
     result.markers = [{"acc": r["test"]["acc"], "marker": "x", "label": None} for r in result.runs]
     result.sections = ["\n".join(["## Random control, per seed", "", "| seed | components | dev acc | test acc "
                                   "[95% CI] |", "|---|---|---|---|",
-                                  *(f"| {r['seed']} | {r['n_frozen']} | {r['dev_acc']:.3f} | {_ci_text(r['test'])} |"
+                                  *(f"| {r['seed']} | {r['n_frozen']} | {_acc_text(r['dev_acc'])} | "
+                                    f"{_ci_text(r['test'])} |"
                                     for r in result.runs)])]
     result.notes = ["random chooses nothing on dev (its number of components is eigenprune's dev choice), so its "
-                    "dev evals are 0; its dev/test are per-example correctness averaged over its seeds."]
+                    f"dev evals are 0; its test is per-example correctness averaged over its {config.seeds} seeds, "
+                    f"its dev over the first {min(config.dev_seeds, config.seeds)} (`--set random.dev_seeds=N`)."]
     return result
 
 
