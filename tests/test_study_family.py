@@ -123,3 +123,29 @@ def test_study_plan_prints_the_n_needed(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and f"{n_needed(0.1, 0.2)} examples needed for 10.0 points" in out
     assert "20.0% of answers change" in out
+
+
+def test_winners_curse_is_mean_dev_gain_minus_mean_test_gain_over_folds():
+    """Hand-computed: two folds, dev gains +0.10 and +0.30, test gains +0.05 and −0.05 → curse 0.20 − 0.00."""
+    base = np.r_[np.ones(10), np.zeros(10)]
+    report = cell_report(base, {"a": changed(base, 1, 0), "ctl": base.copy()}, np.r_[np.zeros(10), np.ones(10)])
+    report["folds"] |= {"per_fold": [{"base_dev_acc": 0.5, "base_test_acc": 0.4},
+                                     {"base_dev_acc": 0.2, "base_test_acc": 0.6}]}
+    report["methods"]["a"]["runs"] = [{"fold": 1, "dev_acc": 0.6, "test_acc": 0.45},
+                                      {"fold": 2, "dev_acc": 0.5, "test_acc": 0.55}]
+    report["methods"]["ctl"]["dev_evaluations"] = 0  # chose nothing on dev: no curse
+    study = study_of(report)
+    curse = study["cells"][0]["methods"]["a"]["winners_curse"]
+    assert (curse["dev_gain"], curse["test_gain"], curse["curse"]) == pytest.approx((0.2, 0.0, 0.2))
+    assert study["cells"][0]["methods"]["ctl"]["winners_curse"] is None
+    assert study["winners_curse"]["a"]["curse"] == pytest.approx(0.2) and "ctl" not in study["winners_curse"]
+    text = render_markdown(study, heatmap=None)
+    assert "| +0.200 (+0.200 − +0.000) |" in text and "Winner's curse over the study" in text
+
+
+def test_winners_curse_on_a_fixed_split_uses_the_one_split():
+    base = np.r_[np.ones(10), np.zeros(10)]
+    report = cell_report(base, {"a": changed(base, 2, 0)})  # test gain +0.10
+    report["methods"]["a"]["dev"] = {"acc": 0.8}  # dev gain +0.30 over the base's 0.5
+    curse = study_of(report)["cells"][0]["methods"]["a"]["winners_curse"]
+    assert (curse["dev_gain"], curse["test_gain"], curse["curse"]) == pytest.approx((0.3, 0.1, 0.2))

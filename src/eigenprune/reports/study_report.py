@@ -85,6 +85,25 @@ def cell_difference(report: dict, name: str) -> dict:
     return {k: stored.get(k) for k in ("diff", "lo", "hi", "p", "n", "discordant", "mde", "interval")}
 
 
+def winners_curse(report: dict, name: str) -> dict | None:
+    """How far a method's dev gains overstate its test gains: the mean over folds of (its chosen configuration's
+    dev accuracy − the base's) minus the mean over folds of (its test accuracy − the base's), on a fixed split the
+    one split's. None for a method that chose nothing on dev (a control, a fixed recipe)."""
+    row = report["methods"][name]
+    if not row.get("dev_evaluations"):
+        return None
+    per_fold = (report.get("folds") or {}).get("per_fold")
+    if per_fold and all("dev_acc" in r and "test_acc" in r for r in row.get("runs", [])) and len(row["runs"]) == len(
+            per_fold):
+        dev = [r["dev_acc"] - f["base_dev_acc"] for r, f in zip(row["runs"], per_fold, strict=True)]
+        test = [r["test_acc"] - f["base_test_acc"] for r, f in zip(row["runs"], per_fold, strict=True)]
+    else:
+        base = report["base"]
+        dev, test = [row["dev"]["acc"] - base["dev"]["acc"]], [row["test"]["acc"] - base["test"]["acc"]]
+    dev_gain, test_gain = sum(dev) / len(dev), sum(test) / len(test)
+    return {"dev_gain": dev_gain, "test_gain": test_gain, "curse": dev_gain - test_gain, "folds": len(dev)}
+
+
 def summarize_cell(cell: dict, report: dict) -> dict:
     """One cell of study.json: where it sits in the grid and its methods' test differences from comparison.json
     (`significant` judges the cell alone until `adjust` sets it from the p-value adjusted over the study)."""
@@ -100,7 +119,7 @@ def summarize_cell(cell: dict, report: dict) -> dict:
             "test": row["test"], "dev_acc": row["dev"]["acc"], "config": row["config"],
             "diff_vs_base": d, "significant": significance(d), "predicted_labels": row.get("predicted_labels"),
             "control_diff": None if name == control_name or control is None else diff(control),
-            "side_effects": method_side_effects(report, name),
+            "side_effects": method_side_effects(report, name), "winners_curse": winners_curse(report, name),
             "dev_evaluations": row["dev_evaluations"], "changed_params": row["changed_params"],
         }
     return {
@@ -131,12 +150,25 @@ def adjust(cells: list[dict]) -> dict:
             "over": "every model x task x targets x method − base test difference with an exact paired test"}
 
 
+def curse_by_method(cells: list[dict]) -> dict:
+    """Each method's winner's curse over the study: the mean over the cells where it chose on dev of its dev gain,
+    test gain and their difference (each cell's already a mean over its folds)."""
+    out = {}
+    for name in dict.fromkeys(m for c in cells for m in c["methods"]):
+        curses = [c["methods"][name]["winners_curse"] for c in cells
+                  if name in c["methods"] and c["methods"][name].get("winners_curse")]
+        if curses:
+            out[name] = {k: sum(w[k] for w in curses) / len(curses) for k in ("dev_gain", "test_gain", "curse")}
+            out[name]["cells"] = len(curses)
+    return out
+
+
 def build(spec: dict, spec_file: str, cells: list[dict], last_run: dict) -> dict:
     """study.json: the spec, every cell's summary in grid order (p-values Holm-adjusted over the study), the
-    family, and what this invocation did (`last_run`)."""
+    family, each method's winner's curse over the cells, and what this invocation did (`last_run`)."""
     family = adjust(cells)
     return {"format": FORMAT, "format_version": VERSION, "spec": spec, "spec_file": spec_file, "cells": cells,
-            "family": family, "last_run": last_run}
+            "family": family, "winners_curse": curse_by_method(cells), "last_run": last_run}
 
 
 def _num(value, fmt: str = "{:+.3f}") -> str:
@@ -169,6 +201,12 @@ def _p_cell(d: dict) -> str:
     if d.get("p") is None:
         return NO_VALUE
     return f"{d['p']:.3f} ({d['p_adjusted']:.3f})" if d.get("p_adjusted") is not None else f"{d['p']:.3f}"
+
+
+def _curse_cell(curse: dict | None) -> str:
+    if curse is None:
+        return NO_VALUE
+    return f"{curse['curse']:+.3f} ({curse['dev_gain']:+.3f} − {curse['test_gain']:+.3f})"
 
 
 def _mde_cell(d: dict) -> str:
@@ -208,14 +246,15 @@ def render_markdown(study: dict, heatmap: str | None = "study.png") -> str:
     verdict += "".join(f" {text}" for text in one_label if text)
     lines = [f"# eigenprune study: {Path(study['spec_file']).name}", "", head, "", verdict, "", "## Results", "",
              "| model | task | targets | method | base test | method test | test - base [95% CI] | p (Holm) | MDE "
-             f"| sig. | {control} control: test - base | " + " | ".join(side) + " |",
-             "|---" * (11 + len(side)) + "|"]
+             f"| sig. | dev gain − test gain | {control} control: test - base | " + " | ".join(side) + " |",
+             "|---" * (12 + len(side)) + "|"]
     for c, m, r in rows:
         effects, d = r["side_effects"] or {}, r["diff_vs_base"]
         shown = _diff(d) if r["significant"] is None else f"**{_diff(d)}**"
         lines.append(f"| {c['model']} | {c['task']} | {c['targets']} | {m} | {c['base']['test']['acc']:.3f} | "
                      f"{r['test']['acc']:.3f} | {shown} | {_p_cell(d)} | {_mde_cell(d)} | {MARK[r['significant']]} | "
-                     f"{_diff(r['control_diff'])} | " + " | ".join(_num(effects.get(k), _side_format(k)) for k in side)
+                     f"{_curse_cell(r.get('winners_curse'))} | {_diff(r['control_diff'])} | "
+                     + " | ".join(_num(effects.get(k), _side_format(k)) for k in side)
                      + " |")
     lines += ["", "Columns: **base test** / **method test** test accuracy; **test - base** the paired change in test "
               "accuracy with Newcombe's hybrid score 95% interval (stratified by fold under folds; a seed-averaged "
@@ -223,7 +262,10 @@ def render_markdown(study: dict, heatmap: str | None = "study.png") -> str:
               "and, in brackets, the Holm-adjusted one over the whole study; **MDE** the smallest change in accuracy "
               "(a fraction) the exact test detects with 80% power at the 5% level given the cell's n and the share "
               "of answers that changed, † where it exceeds 0.05 or nothing was detectable; **sig.** follows the "
-              f"adjusted p; **{control} control** its own test − base in the same cell; "
+              "adjusted p; **dev gain − test gain** the winner's curse of the method's dev choices (mean over folds of "
+              "its chosen configuration's dev gain over the base, minus the mean test gain; dev and test gains in "
+              f"brackets), – for a method that chose nothing on dev; **{control} control** its own test − base in the "
+              "same cell; "
               + ", ".join(f"**{k}**" for k in side) + " side effects (see the notes)."]
     if heatmap:
         lines += ["", f"![test - base per task and method]({heatmap})"]
@@ -236,14 +278,21 @@ def render_markdown(study: dict, heatmap: str | None = "study.png") -> str:
              "over the study.",
              f"The {control} control freezes as many components as eigenprune chose, at random; its difference is "
              "repeated on every row of its cell so a method's gain can be read against it."]
+    curse = study.get("winners_curse") or {}
+    if curse:
+        notes.append("Winner's curse over the study (mean over cells of dev gain − test gain; a method whose dev "
+                     "choices chase noise has a large one): " + "; ".join(
+                         f"{m} {w['curse']:+.3f} (dev {w['dev_gain']:+.3f}, test {w['test_gain']:+.3f}, "
+                         f"{w['cells']} cell{'s' * (w['cells'] != 1)})" for m, w in curse.items()) + ".")
     implicit = sorted({m for c in cells for m in c["implicit"]})
     if implicit:
         notes.append(f"Run implicitly, because other methods need their results: {', '.join(implicit)}.")
     if all(r["side_effects"] is None for _, _, r in rows):
         notes.append("Side effects (Δppl, KL): not measured in these cells.")
     else:
-        folded = " Under folds they are measured on fold 1's chosen configuration." if any(
-            c.get("folds", 1) > 1 for c in cells) else ""
+        folded = (" Under folds they are the mean over every fold's chosen configuration (the random control's over "
+                  "its first `side_effect_seeds` draws in every fold); each cell's comparison.md gives the range."
+                  if any(c.get("folds", 1) > 1 for c in cells) else "")
         notes.append("Side effects, from each cell's comparison.md (CIs there): Δppl is the edit's perplexity minus "
                      "the base's on the packaged general-English text (the task's own text left out), KL the mean "
                      f"per-token KL(base ‖ edit) in nats; a method that changed nothing has 0 and 0.{folded}")
