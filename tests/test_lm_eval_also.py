@@ -114,6 +114,11 @@ def test_run_reports_the_saved_edit_as_eigenprune_lm_eval_measures_it(sums_setup
 def test_without_lm_eval_an_lm_eval_task_is_one_line_before_any_work(sums_setup, tmp_path, capsys, monkeypatch):
     model, task = sums_setup
     monkeypatch.setitem(sys.modules, "lm_eval", None)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded: the check came after work started")
+
+    monkeypatch.setattr("eigenprune.core.models.load_model", no_work)
     code = main(["run", "--model", str(model), "--task", str(task), *ARGS, "--also", "cb,lm-eval:eigenprune_copa",
                  "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err

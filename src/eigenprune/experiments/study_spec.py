@@ -33,8 +33,9 @@ from pathlib import Path
 
 from eigenprune.core import settings as settings_module
 from eigenprune.core.errors import UsageError
-from eigenprune.experiments.compare import _NOT_COMPARE, CompareConfig, _plain
+from eigenprune.experiments.compare import CompareConfig, _plain
 from eigenprune.methods import registry
+from eigenprune.protocol.config import COMPARE_EXCLUDES as _NOT_COMPARE
 from eigenprune.protocol.config import LEGACY, RunConfig, compare_settings
 
 SECTIONS = ("study", "settings", "task_settings", "method_args")
