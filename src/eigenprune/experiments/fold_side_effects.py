@@ -48,7 +48,8 @@ class FoldSideEffects:
             from eigenprune.experiments.lm_eval_run import LmEvalConfig, LmEvalProbe
 
             self.lm_eval = LmEvalProbe(model, tokenizer, LmEvalConfig(
-                lm_tasks, cfg.lm_eval_include_path or [], cfg.lm_eval_limit, cfg.eval_batch_size, cfg.n_boot))
+                lm_tasks, cfg.lm_eval_include_path or [], cfg.lm_eval_limit, cfg.eval_batch_size, cfg.n_boot),
+                progress=not quiet)
         self.members: dict[str, list[str | None]] = {}  # method -> measured names, None for an unedited choice
 
     def measure(self, fold: int, run: SplitRun) -> None:

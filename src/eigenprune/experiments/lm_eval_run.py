@@ -91,16 +91,17 @@ def run_lm_eval(model, tokenizer, edit_dir: str | Path, config: LmEvalConfig, ou
 class LmEvalProbe:
     """lm-eval tasks on the base model (evaluated here, once) and on each edit `measure` is handed."""
 
-    def __init__(self, model, tokenizer, config: LmEvalConfig) -> None:
+    def __init__(self, model, tokenizer, config: LmEvalConfig, progress: bool = True) -> None:
         require_lm_eval()
-        self.tokenizer, self.config = tokenizer, config
+        self.tokenizer, self.config, self.progress = tokenizer, config, progress
         self._folder = tempfile.TemporaryDirectory(prefix="eigenprune-lm-eval-")  # eigenprune_<task> YAMLs
         self.base = self._evaluate(model)
         self.edits: dict[str, dict] = {}
 
     def _evaluate(self, model) -> dict:
         c = self.config
-        return evaluate_tasks(model, self.tokenizer, c.tasks, c.include_path, c.limit, c.batch_size, self._folder.name)
+        return evaluate_tasks(model, self.tokenizer, c.tasks, c.include_path, c.limit, c.batch_size, self._folder.name,
+                              progress=self.progress)
 
     def measure(self, name: str, model) -> None:
         """lm-eval on `model` as it is now (the edit `name` applied)."""
