@@ -142,3 +142,30 @@ def test_the_lm_eval_settings_stay_out_of_a_cells_identity_at_their_defaults():
     assert not {"lm_eval_include_path", "lm_eval_limit"} & set(plain)
     given = compare_settings(RunConfig(task="cb", also=["lm-eval:eigenprune_copa"], lm_eval_limit=50))
     assert given["lm_eval_limit"] == 50 and "lm_eval_include_path" not in given
+
+
+def study_spec(path, model, task, settings: str) -> str:
+    path.write_text(f'[study]\nmodels = ["{model}"]\ntasks = ["{task}"]\ntargets = ["all"]\n'
+                    f'methods = ["eigenprune"]\n\n[settings]\nlimit = 12\n{settings}\n')
+    return str(path)
+
+
+def test_a_study_spec_carries_lm_eval_tasks_and_settings_to_its_cells(sums_setup, tmp_path):
+    from eigenprune.experiments.study_spec import load_spec
+
+    model, task = sums_setup
+    spec = study_spec(tmp_path / "s.toml", model, task, 'also = ["int-sum", "lm-eval:eigenprune_copa"]\n'
+                      "lm_eval_limit = 20")
+    (cell,) = load_spec(spec).cells
+    assert cell.run.also == ["int-sum", "lm-eval:eigenprune_copa"] and cell.run.lm_eval_limit == 20
+    assert cell.config()["run"]["lm_eval_limit"] == 20
+
+
+def test_without_lm_eval_a_study_naming_an_lm_eval_task_is_one_line(sums_setup, tmp_path, capsys, monkeypatch):
+    model, task = sums_setup
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    spec = study_spec(tmp_path / "s.toml", model, task, 'also = ["lm-eval:eigenprune_copa"]')
+    code = main(["study", spec, "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'eigenprune[lm-eval]'" in err and len(err.strip().splitlines()) == 1, err
+    assert f"{spec}: line 9: " in err and not (tmp_path / "o").exists()  # the line of also
