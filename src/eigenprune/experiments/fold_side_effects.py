@@ -6,6 +6,8 @@ pipeline's `after(i, run)` hook (`pipeline.run_splits`) for every fold, then `se
 variants of its chosen configuration (`extra["_side_effect_variants"]`: the random control's seeds) has each
 variant measured; a fold whose choice changes no parameter (p = 0) costs nothing and counts as 0 in the mean.
 Pairing one fold's cost with K folds' accuracy would describe an edit the pooled accuracy never saw.
+`lm-eval:TASK` entries of `also` are measured on the same edits by lm-evaluation-harness (`LmEvalProbe`) and
+land in the section's `lm_eval`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from statistics import fmean
 
 from eigenprune.experiments.pipeline import SplitRun
 from eigenprune.methods.base import MethodResult
-from eigenprune.protocol.config import RunConfig
+from eigenprune.protocol.config import RunConfig, split_also
 
 # name(method, fold index, variant tag or None, number of folds, its result) -> the measured model's row name
 Namer = Callable[[str, int, str | None, int, MethodResult], str]
@@ -38,8 +40,16 @@ class FoldSideEffects:
         config = getattr(model, "config", None)
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.model, self.n_boot, self.n_folds, self.name = model, cfg.n_boot, n_folds, name
-        self.effects = SideEffects(model, tokenizer, sample_for_task(task), also=cfg.also or (), max_tokens=context,
+        own, lm_tasks = split_also(cfg.also)
+        self.effects = SideEffects(model, tokenizer, sample_for_task(task), also=own, max_tokens=context,
                                    eval_batch_size=cfg.eval_batch_size, progress=not quiet)  # documents cut to fit
+        self.lm_eval = None  # --also lm-eval:TASK: lm-evaluation-harness on the same edits
+        if lm_tasks:
+            from eigenprune.experiments.lm_eval_run import LmEvalConfig, LmEvalProbe
+
+            self.lm_eval = LmEvalProbe(model, tokenizer, LmEvalConfig(
+                lm_tasks, cfg.lm_eval_include_path or [], cfg.lm_eval_limit, cfg.eval_batch_size, cfg.n_boot),
+                progress=not quiet)
         self.members: dict[str, list[str | None]] = {}  # method -> measured names, None for an unedited choice
 
     def measure(self, fold: int, run: SplitRun) -> None:
@@ -56,6 +66,8 @@ class FoldSideEffects:
                 name = self.name(method, fold, tag, self.n_folds, result)
                 with applier(self.model):
                     self.effects.measure(name, self.model)
+                    if self.lm_eval is not None:
+                        self.lm_eval.measure(name, self.model)
                 names.append(name)
 
     def section(self) -> dict:
@@ -63,6 +75,8 @@ class FoldSideEffects:
         over its folds (and variants): mean, min, max, the rows measured and the unedited choices (counted 0)."""
         section = self.effects.section(self.n_boot)
         section["per_method"] = {method: spread(section, names) for method, names in self.members.items()}
+        if self.lm_eval is not None:
+            section["lm_eval"] = self.lm_eval.section()
         return section
 
 

@@ -1,9 +1,13 @@
-"""`eigenprune lm-eval`: the base model and an edited one on lm-evaluation-harness tasks, paired example by example.
+"""The base model and edited ones on lm-evaluation-harness tasks, paired example by example.
 
-The edit is applied in memory (`apply_saved_edit`), so position-dependent edits, which no merged model can hold,
-are evaluated as they are. The output folder holds lm-eval's own results JSON (and per-sample logs) for both
-models, `base/` and `edit/`, and report.json / report.md: per task and metric, base → edit with bootstrap CIs and
-the paired difference's CI over the examples both evaluated.
+`run_lm_eval` is `eigenprune lm-eval`: one saved edit, applied in memory (`apply_saved_edit`), so position-dependent
+edits, which no merged model can hold, are evaluated as they are. The output folder holds lm-eval's own results JSON
+(and per-sample logs) for both models, `base/` and `edit/`, and report.json / report.md: per task and metric, base →
+edit with CIs and the paired difference (`reports.lm_eval_report`).
+
+`LmEvalProbe` is the side effect `--also lm-eval:TASK` of run/compare/study: the base evaluated once, then each
+edit while it is applied (every fold's choice, through `fold_side_effects.FoldSideEffects`), and one table of
+base → edit rows whose p-values are Holm-adjusted together.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 from eigenprune.core.outdir import atomic_dir, check_new_dir
 from eigenprune.evaluation.lm_eval_bridge import evaluate_tasks, require_lm_eval
-from eigenprune.reports.lm_eval_report import paired_table, table_markdown
+from eigenprune.reports.lm_eval_report import accuracies, judge, paired_table, table_markdown
 
 
 @dataclass
@@ -69,7 +73,7 @@ def run_lm_eval(model, tokenizer, edit_dir: str | Path, config: LmEvalConfig, ou
             edited = evaluate_tasks(model, tokenizer, config.tasks, **run)
         finally:
             remove_edit(model)
-        rows = paired_table(base, edited, config.tasks, config.n_boot)
+        rows = judge(paired_table(base, edited, config.tasks, config.n_boot))
         report = {"edit": str(edit_dir), "base_model": meta.get("base_model"), "config": dataclasses.asdict(config),
                   "rows": rows, "lm_eval_version": base.get("lm_eval_version")}
         if out is not None:
@@ -82,3 +86,35 @@ def run_lm_eval(model, tokenizer, edit_dir: str | Path, config: LmEvalConfig, ou
                 (tmp / "report.md").write_text(table_markdown(rows, str(edit_dir)))
     return report
 
+
+
+class LmEvalProbe:
+    """lm-eval tasks on the base model (evaluated here, once) and on each edit `measure` is handed."""
+
+    def __init__(self, model, tokenizer, config: LmEvalConfig, progress: bool = True) -> None:
+        require_lm_eval()
+        self.tokenizer, self.config, self.progress = tokenizer, config, progress
+        self._folder = tempfile.TemporaryDirectory(prefix="eigenprune-lm-eval-")  # eigenprune_<task> YAMLs
+        self.base = self._evaluate(model)
+        self.edits: dict[str, dict] = {}
+
+    def _evaluate(self, model) -> dict:
+        c = self.config
+        return evaluate_tasks(model, self.tokenizer, c.tasks, c.include_path, c.limit, c.batch_size, self._folder.name,
+                              progress=self.progress)
+
+    def measure(self, name: str, model) -> None:
+        """lm-eval on `model` as it is now (the edit `name` applied)."""
+        if name in self.edits:
+            raise ValueError(f"lm-eval side effects of {name!r} are already measured")
+        self.edits[name] = self._evaluate(model)
+
+    def section(self) -> dict:
+        """JSON-ready: the settings, and one row per edit, task and metric (base → edit, paired, Holm over all)."""
+        rows = [{"model": name, **row} for name, results in self.edits.items()
+                for row in paired_table(self.base, results, self.config.tasks, self.config.n_boot)]
+        judge(rows)
+        c = self.config
+        return {"tasks": list(c.tasks), "include_path": list(c.include_path), "limit": c.limit,
+                "lm_eval_version": self.base.get("lm_eval_version"), "base": accuracies(self.base, c.tasks, c.n_boot),
+                "family": sum(r["diff"]["p"] is not None for r in rows), "rows": rows}

@@ -33,9 +33,10 @@ from pathlib import Path
 
 from eigenprune.core import settings as settings_module
 from eigenprune.core.errors import UsageError
-from eigenprune.experiments.compare import _NOT_COMPARE, CompareConfig, _plain
+from eigenprune.experiments.compare import CompareConfig, _plain
 from eigenprune.methods import registry
-from eigenprune.protocol.config import LEGACY, RunConfig
+from eigenprune.protocol.config import COMPARE_EXCLUDES as _NOT_COMPARE
+from eigenprune.protocol.config import LEGACY, RunConfig, compare_settings
 
 SECTIONS = ("study", "settings", "task_settings", "method_args")
 STUDY_KEYS = ("models", "tasks", "targets", "methods")
@@ -57,7 +58,7 @@ class Cell:
 
     def config(self) -> dict:
         """What `compare` writes as this cell's config.json."""
-        run = {k: v for k, v in dataclasses.asdict(self.run).items() if k not in _NOT_COMPARE}
+        run = compare_settings(self.run)
         return _json({"run": run, "compare": _plain(dataclasses.asdict(self.opts))})
 
     def identity(self) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ DEFAULT_PS = DEFAULT_GRID  # the paper's grid: what `--p` tries, and where `--p 
 EVAL_MODES = ("next-token", "choice", "exact")
 COMPARE_EXCLUDES = ("seeds", "sweep_test")  # run settings compare does not use: one split seed, test only once
 SCORE_FLAGS = {"seed": "score-seed"}  # `--seed` alone would be ambiguous next to --split-seed and --seeds
+LM_EVAL_PREFIX = "lm-eval:"  # an `also` entry naming an lm-evaluation-harness task: lm-eval:arc_easy
+# settings added after studies were run: a comparison records them only where they differ from their default, so
+# the identity (settings hash) of a study cell finished before they existed stays the same (`compare_settings`)
+QUIET_AT_DEFAULT = ("lm_eval_include_path", "lm_eval_limit")
 RESULTS = ("recorded", "chosen")  # what a run's config.json says beside its settings: inputs' digests, dev's choice
 # config.json files from before nesting kept these at the top level
 LEGACY = {"partners": "score.partners", "window": "score.window", "score_seed": "score.seed",
@@ -78,8 +83,12 @@ class RunConfig:
         "help": "measure what the chosen edit costs elsewhere: perplexity and KL(base ‖ edit) on a general-English "
                 "sample that ships with the package (one pass per model)"})
     also: list[str] | None = field(default=None, metadata={
-        "help": "comma-separated other tasks (built-in or JSONL) to evaluate base and edit on, with paired CIs",
-        "metavar": "TASK,..."})
+        "help": "comma-separated other tasks to evaluate base and edit on, with paired CIs: built-in or JSONL, or "
+                "lm-eval:NAME for an lm-evaluation-harness task (the lm-eval extra)", "metavar": "TASK,..."})
+    lm_eval_include_path: list[str] | None = field(default=None, metadata={
+        "help": "folders of local lm-eval YAML tasks for --also lm-eval:NAME", "metavar": "DIR,..."})
+    lm_eval_limit: int | None = field(default=None, metadata={
+        "help": "--also lm-eval:NAME tasks: their first N examples", "metavar": "N"})
     sweep_test: bool = field(default=True, metadata={"help": "also evaluate every p on test (shown, never used)"})
     template: str | None = field(default=None, metadata={"help": "prompt template with {field} placeholders",
                                                                      "metavar": "TEMPLATE"})
@@ -121,7 +130,22 @@ class RunConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 2:
             raise ValueError(f"limit must be at least 2, got {self.limit}")
+        self._check_lm_eval()
         self.freeze = dataclasses.replace(self.freeze, p=0.0)
+
+    def _check_lm_eval(self) -> None:
+        """`lm-eval:NAME` entries of `also` and their settings; a missing lm-eval is said here, before any work."""
+        _, lm_tasks = split_also(self.also)
+        if any(not name for name in lm_tasks):
+            raise ValueError(f"also: {LM_EVAL_PREFIX} needs a task name, e.g. {LM_EVAL_PREFIX}eigenprune_copa")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise ValueError(f"lm_eval_limit must be at least 1, got {self.lm_eval_limit}")
+        given = [n for n in ("lm_eval_include_path", "lm_eval_limit") if getattr(self, n) is not None]
+        if given and not lm_tasks:
+            raise ValueError(f"{given[0]} is set but also names no {LM_EVAL_PREFIX}TASK for it to apply to")
+        if lm_tasks and not lm_eval_installed():
+            raise ValueError(f"also: {LM_EVAL_PREFIX}{lm_tasks[0]} needs lm-evaluation-harness: "
+                             "pip install 'eigenprune[lm-eval]'")
 
     @property
     def grid(self) -> list[float]:
@@ -131,6 +155,27 @@ class RunConfig:
     def freeze_at(self, p: float) -> FreezeConfig:
         """The run's freezing rule at fraction p."""
         return dataclasses.replace(self.freeze, p=p)
+
+
+def split_also(also: list[str] | None) -> tuple[list[str], list[str]]:
+    """(eigenprune tasks, lm-eval task names) of an `also` list: `lm-eval:NAME` entries go to the second."""
+    own = [t for t in also or () if not t.startswith(LM_EVAL_PREFIX)]
+    return own, [t[len(LM_EVAL_PREFIX):].strip() for t in also or () if t.startswith(LM_EVAL_PREFIX)]
+
+
+def lm_eval_installed() -> bool:
+    """Whether lm-evaluation-harness can be imported, found without importing it (it imports torch)."""
+    if "lm_eval" in sys.modules:
+        return sys.modules["lm_eval"] is not None
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def compare_settings(cfg: RunConfig) -> dict:
+    """The run settings a comparison records (its config.json, a study cell's identity): all but the ones compare
+    does not use, and `QUIET_AT_DEFAULT` settings only where they differ from their default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in COMPARE_EXCLUDES and not (k in QUIET_AT_DEFAULT and v == defaults[k])}
 
 
 def add_run_options(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -179,5 +224,5 @@ def config_from_file(path: str | Path) -> RunConfig:
         raise UsageError(str(err)) from None
 
 
-__all__ = ["AGGREGATES", "BIASES", "DEFAULT_PS", "SCOPES", "RunConfig", "ScoreConfig", "FreezeConfig",
-           "add_run_options", "config_from_args", "config_from_file", "to_json"]
+__all__ = ["AGGREGATES", "BIASES", "DEFAULT_PS", "LM_EVAL_PREFIX", "SCOPES", "RunConfig", "ScoreConfig", "FreezeConfig",
+           "add_run_options", "compare_settings", "config_from_args", "config_from_file", "split_also", "to_json"]

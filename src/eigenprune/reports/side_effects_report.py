@@ -56,6 +56,10 @@ def render_markdown(section: dict, plot_file: str | None = "side_effects.png") -
                 lines.append(f"| {info['name']} ({info['eval_mode']}, {info['n']}) | {name} | "
                              f"{a['acc']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}] | {diff} |")
         lines.append("")
+    if section.get("lm_eval"):
+        from eigenprune.reports.lm_eval_report import side_effects_lines
+
+        lines += side_effects_lines(section["lm_eval"])
     return "\n".join(lines)
 
 
