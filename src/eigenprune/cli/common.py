@@ -125,7 +125,7 @@ def add_common(p: argparse.ArgumentParser, quiet: bool = True) -> None:
         p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
 
 
-def _report_to(text: str) -> tuple[str, ...]:
+def report_to_names(text: str) -> tuple[str, ...]:
     from eigenprune.experiments.tracking import parse_report_to  # torch-free, imports no tracker
 
     try:
@@ -136,7 +136,7 @@ def _report_to(text: str) -> tuple[str, ...]:
 
 def add_report_to(p: argparse.ArgumentParser) -> None:
     """--report-to on run, compare and study (transformers' `report_to` convention)."""
-    p.add_argument("--report-to", type=_report_to, default=(), metavar="TRACKERS",
+    p.add_argument("--report-to", type=report_to_names, default=(), metavar="TRACKERS",
                    help="after the outputs are written, log settings, dev curves, chosen settings, test results and "
                         "plots to tensorboard, mlflow and/or wandb (comma-separated; each an extra: "
                         "pip install 'eigenprune[tensorboard]'), or none (default: none)")

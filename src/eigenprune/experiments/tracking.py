@@ -8,7 +8,7 @@ Logging starts once the output folder is complete and reads only its files (`rep
 tracker holds the report's numbers and nothing else. A tracker that fails then (a full disk, a server that does
 not answer, no wandb login) loses no result: the folder is already written. The failure is one warning line on
 stderr and the command still exits 0, because the experiment did finish: a scheduler that saw a failed job would
-redo hours of work to repair a copy. `log_folder(OUT, names)` logs a finished folder again.
+redo hours of work to repair a copy. `eigenprune track OUT --report-to NAME` (`log_folder`) logs it again.
 
 Where each tracker writes:
 - tensorboard: OUT/tensorboard (`tensorboard --logdir OUT`): the scalars, the settings and verdict as text, the
@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -185,7 +185,7 @@ def parse_report_to(text: str) -> tuple[str, ...]:
 
 
 def _installed(module: str) -> bool:
-    if module in sys.modules:
+    if sys.modules.get(module) is not None:  # imported already (or put there by a test)
         return True
     try:
         return importlib.util.find_spec(module) is not None
@@ -202,12 +202,13 @@ def check_installed(names: Iterable[str]) -> None:
                              f"pip install 'eigenprune[{tracker.extra}]'")
 
 
-def records(out: Path):
-    """The summary record of an output folder and the records nested under it (a study's cells that ran)."""
+def records(out: Path, every_cell: bool = False):
+    """The summary record of an output folder and the records nested under it: a study's cells that ran in its
+    last invocation, or with `every_cell` all of them."""
     from eigenprune.reports.tracker_record import compare_record, run_record, study_records
 
     if (out / "study.json").is_file():
-        return study_records(out)
+        return study_records(out, every_cell)
     if (out / "comparison.json").is_file():
         return compare_record(out), []
     if (out / "report.json").is_file():
@@ -215,15 +216,16 @@ def records(out: Path):
     raise UsageError(f"{out} holds no report.json, comparison.json or study.json to log")
 
 
-def log_folder(out: str | Path, names: Iterable[str]) -> bool:
-    """Log a finished output folder to each named tracker; a tracker that fails is one warning line on stderr
-    (see the module docstring). Returns whether every tracker logged."""
+def log_folder(out: str | Path, names: Iterable[str], every_cell: bool = False) -> bool:
+    """Log a finished output folder to each named tracker (a study: with `every_cell`, all its cells, else those
+    its last invocation ran); a tracker that fails is one warning line on stderr (see the module docstring).
+    Returns whether every tracker logged."""
     names = tuple(names)
     if not names:
         return True
     check_installed(names)
     out = Path(out)
-    summary, children = records(out)
+    summary, children = records(out, every_cell)
     ok = True
     for name in names:
         try:
@@ -232,6 +234,6 @@ def log_folder(out: str | Path, names: Iterable[str]) -> bool:
             ok = False
             said = (str(err).strip().splitlines() or [""])[0][:300]
             print(f"warning: --report-to {name} failed ({type(err).__name__}: {said}); {out} is complete and "
-                  f"kept; to log it again: python -c \"from eigenprune.experiments.tracking import log_folder; "
-                  f"log_folder({json.dumps(str(out))}, ['{name}'])\"", file=sys.stderr)
+                  f"kept; log it again with: eigenprune track {shlex.quote(str(out))} --report-to {name}",
+                  file=sys.stderr)
     return ok

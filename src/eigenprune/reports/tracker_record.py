@@ -219,9 +219,9 @@ def compare_record(folder: Path, name: str | None = None) -> Record:
     return record
 
 
-def study_records(folder: Path) -> tuple[Record, list[Record]]:
+def study_records(folder: Path, every_cell: bool = False) -> tuple[Record, list[Record]]:
     """study.json as one record (every cell's rows under CELL/..., differences Holm-adjusted over the whole
-    study) and one compare record per cell that ran in the last invocation (`last_run.ran`)."""
+    study) and one compare record per cell that ran in the last invocation (`last_run.ran`), or per cell."""
     study = json.loads((folder / "study.json").read_text(encoding="utf-8"))
     record = Record(Path(study.get("spec_file", folder.name)).stem, "study", folder)
     for name, value in _flatten(study.get("spec") or {}).items():
@@ -236,7 +236,7 @@ def study_records(folder: Path) -> tuple[Record, list[Record]]:
             record.add(key(cell["key"], "significant", name), {"gain": 1, "loss": -1}.get(row.get("significant"), 0))
         record.texts[key("verdict", cell["key"])] = cell.get("verdict", "")
     _files(record, folder)
-    ran = (study.get("last_run") or {}).get("ran") or []
+    ran = [c["key"] for c in study["cells"]] if every_cell else (study.get("last_run") or {}).get("ran") or []
     cells = [compare_record(folder / "cells" / k, k) for k in ran
              if (folder / "cells" / k / "comparison.json").is_file()]
     return record, cells
