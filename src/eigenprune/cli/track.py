@@ -2,15 +2,15 @@
 
 What `--report-to` does at the end of a command (`experiments/tracking.py`), for a folder that is already
 written: one made without `--report-to`, or one whose tracker failed at logging time (the warning names this
-command). For a study it logs every cell, not only the ones its last invocation ran. Torch-free: it reads only
-the folder's report files.
+command). For a study it logs every cell, not only the ones its last invocation ran. It reads only the folder's report
+files (TensorBoard's writer, torch.utils.tensorboard, imports torch).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from eigenprune.cli.common import check_report_to, report_to_names
+from eigenprune.cli.common import add_common, check_report_to, report_to_names
 from eigenprune.core.errors import UsageError
 
 
@@ -35,4 +35,5 @@ def add_track_parser(sub, fmt) -> None:
     p.add_argument("out", help="a folder holding report.json, comparison.json or study.json")
     p.add_argument("--report-to", type=report_to_names, default=(), metavar="TRACKERS", required=True,
                    help="tensorboard, mlflow and/or wandb, comma-separated")
+    add_common(p, quiet=False)  # TensorBoard's writer comes with torch
     p.set_defaults(func=cmd_track)
