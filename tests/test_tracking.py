@@ -60,17 +60,18 @@ def ran_folds(sums_setup, tmp_path_factory):
     model, task = sums_setup
     out = tmp_path_factory.mktemp("track") / "run-folds"
     cli("run", "--model", model, "--task", task, "--limit", "24", "--p", "0.3,0.7", "--folds", "2", *FAST,
-        "--no-side-effects", "--report-to", "tensorboard", "--out", out)
+        "--select", "loss", "--no-side-effects", "--report-to", "tensorboard", "--out", out)
     return out, json.loads((out / "report.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def compared(sums_setup, tmp_path_factory):
-    """`compare --folds 2` of eigenprune and the random control, logged to both trackers."""
+    """`compare --folds 2` of eigenprune and the random control, logged to both trackers. `--select loss`: the
+    folds choose different edits, so a fold logged with another fold's choice shows."""
     model, task = sums_setup
     out = tmp_path_factory.mktemp("track") / "compare"
     cli("compare", "--model", model, "--task", task, "--limit", "20", "--p", "0.1,0.5", "--folds", "2", *FAST,
-        "--no-side-effects", "--methods", "eigenprune,random", "--set", "random.seeds=2",
+        "--no-side-effects", "--select", "loss", "--methods", "eigenprune,random", "--set", "random.seeds=2",
         "--report-to", "tensorboard,mlflow", "--out", out)
     return out, json.loads((out / "comparison.json").read_text())
 
@@ -121,7 +122,7 @@ def test_tensorboard_has_every_folds_dev_curve_and_choice(ran_folds):
     out, report = ran_folds
     events = tensorboard(out / "tensorboard")
     folds = report["folds"]["per_fold"]
-    assert len(folds) == 2
+    assert len(folds) == 2 and folds[0]["chosen_p"] != folds[1]["chosen_p"]
     for f in folds:
         assert len(f["sweep"]) == 2
         assert points(events, f"dev_curve/pruned/fold-{f['fold']}/dev_acc") == curve(f["sweep"])
@@ -135,14 +136,17 @@ def test_tensorboard_holds_the_comparison(compared):
     assert points(events, "test/base/acc") == [(0, f32(report["base"]["test"]["acc"]))]
     for name, row in report["methods"].items():
         assert points(events, f"test/{name}/acc") == [(0, f32(row["test"]["acc"]))]
-        for k in ("diff", "lo", "hi", "p", "p_adjusted"):
-            assert points(events, f"diff/{name}/{k}") == [(0, f32(row["diff_vs_base"][k]))], (name, k)
+        for k in ("diff", "lo", "hi", "p", "p_adjusted"):  # no exact test (seed-averaged correctness): no p
+            value = row["diff_vs_base"][k]
+            got = points(events, f"diff/{name}/{k}") if f"diff/{name}/{k}" in events.Tags()["scalars"] else []
+            assert got == ([] if value is None else [(0, f32(value))]), (name, k)
         for run in row["runs"]:
             for k, v in run["config"].items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     assert points(events, f"chosen/{name}/fold-{run['fold']}/{k}") == [(0, f32(v))]
     sweeps = [part["extra"]["sweep"] for part in report["methods"]["eigenprune"]["extra"]["per_fold"]]
-    assert len(sweeps) == 2
+    assert len(sweeps) == 2 and sweeps[0] != sweeps[1]
+    assert len({json.dumps(r["config"]) for r in report["methods"]["eigenprune"]["runs"]}) == 2, "folds chose alike"
     for i, sweep in enumerate(sweeps):
         assert points(events, f"dev_curve/eigenprune/fold-{i + 1}/dev_acc") == curve(sweep)
     assert events.Tags()["images"] == ["plots/comparison"]
@@ -174,7 +178,7 @@ def test_mlflow_file_store_holds_the_comparison(compared):
         assert metrics[f"test/{name}/acc"] == row["test"]["acc"]
         assert metrics[f"test/{name}/lo"] == row["test"]["lo"] and metrics[f"test/{name}/hi"] == row["test"]["hi"]
         for k in ("diff", "lo", "hi", "p", "p_adjusted"):
-            assert metrics[f"diff/{name}/{k}"] == row["diff_vs_base"][k]
+            assert metrics.get(f"diff/{name}/{k}") == row["diff_vs_base"][k], (name, k)
         for r in row["runs"]:
             assert run.data.params[f"chosen/{name}/fold-{r['fold']}/n_frozen"] == json.dumps(r["config"]["n_frozen"])
     for i, part in enumerate(report["methods"]["eigenprune"]["extra"]["per_fold"]):
@@ -285,7 +289,7 @@ def test_wandb_gets_the_comparison(compared, monkeypatch):
     logged = {(s, k): v for s, data in run.logged for k, v in data.items()}
     for name, row in report["methods"].items():
         assert logged[(0, f"test/{name}/acc")] == row["test"]["acc"]
-        assert run.summary[f"diff/{name}/p_adjusted"] == row["diff_vs_base"]["p_adjusted"]
+        assert run.summary.get(f"diff/{name}/p_adjusted") == row["diff_vs_base"]["p_adjusted"]
     for i, part in enumerate(report["methods"]["eigenprune"]["extra"]["per_fold"]):
         for r in part["extra"]["sweep"]:
             assert logged[(round(r["p"] * P_STEP), f"dev_curve/eigenprune/fold-{i + 1}/dev_acc")] == r["dev_acc"]
