@@ -377,3 +377,24 @@ def test_report_to_parses_like_transformers():
     for bad in ("", ",", "all", "none,wandb"):
         with pytest.raises(ValueError, match="--report-to takes"):
             tracking.parse_report_to(bad)
+
+
+def test_run_seeds_log_each_seeds_dev_curve_and_choice(ran, tmp_path):
+    """`run --seeds N` keeps every seed's sweep in `repeats.runs` (read from a copy of a report with two seeds)."""
+    from eigenprune.reports.tracker_record import run_record
+
+    out, report = ran
+    seeds = [dict(seed=s, base_test=0.5, pruned_test=0.25 * s, diff=0.25 * s - 0.5, chosen_p=p,
+                  sweep=[dict(r, dev_acc=r["dev_acc"] / s) for r in report["sweep"]]) for s, p in ((1, 0.3), (2, 0.7))]
+    report = dict(report, repeats={"seeds": [1, 2], "runs": seeds, "chosen_p": [0.3, 0.7],
+                                   **{k: {"mean": 0.1, "sd": 0.2} for k in ("base_test", "pruned_test", "diff")}})
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    logged = {}
+    for tag, value, step in run_record(tmp_path).scalars:
+        logged.setdefault(tag, []).append((step, value))
+    for s in seeds:
+        want = [(round(r["p"] * P_STEP), r["dev_acc"]) for r in s["sweep"]]
+        assert logged[f"dev_curve/pruned/seed-{s['seed']}/dev_acc"] == want
+        assert logged[f"chosen/pruned/seed-{s['seed']}/p"] == [(0, s["chosen_p"])]
+        assert logged[f"repeats/seed-{s['seed']}/pruned_test"] == [(0, s["pruned_test"])]
+    assert logged["repeats/diff/mean"] == [(0, 0.1)]
