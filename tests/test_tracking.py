@@ -9,6 +9,7 @@ any work; a tracker that fails at logging time is one warning line and the outpu
 """
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -33,11 +34,11 @@ FAST = ["--targets", "all", "--partners", "2", "--n-boot", "50", "--split-seed",
 
 @pytest.fixture(scope="module", autouse=True)
 def _local_stores():
-    """MLflow logs to OUT/mlruns, never to a server the environment names; its file store is allowed."""
+    """MLflow logs to OUT/mlruns, never to a server the environment names, and allows its file store itself."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_MODE", "WANDB_PROJECT"):
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_ALLOW_FILE_STORE", "WANDB_MODE",
+                     "WANDB_PROJECT"):
             mp.delenv(name, raising=False)
-        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
         yield
 
 
@@ -152,7 +153,11 @@ def test_tensorboard_holds_the_comparison(compared):
     assert events.Tags()["images"] == ["plots/comparison"]
 
 
-def mlflow_runs(out: Path) -> tuple[MlflowClient, list]:
+def mlflow_runs(out: Path, monkeypatch) -> tuple[MlflowClient, list]:
+    """The runs in OUT/mlruns (MLflow 3 reads its file store only when allowed; eigenprune allowed it only while
+    logging)."""
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=tracking.mlflow_uri(out))
     experiment = client.get_experiment_by_name("eigenprune")
     return client, client.search_runs([experiment.experiment_id])
@@ -162,9 +167,9 @@ def history(client: MlflowClient, run_id: str, tag: str) -> list[tuple[int, floa
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, tag))
 
 
-def test_mlflow_file_store_holds_the_comparison(compared):
+def test_mlflow_file_store_holds_the_comparison(compared, monkeypatch):
     out, report = compared
-    client, runs = mlflow_runs(out)
+    client, runs = mlflow_runs(out, monkeypatch)
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == out.name
@@ -188,9 +193,9 @@ def test_mlflow_file_store_holds_the_comparison(compared):
     assert {"comparison.json", "comparison.md", "comparison.png", "verdict.txt"} <= files
 
 
-def test_mlflow_file_store_holds_the_run(ran):
+def test_mlflow_file_store_holds_the_run(ran, monkeypatch):
     out, report = ran
-    client, runs = mlflow_runs(out)
+    client, runs = mlflow_runs(out, monkeypatch)
     (run,) = runs
     assert run.data.metrics["test/pruned/acc"] == report["pruned"]["test"]["acc"]
     assert run.data.metrics["diff/pruned/p"] == report["diff_ci"]["p"]
@@ -218,7 +223,7 @@ side_effects = false
 """
 
 
-def test_study_logs_one_run_per_cell_and_one_for_the_study(tmp_path):
+def test_study_logs_one_run_per_cell_and_one_for_the_study(tmp_path, monkeypatch):
     model, tok = sensitive()
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
@@ -237,15 +242,16 @@ def test_study_logs_one_run_per_cell_and_one_for_the_study(tmp_path):
         summary = tensorboard(out / "tensorboard")
         d = cell["methods"]["eigenprune"]["diff_vs_base"]  # Holm-adjusted over the whole study
         assert points(summary, f"{cell['key']}/diff/eigenprune/p_adjusted") == [(0, f32(d["p_adjusted"]))]
-    client, runs = mlflow_runs(out)
+    client, runs = mlflow_runs(out, monkeypatch)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert [r.info.run_name for r in parents] == ["study"]
     assert sorted(r.info.run_name for r in children) == sorted(keys)
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
 
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     cli("study", tmp_path / "study.toml", "--out", out, "--quiet", "--report-to", "tensorboard,mlflow")  # resumed
-    _, runs = mlflow_runs(out)
+    _, runs = mlflow_runs(out, monkeypatch)
     assert len(runs) == 4, "a resumed study logs its summary again, and no skipped cell"
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1, "the summary is replaced"
     for k in keys:

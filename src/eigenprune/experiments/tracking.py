@@ -52,10 +52,10 @@ class Tracker:
 
     module: str
     extra: str
-    log: Callable  # (summary: Record, children: list[Record], root: Path) -> None
+    log: Callable  # (summary: Record, children: list[Record], root: Path) -> where it logged, in words
 
 
-def _tensorboard(summary, children, root: Path) -> None:
+def _tensorboard(summary, children, root: Path) -> str:
     import numpy as np
     from PIL import Image
     from torch.utils.tensorboard import SummaryWriter
@@ -81,19 +81,22 @@ def _tensorboard(summary, children, root: Path) -> None:
                 writer.add_image(key("plots", png.stem), pixels, 0, dataformats="HWC")
         finally:
             writer.close()
+    return f"{summary.folder / 'tensorboard'} (tensorboard --logdir {shlex.quote(str(root))})"
 
 
 @contextlib.contextmanager
 def _file_store_allowed(uri: str) -> Iterator[None]:
     """MLFLOW_ALLOW_FILE_STORE=true while logging to a `file:` store (see the module docstring)."""
     before = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
-    if uri.startswith("file:") and before is None:
+    if uri.startswith("file:") and not (before or "").strip():  # unset or empty; an explicit "false" stands
         os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     try:
         yield
     finally:
         if before is None:
             os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
+        else:
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = before
 
 
 def mlflow_uri(root: Path) -> str:
@@ -101,7 +104,7 @@ def mlflow_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or (Path(root) / "mlruns").resolve().as_uri()
 
 
-def _mlflow(summary, children, root: Path) -> None:
+def _mlflow(summary, children, root: Path) -> str:
     import time
 
     from mlflow.entities import Metric, Param
@@ -138,9 +141,10 @@ def _mlflow(summary, children, root: Path) -> None:
         parent = one(summary, {})
         for record in children:
             one(record, {"mlflow.parentRunId": parent})
+    return f"{uri}, experiment {name!r}, run {parent}"
 
 
-def _wandb(summary, children, root: Path) -> None:
+def _wandb(summary, children, root: Path) -> str:
     import wandb
 
     from eigenprune.reports.tracker_record import key
@@ -163,6 +167,7 @@ def _wandb(summary, children, root: Path) -> None:
             run.log_artifact(artifact)
         finally:
             run.finish()
+    return f"project {os.environ.get('WANDB_PROJECT') or 'eigenprune'}, files in {Path(root) / 'wandb'}"
 
 
 TRACKERS = {
@@ -218,8 +223,8 @@ def records(out: Path, every_cell: bool = False):
 
 def log_folder(out: str | Path, names: Iterable[str], every_cell: bool = False) -> bool:
     """Log a finished output folder to each named tracker (a study: with `every_cell`, all its cells, else those
-    its last invocation ran); a tracker that fails is one warning line on stderr (see the module docstring).
-    Returns whether every tracker logged."""
+    its last invocation ran), saying where on stderr; a tracker that fails is one warning line instead (see the
+    module docstring). Returns whether every tracker logged."""
     names = tuple(names)
     if not names:
         return True
@@ -229,7 +234,8 @@ def log_folder(out: str | Path, names: Iterable[str], every_cell: bool = False) 
     ok = True
     for name in names:
         try:
-            TRACKERS[name].log(summary, children, out)
+            where = TRACKERS[name].log(summary, children, out)
+            print(f"{name}: {where}", file=sys.stderr)
         except Exception as err:  # Ctrl-C and SIGTERM (BaseException) still stop the command
             ok = False
             said = (str(err).strip().splitlines() or [""])[0][:300]
