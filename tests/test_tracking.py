@@ -404,3 +404,16 @@ def test_run_seeds_log_each_seeds_dev_curve_and_choice(ran, tmp_path):
         assert logged[f"chosen/pruned/seed-{s['seed']}/p"] == [(0, s["chosen_p"])]
         assert logged[f"repeats/seed-{s['seed']}/pruned_test"] == [(0, s["pruned_test"])]
     assert logged["repeats/diff/mean"] == [(0, 0.1)]
+
+
+def test_a_report_that_cannot_be_read_is_a_warning_per_tracker(compared, monkeypatch, capsys):
+    out, _ = compared
+
+    def unreadable(folder, every_cell=False):
+        raise KeyError("sweep")
+
+    monkeypatch.setattr(tracking, "records", unreadable)
+    assert tracking.log_folder(out, ["tensorboard", "mlflow"]) is False
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" failed")[0] for line in err] == ["warning: --report-to tensorboard",
+                                                           "warning: --report-to mlflow"]

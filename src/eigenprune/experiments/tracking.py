@@ -8,7 +8,8 @@ Logging starts once the output folder is complete and reads only its files (`rep
 tracker holds the report's numbers and nothing else. A tracker that fails then (a full disk, a server that does
 not answer, no wandb login) loses no result: the folder is already written. The failure is one warning line on
 stderr and the command still exits 0, because the experiment did finish: a scheduler that saw a failed job would
-redo hours of work to repair a copy. `eigenprune track OUT --report-to NAME` (`log_folder`) logs it again.
+redo hours of work to repair a copy. `eigenprune track OUT --report-to NAME` (`log_folder`) logs it again, and
+exits 1 if a tracker fails there, since logging is all it does.
 
 Where each tracker writes:
 - tensorboard: OUT/tensorboard (`tensorboard --logdir OUT`): the scalars, the settings and verdict as text, the
@@ -22,8 +23,8 @@ Where each tracker writes:
   own. The params as config, the scalars step by step, the step-0 numbers as the run's summary, the plots as
   images and the report files as one artifact.
 
-A study is one tracker run per cell that ran in this invocation (skipped cells were logged when they ran)
-plus one for the study's summary; a cell's TensorBoard logs live in its folder, OUT/cells/KEY/tensorboard
+A study is one tracker run per cell that ran in this invocation (`eigenprune track` logs every cell) plus one
+for the study's summary; a cell's TensorBoard logs live in its folder, OUT/cells/KEY/tensorboard
 (so they move with it to OUT/stale/ when it is redone), the summary's in OUT/tensorboard, replaced on every
 invocation like study.json. In MLflow the cells are nested runs of the summary's run; in wandb they share
 the group named after the spec.
@@ -68,9 +69,9 @@ def _tensorboard(summary, children, root: Path) -> str:
             old.unlink()
         writer = SummaryWriter(log_dir=str(logdir))
         try:
-            cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
+            escape = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # a Markdown table cell
             writer.add_text("settings", "| setting | value |\n|---|---|\n" + "\n".join(
-                f"| {cell(k)} | {cell(v)} |" for k, v in sorted(record.params.items())))
+                f"| {escape(k)} | {escape(v)} |" for k, v in sorted(record.params.items())))
             for name, text in record.texts.items():
                 writer.add_text(name, text)
             for tag, value, step in record.scalars:
@@ -230,7 +231,20 @@ def log_folder(out: str | Path, names: Iterable[str], every_cell: bool = False) 
         return True
     check_installed(names)
     out = Path(out)
-    summary, children = records(out, every_cell)
+
+    def warn(name: str, err: Exception) -> None:
+        said = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"warning: --report-to {name} failed ({type(err).__name__}: {said}); {out} is complete and kept; "
+              f"log it again with: eigenprune track {shlex.quote(str(out))} --report-to {name}", file=sys.stderr)
+
+    try:
+        summary, children = records(out, every_cell)
+    except UsageError:  # `track` on a folder that holds no report
+        raise
+    except Exception as err:  # a report this module cannot read (a method's odd `extra`): no tracker gets it
+        for name in names:
+            warn(name, err)
+        return False
     ok = True
     for name in names:
         try:
@@ -238,8 +252,5 @@ def log_folder(out: str | Path, names: Iterable[str], every_cell: bool = False) 
             print(f"{name}: {where}", file=sys.stderr)
         except Exception as err:  # Ctrl-C and SIGTERM (BaseException) still stop the command
             ok = False
-            said = (str(err).strip().splitlines() or [""])[0][:300]
-            print(f"warning: --report-to {name} failed ({type(err).__name__}: {said}); {out} is complete and "
-                  f"kept; log it again with: eigenprune track {shlex.quote(str(out))} --report-to {name}",
-                  file=sys.stderr)
+            warn(name, err)
     return ok

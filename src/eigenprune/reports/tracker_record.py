@@ -202,10 +202,10 @@ def compare_record(folder: Path, name: str | None = None) -> Record:
         _difference(record, name_, row.get("diff_vs_base"))
         record.add_all(key("cost", name_), {k: row.get(k) for k in ("dev_evaluations", "changed_params")})
         if folded:
-            for run in row.get("runs") or []:
-                _chosen(record, name_, run.get("config") or {}, f"fold-{run['fold']}")
-                record.add_all(key("folds", name_, f"fold-{run['fold']}"),
-                               {k: run.get(k) for k in ("dev_acc", "test_acc", "n_test")})
+            for i, run in enumerate(row.get("runs") or []):
+                part = f"fold-{run.get('fold', i + 1)}"
+                _chosen(record, name_, run.get("config") or {}, part)
+                record.add_all(key("folds", name_, part), {k: run.get(k) for k in ("dev_acc", "test_acc", "n_test")})
             for i, part in enumerate((row.get("extra") or {}).get("per_fold") or []):
                 _curve(record, name_, _candidates(part), f"fold-{i + 1}")
         else:
