@@ -52,6 +52,8 @@ CASES = {
     "help": (lambda t: ["--help"], 0, ""),
     "run help": (lambda t: ["run", "--help"], 0, ""),
     "study help": (lambda t: ["study", "--help"], 0, ""),
+    "track help": (lambda t: ["track", "--help"], 0, ""),
+    "unknown tracker": (lambda t: ["compare", "--task", "cb", "--report-to", "tensorbord"], 2, "unknown tracker"),
     "bad flag": (lambda t: ["run", "--task", "int-mult", "--bogus"], 2, "unrecognized arguments: --bogus"),
     "bad value": (lambda t: ["run", "--task", "int-mult", "--p", "2"], 2, "p values must be in (0, 1)"),
     "unknown task": (lambda t: ["run", "--task", "int-mul", "--out", t / "new"], 2, "unknown task 'int-mul'"),
@@ -84,7 +86,8 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
 
 def test_every_command_and_flag_says_what_it_is():
     commands, summaries = subparsers(build_parser())
-    assert set(commands) == {"run", "compare", "study", "targets", "score", "prune", "export", "generate", "lm-eval"}
+    assert set(commands) == {"run", "compare", "study", "targets", "score", "prune", "export", "generate", "lm-eval",
+                             "track"}
     for name, parser in commands.items():
         assert summaries[name] and "\n" not in summaries[name], name  # a one-line description in `eigenprune --help`
         assert parser.description, name

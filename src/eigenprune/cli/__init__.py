@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     from eigenprune.cli.lm_eval import add_lm_eval_parser
 
     add_lm_eval_parser(sub, fmt)
+    from eigenprune.cli.track import add_track_parser
+
+    add_track_parser(sub, fmt)
 
     p = sub.add_parser("targets", help="list the weight matrices a selection matches", formatter_class=fmt,
                        description="List the weight matrices --targets and --layers select: name, shape, components.",

@@ -123,3 +123,29 @@ def add_common(p: argparse.ArgumentParser, quiet: bool = True) -> None:
                         "processes, from the load average)")
     if quiet:
         p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+
+
+def report_to_names(text: str) -> tuple[str, ...]:
+    from eigenprune.experiments.tracking import parse_report_to  # torch-free, imports no tracker
+
+    try:
+        return parse_report_to(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_report_to(p: argparse.ArgumentParser) -> None:
+    """--report-to on run, compare and study (transformers' `report_to` convention)."""
+    p.add_argument("--report-to", type=report_to_names, default=(), metavar="TRACKERS",
+                   help="after the outputs are written, log settings, dev curves, chosen settings, test results and "
+                        "plots to tensorboard, mlflow and/or wandb (comma-separated; each an extra: "
+                        "pip install 'eigenprune[tensorboard]'), or none (default: none)")
+
+
+def check_report_to(names: tuple[str, ...]) -> None:
+    """A tracker whose package is missing, said before any work (one line naming the extra)."""
+    if names:
+        from eigenprune.experiments.tracking import check_installed
+
+        check_installed(names)
+

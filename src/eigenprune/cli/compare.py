@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import sys
 
-from eigenprune.cli.common import add_common, check_out, check_task
+from eigenprune.cli.common import add_common, add_report_to, check_out, check_report_to, check_task
 from eigenprune.core.errors import UsageError
 from eigenprune.protocol.config import COMPARE_EXCLUDES, add_run_options, config_from_args
 
@@ -63,13 +63,14 @@ def cmd_compare(args) -> int:
     cfg = config_from_args(args, exclude=COMPARE_EXCLUDES)
     check_task(cfg.task)
     check_out(args.out)
+    check_report_to(args.report_to)
     from eigenprune.experiments.compare import CompareConfig, compare
 
     try:
         opts = CompareConfig(methods=tuple(args.methods or ()), method_args=given)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    report = compare(cfg, opts, args.out, args.quiet)
+    report = compare(cfg, opts, args.out, args.quiet, args.report_to)
     base = report["base"]["test"]
     print(f"{report['task']}: base test {base['acc']:.3f} [{base['lo']:.3f}, {base['hi']:.3f}] (n={base['n']})")
     for name, row in report["methods"].items():
@@ -138,5 +139,6 @@ def add_compare_parser(sub, fmt) -> None:
     p.add_argument("--help-method", action=_MethodHelp, metavar="NAME",
                    help="print one method's settings, what each means and its default, and exit")
     p.add_argument("--out", help="output directory (default runs/compare-TASK-TIMESTAMP)")
+    add_report_to(p)
     add_common(p)
     p.set_defaults(func=cmd_compare)

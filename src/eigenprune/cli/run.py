@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eigenprune.cli.common import add_common, check_out, check_task
+from eigenprune.cli.common import add_common, add_report_to, check_out, check_report_to, check_task
 from eigenprune.core.errors import UsageError
 from eigenprune.protocol.config import add_run_options, config_from_args, config_from_file
 
@@ -25,9 +25,10 @@ def cmd_run(args) -> int:
         cfg = config_from_args(args)
     check_task(cfg.task)
     check_out(args.out)
+    check_report_to(args.report_to)
     from eigenprune.experiments.run import execute
 
-    report = execute(cfg, args.out, args.quiet, expected, args.allow_changed)
+    report = execute(cfg, args.out, args.quiet, expected, args.allow_changed, args.report_to)
     from eigenprune.reports.run_report import console_lines
 
     print("\n".join(console_lines(report)))
@@ -48,5 +49,6 @@ def add_run_parser(sub, fmt) -> None:
                    help="with --config: run even if the task data or the model weights differ from the recorded run")
     add_run_options(p)
     p.add_argument("--out", help="output directory (default runs/TASK-TIMESTAMP)")
+    add_report_to(p)
     add_common(p)
     p.set_defaults(func=cmd_run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from eigenprune.cli.common import add_common
+from eigenprune.cli.common import add_common, add_report_to, check_report_to
 from eigenprune.core.errors import UsageError
 
 
@@ -23,6 +23,7 @@ def _check_paths(spec: str, out: str | None) -> None:
 
 def cmd_study(args) -> int:
     _check_paths(args.spec, args.out)
+    check_report_to(args.report_to)
     from eigenprune.experiments.study import _check_out, load_spec, plan, run_study
 
     study = load_spec(args.spec)
@@ -41,7 +42,7 @@ def cmd_study(args) -> int:
         print("\n".join(power_lines(cell_power(study, out, args.effect, args.assume_discordance), args.effect,
                                      args.assume_discordance)))
         return 0
-    report = run_study(study, out, args.rerun_changed, args.quiet)
+    report = run_study(study, out, args.rerun_changed, args.quiet, args.report_to)
     for cell in report["cells"]:
         base = cell["base"]["test"]
         print(f"{cell['key']}: base test {base['acc']:.3f} (n={base['n']})")
@@ -90,5 +91,6 @@ def add_study_parser(sub, fmt) -> None:
     p.add_argument("--assume-discordance", type=_fraction, default=None, metavar="D",
                    help="with --plan: the share of test answers an edit changes, for cells that have not run "
                         "(finished cells use their observed share)")
+    add_report_to(p)
     add_common(p)
     p.set_defaults(func=cmd_study)

@@ -33,7 +33,7 @@ import torch
 
 from eigenprune.core.errors import UsageError
 from eigenprune.evaluation.stats import accuracy
-from eigenprune.experiments import pipeline
+from eigenprune.experiments import pipeline, tracking
 from eigenprune.methods import registry
 from eigenprune.methods.base import MethodResult
 from eigenprune.protocol.config import RunConfig, compare_settings
@@ -120,15 +120,20 @@ def method_row(result: MethodResult, base: dict[str, torch.Tensor], n_boot: int)
             "verdict": result.verdict}
 
 
-def compare(cfg: RunConfig, opts: CompareConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
+def compare(cfg: RunConfig, opts: CompareConfig, out: str | Path | None = None, quiet: bool = False,
+            report_to: tuple[str, ...] = ()) -> dict:
     """Run every method on the same splits (on every fold, with `cfg.folds` > 1) and write the comparison
-    directory; returns the report. `out` is claimed first; a failure leaves nothing there."""
+    directory, then log it to the `report_to` trackers (`experiments.tracking`); returns the report. `out` is
+    claimed first; a failure leaves nothing there."""
     from eigenprune.core.outdir import released_on_error
     from eigenprune.edits.artifact import check_new_dir
 
+    tracking.check_installed(report_to)
     out = check_new_dir(out or f"runs/compare-{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     with released_on_error(out):
-        return _compare(cfg, opts, out, quiet)
+        report = _compare(cfg, opts, out, quiet)
+    tracking.log_folder(out, report_to)
+    return report
 
 
 def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dict:

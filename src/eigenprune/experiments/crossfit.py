@@ -6,7 +6,8 @@ fold's test split says: the base model's and the chosen edit's per-example corre
 examples, with accuracy CIs that resample within folds (`stats.fold_accuracy_ci`) and the paired difference
 stratified by fold (`paired.paired_difference`: Newcombe's interval, the exact McNemar p). Nothing a
 fold learns on its test split reaches its own choices; each fold's p may differ, and the report says
-which. The sweep, the plots and the saved scores are fold 1's (each fold's chosen edit is saved too).
+which. The top-level sweep, the plots and the saved scores are fold 1's (every fold's dev sweep is in its
+per_fold row, and every fold's chosen edit is saved too).
 `reports.run_report` puts it in words.
 """
 
@@ -37,7 +38,8 @@ def folds_report(folds, runs: list[SplitRun], pooled: Pooled) -> dict:
     per_fold = [{"fold": fold.fold + 1, "n_train": len(fold.train), "n_dev": len(fold.dev), "n_test": len(fold.test),
                  "chosen_p": r["chosen_p"], "n_frozen": r["n_frozen"], "base_dev": r["base"]["dev"]["acc"],
                  "pruned_dev": r["pruned"]["dev"]["acc"], "base_test": r["base"]["test"]["acc"],
-                 "pruned_test": r["pruned"]["test"]["acc"]} for fold, r in zip(folds, reports, strict=True)]
+                 "pruned_test": r["pruned"]["test"]["acc"], "sweep": r.get("sweep", [])}
+                for fold, r in zip(folds, reports, strict=True)]
     report = dict(reports[0])  # fold 1's sweep, components and score counts, for the plots
     report["timings"] = {k: sum(r["timings"].get(k, 0.0) for r in reports) for k in reports[0]["timings"]}
     report["base"] = {"dev": mean_dev([r["base"]["dev"] for r in reports]), "test": pooled.ci(base_test)}

@@ -19,28 +19,32 @@ import torch
 
 from eigenprune.core.errors import UsageError
 from eigenprune.evaluation.splits import fold_splits, split_task
-from eigenprune.experiments import pipeline
+from eigenprune.experiments import pipeline, tracking
 from eigenprune.experiments.crossfit import folds_report
 from eigenprune.methods import registry
 from eigenprune.protocol.config import RunConfig, to_json
 
 
-def run(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False) -> dict:
+def run(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False, report_to: tuple[str, ...] = ()) -> dict:
     """The whole experiment (`eigenprune run`) from Python: writes `out` (default runs/TASK-TIMESTAMP) and
-    returns the report (report.json's content)."""
-    return execute(cfg, out, quiet)
+    returns the report (report.json's content); `report_to` names trackers to log it to (`experiments.tracking`)."""
+    return execute(cfg, out, quiet, report_to=report_to)
 
 
 def execute(cfg: RunConfig, out: str | Path | None = None, quiet: bool = False, expected: dict | None = None,
-            allow_changed: bool = False) -> dict:
-    """Run the experiment and write its directory; returns the report. `out` is claimed first, so a clash or
-    an unwritable destination fails before any work, and a failure leaves nothing there."""
+            allow_changed: bool = False, report_to: tuple[str, ...] = ()) -> dict:
+    """Run the experiment and write its directory, then log it to the `report_to` trackers; returns the report.
+    `out` is claimed first, so a clash or an unwritable destination fails before any work, and a failure leaves
+    nothing there."""
     from eigenprune.core.outdir import released_on_error
     from eigenprune.edits.artifact import check_new_dir
 
+    tracking.check_installed(report_to)
     out = check_new_dir(out or f"runs/{Path(cfg.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     with released_on_error(out):
-        return _execute(cfg, out, quiet, expected, allow_changed)
+        report = _execute(cfg, out, quiet, expected, allow_changed)
+    tracking.log_folder(out, report_to)
+    return report
 
 
 def _check_recorded(expected: dict | None, recorded: dict, allow_changed: bool) -> list[str]:
@@ -145,7 +149,8 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
     report["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
     if cfg.seeds > 1:
         rows = [{"seed": r["split_seed"], "base_test": r["base"]["test"]["acc"],
-                 "pruned_test": r["pruned"]["test"]["acc"], "diff": r["diff_ci"]["diff"], "chosen_p": r["chosen_p"]}
+                 "pruned_test": r["pruned"]["test"]["acc"], "diff": r["diff_ci"]["diff"], "chosen_p": r["chosen_p"],
+                 "sweep": r.get("sweep", [])}
                 for r in reports]
         summary = {k: dict(zip(("mean", "sd"), mean_sd(row[k] for row in rows), strict=True))
                    for k in ("base_test", "pruned_test", "diff")}

@@ -207,10 +207,14 @@ def render(study: Study, out: Path, last_run: dict) -> dict:
     return report
 
 
-def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet: bool = False) -> dict:
-    """Run the cells OUT does not hold yet (see the module docstring) and re-render the study files."""
+def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet: bool = False,
+              report_to: tuple[str, ...] = ()) -> dict:
+    """Run the cells OUT does not hold yet (see the module docstring), re-render the study files and log the
+    study and the cells that ran to the `report_to` trackers (`experiments.tracking`)."""
+    from eigenprune.experiments import tracking
     from eigenprune.experiments.compare import compare
 
+    tracking.check_installed(report_to)
     out = Path(out)
     _check_out(out)
     state = plan(study, out)  # refuse before writing anything
@@ -260,6 +264,7 @@ def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet:
         last_run = {"ran": ran, "skipped": [c.key for c in state.done], "moved_to_stale": moved,
                     "not_in_spec": state.orphans, "wall_s": time.perf_counter() - t0}
         report = render(study, out, last_run)
+        tracking.log_folder(out, report_to)
     report["out"] = str(out)
     return report
 
