@@ -137,9 +137,8 @@ def report_to_names(text: str) -> tuple[str, ...]:
 def add_report_to(p: argparse.ArgumentParser) -> None:
     """--report-to on run, compare and study (transformers' `report_to` convention)."""
     p.add_argument("--report-to", type=report_to_names, default=(), metavar="TRACKERS",
-                   help="after the outputs are written, log settings, dev curves, chosen settings, test results and "
-                        "plots to tensorboard, mlflow and/or wandb (comma-separated; each an extra: "
-                        "pip install 'eigenprune[tensorboard]'), or none (default: none)")
+                   help="log the finished report (settings, dev curves, choices, test results, plots) to "
+                        "tensorboard, mlflow and/or wandb, each an extra (default: none)")
 
 
 def check_report_to(names: tuple[str, ...]) -> None:

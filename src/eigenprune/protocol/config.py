@@ -83,8 +83,8 @@ class RunConfig:
         "help": "measure what the chosen edit costs elsewhere: perplexity and KL(base ‖ edit) on a general-English "
                 "sample that ships with the package (one pass per model)"})
     also: list[str] | None = field(default=None, metadata={
-        "help": "comma-separated other tasks to evaluate base and edit on, with paired CIs: built-in or JSONL, or "
-                "lm-eval:NAME for an lm-evaluation-harness task (the lm-eval extra)", "metavar": "TASK,..."})
+        "help": "other tasks to evaluate base and edit on, with paired CIs: built-in, JSONL or lm-eval:NAME "
+                "(the lm-eval extra)", "metavar": "TASK,..."})
     lm_eval_include_path: list[str] | None = field(default=None, metadata={
         "help": "folders of local lm-eval YAML tasks for --also lm-eval:NAME", "metavar": "DIR,..."})
     lm_eval_limit: int | None = field(default=None, metadata={
