@@ -58,7 +58,7 @@ class ExecutorConfig:
 
     def __post_init__(self) -> None:
         if self.name not in EXECUTORS:
-            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.name!r}")
+            raise ValueError(f"executor name must be one of {', '.join(EXECUTORS)}, got {self.name!r}")
         for name, least in (("jobs", 1), ("timeout_min", 1), ("gpus_per_node", 0), ("array_parallelism", 1)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
@@ -152,9 +152,14 @@ def submit_slurm(study, out: str | Path, cfg: ExecutorConfig, rerun_changed: boo
         import submitit
     except ImportError:
         raise UsageError("--executor slurm needs submitit: pip install 'eigenprune[slurm]'") from None
+    import shutil
+
     from eigenprune.experiments import study as study_module
     from eigenprune.experiments import study_claims as claims
 
+    if cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise UsageError("--executor slurm needs SLURM's sbatch and srun on PATH; run it on the cluster's login node "
+                         "(or use --executor local --jobs N here)")
     out = Path(out).resolve()  # the tasks may start in another folder
     study_module._check_out(out)
     study_module.prepare(study, out, rerun_changed)
