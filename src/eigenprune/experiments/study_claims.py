@@ -18,9 +18,11 @@ two processes on one spec do not take turns failing the same cell). Nothing here
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -62,10 +64,25 @@ def mutex(out: Path) -> Iterator[None]:
         return
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:  # a file system without flock (Lustre mounted noflock): O_EXCL alone
+            if err.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOLCK):
+                raise
+            _warn_once(f"{out} does not support file locks ({err.strerror}): claims rely on exclusive creation "
+                       "alone, so two processes may rarely both take over one dead process's cell")
         yield
     finally:
         os.close(fd)  # closing the descriptor drops the lock
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"eigenprune study: warning: {message}", file=sys.stderr)
 
 
 def log(out: Path, message: str) -> None:

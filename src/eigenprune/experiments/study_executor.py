@@ -36,8 +36,8 @@ class ExecutorConfig:
     name: str = field(default="local", metadata={
         "help": "where cells run: local (this machine; --jobs worker processes) or slurm (an array job through "
                 "submitit, one task per cell)", "flag": "executor", "choices": EXECUTORS, "metavar": "NAME"})
-    jobs: int = field(default=1, metadata={"help": "local: worker processes, one cell each at a time, cores/N "
-                                                   "torch threads each"})
+    jobs: int = field(default=1, metadata={"help": "local: worker processes, one cell each at a time, each with "
+                                                   "1/N of the torch threads (--threads, else the free cores)"})
     devices: tuple[int, ...] = field(default=(), metadata={
         "help": "local: GPU ids handed to the workers in turn (CUDA_VISIBLE_DEVICES), e.g. 0,1; set device = "
                 "\"cuda\" in [settings] to use them"})
