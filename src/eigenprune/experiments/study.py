@@ -196,8 +196,6 @@ def render(study: Study, out: Path, last_run: dict) -> dict:
     return report
 
 
-
-
 def _write_index(out: Path, index: dict) -> None:
     _write_atomic(out / CELLS_JSON, _dump({"format": "eigenprune-study-cells", "format_version": 1, "cells": index}))
 

@@ -157,7 +157,7 @@ def try_claim(out: Path, key: str) -> Claim | None:
     except FileExistsError:  # only without flock (not POSIX): another process was first
         return None
     try:
-        os.write(fd, json.dumps(asdict(claim) | {"heartbeat": None}).encode())
+        os.write(fd, json.dumps({k: v for k, v in asdict(claim).items() if k != "heartbeat"}).encode())  # = mtime
     finally:
         os.close(fd)
     claim.heartbeat = time.time()
