@@ -7,10 +7,14 @@ The spec file and `--out` are checked before anything heavy is imported; checkin
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 from pathlib import Path
 
-from eigenprune.cli.common import add_common, add_report_to, check_report_to
+from eigenprune.cli.common import add_common, add_report_to, check_report_to, free_cores
+from eigenprune.core import settings
 from eigenprune.core.errors import UsageError
+from eigenprune.experiments.study_executor import ExecutorConfig
 
 
 def _check_paths(spec: str, out: str | None) -> None:
@@ -21,13 +25,29 @@ def _check_paths(spec: str, out: str | None) -> None:
         raise UsageError(f"{out} is a file; --out must be a study folder (new, or one this spec ran into)")
 
 
+def _executor(args, table: dict) -> ExecutorConfig:
+    """The spec's [executor] table with the flags given on top."""
+    try:
+        return settings.from_dict(ExecutorConfig, {**table, **settings.flag_values(args, ExecutorConfig)})
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def cmd_study(args) -> int:
     _check_paths(args.spec, args.out)
     check_report_to(args.report_to)
+    if args.name == "slurm" and importlib.util.find_spec("submitit") is None:  # before seconds of imports
+        raise UsageError("--executor slurm needs submitit: pip install 'eigenprune[slurm]'")
     from eigenprune.experiments.study import _check_out, load_spec, plan, run_study
 
     study = load_spec(args.spec)
     out = Path(args.out or f"runs/study-{study.path.stem}")
+    if args.status:
+        from eigenprune.experiments.study_claims import status_lines
+
+        _check_out(out)
+        print("\n".join(status_lines(out, [c.key for c in study.cells])))
+        return 0
     if args.plan:
         _check_out(out)
         state = plan(study, out)
@@ -42,7 +62,22 @@ def cmd_study(args) -> int:
         print("\n".join(power_lines(cell_power(study, out, args.effect, args.assume_discordance), args.effect,
                                      args.assume_discordance)))
         return 0
-    report = run_study(study, out, args.rerun_changed, args.quiet, args.report_to)
+    if args.worker:  # one of `--jobs N`: take cells until none is free; the parent renders
+        run_study(study, out, args.rerun_changed, quiet=True, worker=True)
+        return 0
+    cfg = _executor(args, study.executor)
+    if cfg.name == "slurm":
+        from eigenprune.experiments.study_executor import submit_slurm
+
+        submit_slurm(study, out, cfg, args.rerun_changed, args.quiet)
+        return 0
+    if cfg.jobs > 1 or cfg.devices:
+        from eigenprune.experiments.study_executor import run_local
+
+        threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or free_cores())
+        report = run_local(study, out, cfg, threads, args.rerun_changed, args.quiet, report_to=args.report_to)
+    else:
+        report = run_study(study, out, args.rerun_changed, args.quiet, report_to=args.report_to)
     for cell in report["cells"]:
         base = cell["base"]["test"]
         print(f"{cell['key']}: base test {base['acc']:.3f} (n={base['n']})")
@@ -73,12 +108,18 @@ def add_study_parser(sub, fmt) -> None:
                        formatter_class=fmt, description=(
                            "Run every model x task x target of a spec as one `eigenprune compare` of all its methods,\n"
                            "then write OUT/study.md, study.json and study.png (test - base per task and method).\n"
-                           "Running again skips finished cells; a changed spec names the cells it invalidates."),
+                           "Running again skips finished cells; a changed spec names the cells it invalidates.\n"
+                           "Cells run in parallel with --jobs N or --executor slurm; processes on one --out share the\n"
+                           "work (each cell runs once), so a second study on the same spec joins the first."),
                        epilog=(
                            "examples:\n  eigenprune study studies/smollm2-paper-tasks.toml --out runs/paper\n"
                            "  eigenprune study my-study.toml --out runs/s --plan     # what would run, skip, redo\n"
                            "  eigenprune study my-study.toml --plan --assume-discordance 0.1 --effect 0.05\n"
-                           "  eigenprune study my-study.toml --out runs/s --rerun-changed\n\n"
+                           "  eigenprune study my-study.toml --out runs/s --rerun-changed\n"
+                           "  eigenprune study my-study.toml --out runs/s --jobs 4            # 4 worker processes\n"
+                           "  eigenprune study my-study.toml --out runs/s --jobs 2 --devices 0,1  # one GPU each\n"
+                           "  eigenprune study my-study.toml --out runs/s --executor slurm --partition gpu\n"
+                           "  eigenprune study my-study.toml --out runs/s --status   # done, running, failed\n\n"
                            "spec format: see studies/README.md"))
     p.add_argument("spec", help="study spec, a .toml or .json file (task and model paths are relative to it)")
     p.add_argument("--out", help="study folder; running again resumes it (default runs/study-SPECNAME)")
@@ -92,5 +133,9 @@ def add_study_parser(sub, fmt) -> None:
                    help="with --plan: the share of test answers an edit changes, for cells that have not run "
                         "(finished cells use their observed share)")
     add_report_to(p)
+    p.add_argument("--status", action="store_true", help="print which cells are done, running (where, since when), "
+                   "failed (the failing line) or still to run; run none")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --jobs N's processes
+    settings.add_flags(p.add_argument_group("where cells run (override the spec's [executor] table)"), ExecutorConfig)
     add_common(p)
     p.set_defaults(func=cmd_study)

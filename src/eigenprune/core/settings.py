@@ -188,7 +188,7 @@ def _default_text(f: dataclasses.Field) -> str:
         return ""
     if isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
-    return "" if value is None else f" (default {value})"
+    return "" if value is None or value == "" else f" (default {value})"  # an empty list: no default to show
 
 
 def _metavar(f: dataclasses.Field, tp) -> str:

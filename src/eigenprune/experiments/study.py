@@ -10,26 +10,35 @@ file's content). On the next run a cell whose folder holds comparison.json and w
 skipped; a finished cell whose settings changed is reported, and the study refuses to go on unless
 `--rerun-changed`, which moves the old folder to OUT/stale/KEY.TIMESTAMP (nothing is deleted) and
 runs the cell again. A killed run leaves at most a `.KEY.partial-PID` folder, removed at the next
-start once PID is gone. study.json, study.md and study.png are re-rendered from every cell at the end
-of each run. One study at a time per OUT (a lock that the OS drops when its process dies).
+start once PID is gone. study.json, study.md and study.png are re-rendered from every cell when the last
+cell lands (rendering reads only the cells, so whichever process renders writes the same study; its
+`last_run` says what that process did).
+
+Many processes may work on one OUT at once (`--jobs N` workers, SLURM array tasks, a second study
+started by hand): each takes one cell at a time through a claim file (`study_claims.py`), so every cell
+runs exactly once; a process with nothing left to take waits for the cells others are running (and
+takes over any whose process died). A cell that raises is recorded (`cells/.KEY.failed`), the others
+go on, and the run ends in one line naming the failed cells; the next run retries them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from eigenprune.core.errors import UsageError
 from eigenprune.core.outdir import make_folder, remove_stale
+from eigenprune.experiments import study_claims as claims
+from eigenprune.experiments.study_claims import LOCK  # noqa: F401  (the study's files, named in one place)
 from eigenprune.experiments.study_spec import Cell, Study, load_spec  # noqa: F401  (the study API in one place)
 
-CELLS_JSON, LOCK = "cells.json", ".study.lock"
+CELLS_JSON = "cells.json"
+POLL_S = 1.0  # how often a process with nothing left to take looks at the cells others are running
 
 
 @dataclass
@@ -143,26 +152,6 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"{out} already exists and is not a study folder; choose another --out")
 
 
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """One study at a time per OUT; flock is released by the OS even when the process is killed."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UsageError(f"another eigenprune study is running on {out}; wait for it or choose "
-                             "another --out") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def _stale_message(out: Path, stale: list[tuple[Cell, str]]) -> str:
     listed = "; ".join(f"cells/{c.key} ({why})" for c, why in stale)
     damaged = all(why.startswith("its ") for _, why in stale)  # a damaged or unfinished folder, not the spec
@@ -207,12 +196,134 @@ def render(study: Study, out: Path, last_run: dict) -> dict:
     return report
 
 
+def _write_index(out: Path, index: dict) -> None:
+    _write_atomic(out / CELLS_JSON, _dump({"format": "eigenprune-study-cells", "format_version": 1, "cells": index}))
+
+
+def prepare(study: Study, out: Path, rerun_changed: bool) -> tuple[Plan, list[str]]:
+    """Before taking cells (under the claims' mutex, so concurrent starts agree): remove what killed runs left,
+    move changed cells to OUT/stale/ (with `rerun_changed`), record finished cells in cells.json, copy the spec."""
+    make_folder(out / "cells")  # a parent that is a file, or read-only: one line
+    with claims.mutex(out):
+        remove_stale(out / "cells")
+        state = plan(study, out)
+        if state.stale and not rerun_changed:
+            raise UsageError(_stale_message(out, state.stale))
+        index = _read_index(out)
+        stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
+        for cell, _ in state.stale:
+            (out / "stale").mkdir(exist_ok=True)
+            (out / "cells" / cell.key).rename(out / "stale" / f"{cell.key}.{stamp}")
+            index.pop(cell.key, None)
+            moved.append(cell.key)
+        for cell in state.done:  # finished before cells.json knew them (a kill between the two writes)
+            index.setdefault(cell.key, _entry(cell))
+        _write_index(out, index)
+        _write_atomic(out / f"spec{study.path.suffix}", study.text)
+    return state, moved
+
+
+def _done(out: Path, cell: Cell) -> bool:
+    return (out / "cells" / cell.key / "comparison.json").is_file()
+
+
+def _next_cell(study: Study, out: Path, since: float, only: set[str] | None) -> tuple:
+    """(the first cell this process may run, claimed, and its claim) or (None, None); and whether other processes
+    are running cells this one may still have to take over. Call under the claims' mutex."""
+    others = False
+    for cell in study.cells:
+        if (only is not None and cell.key not in only) or _done(out, cell):
+            continue
+        failure = claims.read_failure(out, cell.key)
+        if failure is not None and failure.when >= since:  # failed during this run: the next run retries it
+            continue
+        claim = claims.try_claim(out, cell.key)
+        if claim is not None:
+            return cell, claim, others
+        others = True
+    return None, None, others
+
+
+def _failing_line(err: Exception) -> str:
+    if isinstance(err, UsageError):
+        return str(err)
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    return f"{traceback.format_exception_only(err)[-1].strip()} (at {Path(frame.filename).name}:{frame.lineno})"
+
+
+def work(study: Study, out: Path, since: float, quiet: bool = False, wait: bool = True, only: set[str] | None = None,
+         bar=None) -> list[str]:
+    """The claim loop every process runs: take the next free cell, run it, record it; with `wait`, stay until the
+    cells other processes hold have landed (taking over any whose process died). The cells this process ran."""
+    from eigenprune.experiments import compare as compare_module
+
+    ran, first_done = [], sum(_done(out, c) for c in study.cells)
+    while True:
+        with claims.mutex(out):
+            cell, claim, others = _next_cell(study, out, since, only)
+        if cell is None:
+            if not (wait and others):
+                return ran
+            time.sleep(POLL_S)
+        else:
+            claims.log(out, f"started cell {cell.key}")
+            if bar is not None:
+                bar.set_description_str(f"study ({cell.key})")
+            try:
+                with claims.heartbeat(out, claim):
+                    compare_module.compare(cell.run, cell.opts, out / "cells" / cell.key, quiet=quiet)
+            except Exception as err:  # the other cells go on; the run ends naming this one
+                line = _failing_line(err)
+                if not isinstance(err, UsageError):  # a bug: its traceback, here and in the failure record
+                    traceback.print_exc(file=sys.stderr)
+                claims.record_failure(out, claims.Failure(cell.key, line, time.time(), claims.where(),
+                                                          traceback.format_exc()))
+                claims.release(out, claim)
+                claims.log(out, f"cell {cell.key} failed: {line}")
+                continue
+            except BaseException:  # Ctrl-C, SIGTERM: the cell is free again at once
+                claims.release(out, claim)
+                claims.log(out, f"stopped in cell {cell.key}")
+                raise
+            with claims.mutex(out):
+                index = _read_index(out)
+                index[cell.key] = _entry(cell)
+                _write_index(out, index)
+                claims.clear_failure(out, cell.key)
+                claims.release(out, claim)
+            claims.log(out, f"finished cell {cell.key}")
+            ran.append(cell.key)
+        if bar is not None:
+            bar.n = sum(_done(out, c) for c in study.cells) - first_done
+            bar.refresh()
+
+
+def failures(study: Study, out: Path, since: float = 0.0) -> dict[str, str]:
+    """Unfinished cells whose last attempt (at or after `since`) failed: key -> failing line."""
+    found = {}
+    for cell in study.cells:
+        failure = None if _done(out, cell) else claims.read_failure(out, cell.key)
+        if failure is not None and failure.when >= since:
+            found[cell.key] = failure.line
+    return found
+
+
+def failed_message(failed: dict[str, str]) -> str:
+    (key, line), more = next(iter(failed.items())), list(failed)[1:]
+    return (f"cell {key}: {line}" + (f"; {len(more)} more cell(s) failed: {', '.join(more)}" if more else "")
+            + " (finished cells are kept; --status shows each failure; running again retries the failed cells)")
+
+
+def complete(study: Study, out: Path) -> bool:
+    return all(_done(out, c) for c in study.cells)
+
+
 def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet: bool = False,
-              report_to: tuple[str, ...] = ()) -> dict:
-    """Run the cells OUT does not hold yet (see the module docstring), re-render the study files and log the
-    study and the cells that ran to the `report_to` trackers (`experiments.tracking`)."""
+              worker: bool = False, report_to: tuple[str, ...] = ()) -> dict:
+    """Run the cells OUT does not hold yet, alongside any other process on OUT (see the module docstring), render
+    the study files and log the study and the cells that ran to the `report_to` trackers (`experiments.tracking`).
+    A `worker` (one of `--jobs N`) takes cells until none is free, and renders and logs nothing."""
     from eigenprune.experiments import tracking
-    from eigenprune.experiments.compare import compare
 
     tracking.check_installed(report_to)
     out = Path(out)
@@ -220,51 +331,29 @@ def run_study(study: Study, out: str | Path, rerun_changed: bool = False, quiet:
     state = plan(study, out)  # refuse before writing anything
     if state.stale and not rerun_changed:
         raise UsageError(_stale_message(out, state.stale))
-    t0 = time.perf_counter()
-    make_folder(out / "cells")  # a parent that is a file, or read-only: one line
-    with _locked(out):
-        if (out / "cells").is_dir():
-            remove_stale(out / "cells")  # what killed cells left behind
-        state = plan(study, out)  # again, under the lock
-        index = _read_index(out)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        moved = []
-        for cell, _ in state.stale:
-            (out / "stale").mkdir(exist_ok=True)
-            (out / "cells" / cell.key).rename(out / "stale" / f"{cell.key}.{stamp}")
-            index.pop(cell.key, None)
-            moved.append(cell.key)
-        todo = state.todo + [c for c, _ in state.stale]
-        order = {c.key: i for i, c in enumerate(study.cells)}
-        todo.sort(key=lambda c: order[c.key])
-        for cell in state.done:  # finished before cells.json knew them (a kill between the two writes)
-            index.setdefault(cell.key, _entry(cell))
-        _write_atomic(out / CELLS_JSON, _dump({"format": "eigenprune-study-cells", "format_version": 1,
-                                               "cells": index}))
-        _write_atomic(out / f"spec{study.path.suffix}", study.text)
-        if not quiet:
-            print(f"study: {len(study.cells)} cells: {len(state.done)} finished earlier (skipped), {len(todo)} to run"
-                  + (f", {len(moved)} moved to {out}/stale/" if moved else "")
-                  + (f"; not in this spec (kept, not reported): {', '.join(state.orphans)}" if state.orphans else ""),
-                  file=sys.stderr)
-        ran = []
-        with _progress(len(todo), quiet) as bar:
-            for cell in todo:
-                bar.set_description_str(f"study ({cell.key})")
-                try:
-                    compare(cell.run, cell.opts, out / "cells" / cell.key, quiet=quiet)  # its bars below the study's
-                except UsageError as err:  # e.g. targets that match no module of this model: say which cell
-                    raise UsageError(f"cell {cell.key}: {err} (finished cells are kept; fix the spec and run "
-                                     "again)") from None
-                index[cell.key] = _entry(cell)
-                _write_atomic(out / CELLS_JSON, _dump({"format": "eigenprune-study-cells", "format_version": 1,
-                                                       "cells": index}))
-                ran.append(cell.key)
-                bar.update(1)
-        last_run = {"ran": ran, "skipped": [c.key for c in state.done], "moved_to_stale": moved,
-                    "not_in_spec": state.orphans, "wall_s": time.perf_counter() - t0}
-        report = render(study, out, last_run)
-        tracking.log_folder(out, report_to)
+    t0, since = time.perf_counter(), time.time()
+    state, moved = prepare(study, out, rerun_changed)
+    todo = [c for c in study.cells if not _done(out, c)]
+    if not quiet and not worker:
+        print(f"study: {len(study.cells)} cells: {len(state.done)} finished earlier (skipped), {len(todo)} to run"
+              + (f", {len(moved)} moved to {out}/stale/" if moved else "")
+              + (f"; not in this spec (kept, not reported): {', '.join(state.orphans)}" if state.orphans else ""),
+              file=sys.stderr)
+    with _progress(len(todo), quiet or worker) as bar:
+        ran = work(study, out, since, quiet, wait=not worker, bar=bar)
+    failed = failures(study, out, since)
+    if failed:
+        raise UsageError(failed_message(failed))
+    if worker:
+        return {"ran": ran, "out": str(out)}
+    unfinished = [c.key for c in study.cells if not _done(out, c)]
+    if unfinished:  # not expected (the loop waits for every cell): say so rather than render a partial study
+        raise UsageError(f"cells not finished: {', '.join(unfinished)}; --status shows where they stand, running "
+                         "again runs them")
+    last_run = {"ran": ran, "skipped": [c.key for c in state.done], "moved_to_stale": moved,
+                "not_in_spec": state.orphans, "wall_s": time.perf_counter() - t0}
+    report = render(study, out, last_run)
+    tracking.log_folder(out, report_to)
     report["out"] = str(out)
     return report
 

@@ -15,6 +15,10 @@
     [method_args.lora]    # one method's settings, as `compare --set lora.steps=60`
     steps = 60
 
+    [executor]            # where cells run (`study_executor.ExecutorConfig`); not part of any cell's settings
+    name = "slurm"
+    partition = "gpu"
+
 A cell is one model x task x target: one `compare` of every method with the cell's settings. A bad
 entry is one line naming the file, the line and the entry. tomllib and json give no positions for
 valid documents, so the line is found by searching the raw text for the entry after its section
@@ -28,17 +32,18 @@ import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from eigenprune.core import settings as settings_module
 from eigenprune.core.errors import UsageError
 from eigenprune.experiments.compare import CompareConfig, _plain
+from eigenprune.experiments.study_executor import ExecutorConfig
 from eigenprune.methods import registry
 from eigenprune.protocol.config import COMPARE_EXCLUDES as _NOT_COMPARE
 from eigenprune.protocol.config import LEGACY, RunConfig, compare_settings
 
-SECTIONS = ("study", "settings", "task_settings", "method_args")
+SECTIONS = ("study", "settings", "task_settings", "method_args", "executor")
 STUDY_KEYS = ("models", "tasks", "targets", "methods")
 GRID_FIELDS = ("task", "model", "targets")  # set by [study], one value per cell
 _COMPARE_OWN = ("methods", "method_args")  # set by [study].methods and [method_args]
@@ -74,12 +79,14 @@ class Cell:
 
 @dataclass
 class Study:
-    """A checked spec: its file, its normalised content and its cells in grid order."""
+    """A checked spec: its file, its normalised content, its cells in grid order and its `[executor]` table (where
+    the cells run, which changes none of their numbers: kept out of `spec`)."""
 
     path: Path
     text: str
     spec: dict
     cells: list[Cell]
+    executor: dict = field(default_factory=dict)
 
 
 def _json(value):
@@ -328,9 +335,18 @@ def load_spec(path: str | Path) -> Study:
             key = next((k for k in values if re.search(rf"(?<![\w]){re.escape(k)}(?![\w])", str(err))), None)
             raise where.error(f"[method_args.{name}]: {err}", ("method_args", name), key) from None
 
+    executor = data.get("executor", {})
+    if not isinstance(executor, dict):
+        raise where.error("[executor] must be a table, e.g. name = \"slurm\"", ("executor",))
+    try:
+        settings_module.from_dict(ExecutorConfig, executor)
+    except ValueError as err:
+        key = next((k for k in executor if re.search(rf"(?<![\w]){re.escape(k)}(?![\w])", str(err))), None)
+        raise where.error(f"[executor]: {err}", ("executor",), key) from None
+
     spec = {"study": {"models": models, "tasks": tasks, "targets": targets, "methods": methods},
             "settings": shared, "task_settings": per_task, "method_args": method_args}
-    return Study(path, text, _json(spec), _plan(where, spec, model_specs, task_specs))
+    return Study(path, text, _json(spec), _plan(where, spec, model_specs, task_specs), dict(executor))
 
 
 def _slug(text: str) -> str:
