@@ -19,7 +19,7 @@ from eigenprune.core.positions import prompt_lengths
 from eigenprune.edits.engine import score_run
 from eigenprune.edits.freeze import FreezeConfig, applied
 from eigenprune.edits.scoring import ScoreConfig
-from eigenprune.evaluation.calibration import CONTENT_FREE, calibration_for, template_fields
+from eigenprune.evaluation.calibration import calibration_for, template_fields
 from eigenprune.evaluation.evaluate import choice_nll, choice_scores, content_free_prior, evaluate
 from eigenprune.evaluation.stats import label_distribution
 from eigenprune.evaluation.tasks import CLASSIFICATION, Task, load_task
@@ -52,7 +52,7 @@ def direct_calibrated(model, tok, task: Task) -> tuple[list[list[float]], list[f
     """Each test example's calibrated scores log p(c | x) - log p_cf(c), and p_cf: the content-free prompts
     written out by hand, their probabilities averaged, then normalised over the choices."""
     fields = {"premise": None, "hypothesis": None}
-    prompts = [TEMPLATE.format(**dict.fromkeys(fields, filler)) for filler in CONTENT_FREE]
+    prompts = [TEMPLATE.format(**dict.fromkeys(fields, filler)) for filler in ("N/A", "", "[MASK]")]
     probs = [[math.exp(direct_logprob(model, tok, p, c)) for c in task.choices] for p in prompts]
     mean = [sum(col) / len(prompts) for col in zip(*probs, strict=True)]
     prior = [m / sum(mean) for m in mean]
@@ -210,8 +210,53 @@ def test_run_and_compare_record_the_calibration(sums_setup, tmp_path):
     assert main(["compare", *common, "--methods", "eigenprune,smallest", "--out", str(tmp_path / "c")]) == 0
     report = json.loads((tmp_path / "c" / "comparison.json").read_text())
     assert report["calibration"]["base_content_free"] == block["base_content_free"]
-    assert set(report["calibration"]["content_free"]) == set(report["methods"])
+    content_free = report["calibration"]["content_free"]
+    assert set(content_free) == set(report["methods"])
+    assert all(set(prior) == {"1", "2"} for per_fold in content_free.values() for prior in per_fold)
     assert "contextual calibration" in report["verdict"]
     plain = [a for a in common if a != "--calibrate"]
     assert main(["run", *plain, "--out", str(tmp_path / "p")]) == 0
     assert "calibration" not in json.loads((tmp_path / "p" / "report.json").read_text())
+
+
+def test_demonstrations_go_before_the_content_free_prompts_too():
+    """svd-clip's in-context harness: the content-free input sits where the example does, after the demos."""
+    from eigenprune.evaluation.splits import Splits
+    from eigenprune.methods.svd_clip import icl_harness, with_demonstrations
+    from eigenprune.protocol.harness import Harness
+
+    task = task_of(DIGITS)
+    calibration = calibration_for(task, "choice")
+    seen = []
+
+    class Recording(Harness):
+        def evaluate(self, split):
+            seen.append(self.calibration)
+            return super().evaluate(split)
+
+    model, tok = build("gpt2")
+    parent = Recording(model, tok, Splits(task.train, task.test, task.test), "choice",
+                       type("Cfg", (), {"eval_batch_size": 4})(), quiet=True, calibration=calibration)
+    demos = task.train[:2]
+    icl = icl_harness(parent, demos)
+    icl.evaluate("dev")
+    want = tuple(ex.prompt for ex in with_demonstrations(calibration.examples(), demos))
+    assert seen[0].prompts == want and want[0].endswith(calibration.prompts[0]) and want[0] != calibration.prompts[0]
+    assert parent.calibration is calibration  # restored
+
+
+def test_the_harness_calibrates_the_base_and_every_edit_each_with_its_own_prior():
+    from eigenprune.evaluation.splits import Splits
+    from eigenprune.protocol.harness import Harness
+
+    model, tok = sensitive("llama")
+    task = task_of(NLI, n=6)
+    settings = type("Cfg", (), {"eval_batch_size": 4})()
+    harness = Harness(model, tok, Splits(task.train, task.test, task.test), "choice", settings, quiet=True,
+                      calibration=calibration_for(task, "choice"))
+    run = score_run(model, tok, EXAMPLES, targets="all", config=ScoreConfig(partners="all"), progress=False)
+    with harness.step("base"):
+        base = content_free_prior(harness.evaluate("test"))
+    with harness.step("a method"), applied(model, run.edit(FreezeConfig(p=0.3))):
+        edited = content_free_prior(harness.evaluate("dev"))
+    assert base is not None and edited is not None and base != edited
