@@ -214,6 +214,10 @@ def test_run_and_compare_record_the_calibration(sums_setup, tmp_path):
     assert set(content_free) == set(report["methods"])
     assert all(set(prior) == {"1", "2"} for per_fold in content_free.values() for prior in per_fold)
     assert "contextual calibration" in report["verdict"]
+    assert main(["run", *common, "--folds", "2", "--out", str(tmp_path / "f")]) == 0
+    folds = json.loads((tmp_path / "f" / "report.json").read_text())["calibration"]
+    assert folds["base_content_free"] == block["base_content_free"]  # the same model and prompts in every fold
+    assert len(folds["content_free"]["pruned"]) == 2 and all(folds["content_free"]["pruned"])
     plain = [a for a in common if a != "--calibrate"]
     assert main(["run", *plain, "--out", str(tmp_path / "p")]) == 0
     assert "calibration" not in json.loads((tmp_path / "p" / "report.json").read_text())
