@@ -73,8 +73,8 @@ class EvalResult:
         return accuracy(self.correct) if self.n else float("nan")
 
 
-_PREDICTED: dict[int, tuple[weakref.ref, tuple[str, ...], dict | None]] = {}  # id(correct) -> (its weak ref,
-# the choices, the content-free distribution when calibrated)
+# id(correct) -> (its weak ref, the choices picked, the content-free distribution when calibrated)
+_PREDICTED: dict[int, tuple[weakref.ref, tuple[str, ...], dict[str, float] | None]] = {}
 
 
 def _remember(correct: torch.Tensor, predicted: tuple[str, ...], content_free: dict[str, float] | None) -> None:
