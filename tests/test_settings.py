@@ -88,6 +88,7 @@ def test_conversion_from_text():
     assert settings.convert(int | str, "4", from_text=True) == 4
     assert settings.convert(int | str, "all", from_text=True) == "all"
     assert settings.convert(int | None, "none", from_text=True) is None
+    assert settings.convert(str | None, "{premise} Q: {question}", from_text=True) == "{premise} Q: {question}"
     for tp, value in ((int, "1.5"), (bool, "maybe"), (float, "x")):
         with pytest.raises((TypeError, ValueError)):
             settings.convert(tp, value, from_text=True)

@@ -105,7 +105,7 @@ def convert(tp, value: Any, from_text: bool = False) -> Any:
         if optional:
             return None
         raise TypeError
-    if from_text and isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+    if from_text and tp is not str and isinstance(value, str) and value.strip()[:1] in ("[", "{"):  # a str is text
         try:
             value = json.loads(value)
         except json.JSONDecodeError:

@@ -14,7 +14,10 @@ In `choice` mode the label each example's evaluation picked is kept — the choi
 offers the same choices (CB's entailment/contradiction/neutral), else its position ("choice 2": COPA) —
 as `EvalResult.predicted`, and
 `predicted_choices(correct)` for the correctness tensor `evaluate` returned (the same object, as it travels
-through a method's result), so reports can show which labels a model answers.
+through a method's result), so reports can show which labels a model answers. With a `Calibration`
+(`calibration.py`), `choice` mode scores each choice by its log-probability minus the one the same model gives it
+after the task's content-free prompts, computed in that very call (so each model state gets its own); the
+content-free distribution travels the same way (`EvalResult.content_free`, `content_free_prior(correct)`).
 
 Every function here runs under `torch.inference_mode()`, batches examples of similar length together
 and leaves the model in the train/eval mode it found. Choice forwards (the prompts, then the choices
@@ -46,6 +49,7 @@ from eigenprune.core.batching import (
 from eigenprune.core.errors import UsageError
 from eigenprune.core.positions import prompt_lengths
 from eigenprune.core.progress import bar as progress_bar
+from eigenprune.evaluation.calibration import Calibration, calibrated_nll, content_free_logprobs, prior_by_choice
 from eigenprune.evaluation.exact import UNSURE, plain_greedy, position_verdicts, tolerance
 from eigenprune.evaluation.stats import accuracy
 from eigenprune.evaluation.tasks import EVAL_MODES
@@ -58,6 +62,7 @@ class EvalResult:
     correct: torch.Tensor  # (n,) bool
     mode: str
     predicted: tuple[str, ...] | None = None  # `choice` mode: the label picked for each example (see below)
+    content_free: dict[str, float] | None = None  # calibrated `choice` mode: p_cf of each label word
 
     @property
     def n(self) -> int:
@@ -68,19 +73,32 @@ class EvalResult:
         return accuracy(self.correct) if self.n else float("nan")
 
 
-_PREDICTED: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}  # id(correct) -> (its weak ref, the choices)
+# id(correct) -> (its weak ref, the choices picked, the content-free distribution when calibrated)
+_PREDICTED: dict[int, tuple[weakref.ref, tuple[str, ...], dict[str, float] | None]] = {}
 
 
-def _remember(correct: torch.Tensor, predicted: tuple[str, ...]) -> None:
+def _remember(correct: torch.Tensor, predicted: tuple[str, ...], content_free: dict[str, float] | None) -> None:
     key = id(correct)
-    _PREDICTED[key] = (weakref.ref(correct, lambda _, key=key: _PREDICTED.pop(key, None)), predicted)
+    _PREDICTED[key] = (weakref.ref(correct, lambda _, key=key: _PREDICTED.pop(key, None)), predicted, content_free)
+
+
+def _entry(correct: torch.Tensor) -> tuple | None:
+    entry = _PREDICTED.get(id(correct))
+    return entry if entry is not None and entry[0]() is correct else None
 
 
 def predicted_choices(correct: torch.Tensor) -> tuple[str, ...] | None:
     """The choice picked for each example, for a correctness tensor that `evaluate` returned in `choice` mode
     (that very object); None for any other tensor (another mode, or values a method computed itself)."""
-    entry = _PREDICTED.get(id(correct))
-    return entry[1] if entry is not None and entry[0]() is correct else None
+    entry = _entry(correct)
+    return entry[1] if entry is not None else None
+
+
+def content_free_prior(correct: torch.Tensor) -> dict[str, float] | None:
+    """The content-free distribution over the label words that calibrated `evaluate` used for that correctness
+    tensor (that very object); None when it was not calibrated."""
+    entry = _entry(correct)
+    return entry[2] if entry is not None else None
 
 
 @contextlib.contextmanager
@@ -290,23 +308,44 @@ def exact_match(model: torch.nn.Module, encoded: Sequence[Encoded], pad_id: int,
     return correct
 
 
+def choice_scores(model: torch.nn.Module, tokenizer, examples: Sequence[Example], batch_size: int = 16,
+                  progress: bool | str = False,
+                  calibration: Calibration | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """What `choice` mode takes the argmin of: each example's summed choice NLLs, (n_choices,) each, and None;
+    with a `calibration`, the calibrated NLLs −(log p(c | x) − log p_cf(c)) and log p_cf, (n_choices,), computed
+    here from this model as it is now (`calibration.py`)."""
+    nll = choice_nll(model, tokenizer, examples, batch_size, progress)
+    if calibration is None:
+        return nll, None
+    if any(tuple(ex.choices) != calibration.choices for ex in examples):
+        raise UsageError(f"calibration of task {calibration.task!r}: an example offers other choices than the "
+                         f"task's {calibration.choices}")
+    log_prior = content_free_logprobs(choice_nll(model, tokenizer, calibration.examples(), batch_size))
+    return [calibrated_nll(v, log_prior) for v in nll], log_prior
+
+
 def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], mode: str,
-             batch_size: int = 16, progress: bool | str = False) -> EvalResult:
-    """Judge every example in `mode` ('next-token', 'choice' or 'exact'); see the module docstring."""
+             batch_size: int = 16, progress: bool | str = False,
+             calibration: Calibration | None = None) -> EvalResult:
+    """Judge every example in `mode` ('next-token', 'choice' or 'exact'); see the module docstring. A
+    `calibration` (choice mode only) calibrates the choice scores by this model's content-free distribution."""
     if mode not in EVAL_MODES:
         raise UsageError(f"unknown eval mode {mode!r}; choose one of {', '.join(EVAL_MODES)}")
+    if calibration is not None and mode != "choice":
+        raise UsageError(f"calibration applies to eval mode 'choice', not {mode!r}")
     if not examples:
         return EvalResult(torch.zeros(0, dtype=torch.bool), mode)
     pad_id = tokenizer.pad_token_id
     if mode == "choice":
-        nll = choice_nll(model, tokenizer, examples, batch_size, progress)
+        nll, log_prior = choice_scores(model, tokenizer, examples, batch_size, progress, calibration)
+        prior = prior_by_choice(calibration.choices, log_prior) if calibration is not None else None
         picked = [int(v.argmin()) for v in nll]
         correct = torch.tensor([i == ex.label for i, ex in zip(picked, examples, strict=True)])
         shared = len({tuple(ex.choices) for ex in examples}) == 1  # label words (CB, RTE), else positions (COPA)
         predicted = tuple(ex.choices[i].strip() if shared else f"choice {i + 1}"
                           for i, ex in zip(picked, examples, strict=True))
-        _remember(correct, predicted)
-        return EvalResult(correct, mode, predicted)
+        _remember(correct, predicted, prior)
+        return EvalResult(correct, mode, predicted, prior)
     encoded = encode(tokenizer, examples)
     check_fits(model, encoded)
     if mode == "next-token":

@@ -54,6 +54,10 @@ class Task:
     test_name: str = field(
         default="test", metadata={"help": "what the source calls the test examples (SuperGLUE: validation)"}
     )
+    template: str | None = field(
+        default=None, metadata={"help": "the template the prompts were rendered from; None when the file gave "
+                                        "ready-made prompts (calibrated scoring renders it with content-free fields)"}
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -125,7 +129,7 @@ def _arithmetic(name: str, symbol: str, top: int, op: Callable[[int, int], int],
         for b in range(top + 1)
     ]
     train, test = _split_fixed(examples)
-    return Task(name, GENERATION, train, test)
+    return Task(name, GENERATION, train, test, template=template)
 
 
 # -- SuperGLUE ------------------------------------------------------------------------------------------
@@ -173,7 +177,8 @@ def _superglue(name: str, template: str | None, answers: Sequence[str] | None) -
             prompt = render(template, fields, f"task {name} ({split}.jsonl:{n})")
             examples.append(Example(prompt, choices[label], choices, label))
         splits.append(examples)
-    return Task(name, CLASSIFICATION, splits[0], splits[1], choices=choices, test_name="validation")
+    return Task(name, CLASSIFICATION, splits[0], splits[1], choices=choices, test_name="validation",
+                template=template)
 
 
 BUILTIN_TASKS: dict[str, Callable[[str | None, Sequence[str] | None], Task]] = {
@@ -256,7 +261,7 @@ def load_custom_task(path: str | Path, template: str | None = None, answers: Seq
     shared = {ex.choices for ex in (*train, *test)}
     choices = shared.pop() if kind == CLASSIFICATION and len(shared) == 1 else None
     name = path.name if path.is_dir() else path.stem
-    return Task(name, kind, train, test, choices=choices)
+    return Task(name, kind, train, test, choices=choices, template=template)
 
 
 def load_task(name_or_path: str, template: str | None = None, answers: Sequence[str] | None = None,

@@ -139,6 +139,7 @@ def compare(cfg: RunConfig, opts: CompareConfig, out: str | Path | None = None, 
 def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dict:
     from eigenprune.core.models import load_model
     from eigenprune.edits.artifact import atomic_dir
+    from eigenprune.evaluation.calibration import calibration_for
     from eigenprune.evaluation.evaluate import next_token_warnings
     from eigenprune.evaluation.splits import fold_splits
     from eigenprune.evaluation.tasks import load_task
@@ -146,6 +147,7 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
     specs, implicit, configs = opts.plan()  # a bad --set fails now, not after an hour of other methods
     task = load_task(cfg.task, cfg.template, cfg.answers)
     mode = cfg.eval_mode or task.eval_mode
+    calibration = calibration_for(task, mode) if cfg.calibrate else None  # a task it does not fit: one line, now
     folds = fold_splits(task, cfg.folds, cfg.split_seed, cfg.dev_fraction, cfg.limit)  # k = 1: today's split
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map, progress=not quiet)
@@ -166,7 +168,8 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
 
     label = (lambda i: f"fold {i + 1}/{len(folds)}") if len(folds) > 1 else (lambda i: "")
     runs = pipeline.run_splits([(split, cfg) for split in folds], model, tok, mode, quiet, specs, configs,
-                               label=label, after=after, keep_live=len(folds) == 1)
+                               label=label, after=after, keep_live=len(folds) == 1,
+                               calibration=calibration)
     timings["base_eval"] = sum(r.base_s for r in runs)
     report = {
         "model": cfg.model, "task": cfg.task, "eval_mode": mode, "split_seed": cfg.split_seed,
@@ -183,6 +186,12 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
         saves = [(name, i, r.results[name].save) for name in report["methods"] for i, r in enumerate(runs)]
     side_effects = costs.section() if costs is not None else None
     add_per_example(report, folds, runs)
+    if calibration is not None:
+        from eigenprune.evaluation.calibration import calibration_record
+        from eigenprune.evaluation.evaluate import content_free_prior
+
+        report["calibration"] = calibration_record(calibration, content_free_prior(runs[0].base["test"]), {
+            name: [content_free_prior(r.results[name].test) for r in runs] for name in report["methods"]})
     report["family"] = adjust_family(report)
     if side_effects is not None:
         report["side_effects"] = side_effects

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from eigenprune.evaluation.evaluate import predicted_choices
+from eigenprune.evaluation.evaluate import content_free_prior, predicted_choices
 from eigenprune.evaluation.stats import label_distribution
 from eigenprune.experiments.pipeline import SplitRun
 from eigenprune.methods.registry import Pooled
@@ -60,6 +60,9 @@ def folds_report(folds, runs: list[SplitRun], pooled: Pooled) -> dict:
                                       for key, per_fold in zip(("base", "pruned"), picked, strict=True)}
     else:
         report.pop("predicted_labels", None)  # fold 1's alone would not describe the pooled examples
+    if "calibration" in report:  # fold 1's block: every fold's chosen edit has its own content-free distribution
+        edits = [content_free_prior(one.results[pooled.result.method].test) for one in runs]
+        report["calibration"] = {**report["calibration"], "content_free": {"pruned": edits}}
     if "majority_rate" in report:
         from eigenprune.evaluation.stats import majority_rate
 

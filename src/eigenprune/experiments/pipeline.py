@@ -55,10 +55,12 @@ def shared_model_check(model: torch.nn.Module) -> Callable[[str], None]:
 
 
 def run_split(split, model, tokenizer, mode: str, cfg: RunConfig, quiet: bool, specs: Sequence[registry.Spec],
-              configs: dict[str, tuple], check: Callable[[str], None], label: str = "") -> SplitRun:
+              configs: dict[str, tuple], check: Callable[[str], None], label: str = "",
+              calibration=None) -> SplitRun:
     """Every method on one split: a fresh harness and context, so nothing another split's methods learned or
-    chose is seen here. The base model is evaluated once and handed to every method."""
-    harness = Harness(model, tokenizer, split, mode, cfg, quiet, where=[label])
+    chose is seen here. The base model is evaluated once and handed to every method. A `calibration`
+    (`evaluation.calibration`) calibrates every choice evaluation, the base's and each method's, alike."""
+    harness = Harness(model, tokenizer, split, mode, cfg, quiet, where=[label], calibration=calibration)
     t0 = time.perf_counter()
     with harness.step("base"):
         base = {"dev": harness.evaluate("dev"), "test": harness.evaluate("test")}
@@ -74,14 +76,16 @@ def run_split(split, model, tokenizer, mode: str, cfg: RunConfig, quiet: bool, s
 
 def run_splits(splits: Sequence[tuple[object, RunConfig]], model, tokenizer, mode: str, quiet: bool,
                specs: Sequence[registry.Spec], configs: dict[str, tuple], label: Callable[[int], str] = lambda i: "",
-               after: Callable[[int, SplitRun], None] | None = None, keep_live: bool = True) -> list[SplitRun]:
+               after: Callable[[int, SplitRun], None] | None = None, keep_live: bool = True,
+               calibration=None) -> list[SplitRun]:
     """`run_split` on each (split, settings) in turn, `label(i)` naming the split in progress bars ("fold 2/5").
     `after(i, run)` sees each split's results while their live
     objects (SVDs, edits) exist; unless `keep_live`, they are released once it returns."""
     check = shared_model_check(model)
     runs = []
     for i, (split, cfg) in enumerate(splits):
-        runs.append(run_split(split, model, tokenizer, mode, cfg, quiet, specs, configs, check, label(i)))
+        runs.append(run_split(split, model, tokenizer, mode, cfg, quiet, specs, configs, check, label(i),
+                              calibration))
         if after is not None:
             after(i, runs[-1])
             check("side effects")

@@ -79,6 +79,7 @@ def _chosen(cfg: RunConfig, report: dict, edit) -> dict:
 def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allow_changed: bool) -> dict:
     from eigenprune.core.models import load_model
     from eigenprune.edits.artifact import atomic_dir, save_edit, save_scores
+    from eigenprune.evaluation.calibration import calibration_for
     from eigenprune.evaluation.evaluate import next_token_warnings
     from eigenprune.evaluation.stats import mean_sd
     from eigenprune.evaluation.tasks import load_task
@@ -86,6 +87,7 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
 
     task = load_task(cfg.task, cfg.template, cfg.answers)
     mode = cfg.eval_mode or task.eval_mode
+    calibration = calibration_for(task, mode) if cfg.calibrate else None  # a task it does not fit: one line, now
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device, device_map=cfg.device_map, progress=not quiet)
     load_s = time.perf_counter() - t0
@@ -113,7 +115,8 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
         if mode == "next-token":
             warnings += next_token_warnings(tok, task.train + task.test)
         runs = pipeline.run_splits([(fold, cfg) for fold in folds], model, tok, mode, quiet, [spec], configs,
-                                   after=measure, label=lambda i: f"fold {i + 1}/{cfg.folds}")
+                                   after=measure, label=lambda i: f"fold {i + 1}/{cfg.folds}",
+                                   calibration=calibration)
         reports = [folds_report(folds, runs, pipeline.pool(folds, runs, [spec], cfg.n_boot, dict)[1][spec.name])]
     else:
         seeds = range(cfg.split_seed, cfg.split_seed + cfg.seeds)
@@ -134,7 +137,8 @@ def _execute(cfg: RunConfig, out: Path, quiet: bool, expected: dict | None, allo
             measure(i, one)
 
         runs = pipeline.run_splits(splits, model, tok, mode, quiet, [spec], configs, after=say_and_measure,
-                                   label=lambda i: f"seed {cfg.split_seed + i}" if cfg.seeds > 1 else "")
+                                   label=lambda i: f"seed {cfg.split_seed + i}" if cfg.seeds > 1 else "",
+                                   calibration=calibration)
         reports = [one.results[spec.name].report for one in runs]
     fold_edits = [(i, one.results[spec.name].score_run, one.results[spec.name].edit) for i, one in enumerate(runs)]
     _, run, edit = fold_edits[0]  # the first fold's (or seed's) scores and edit are the ones saved at the top

@@ -47,6 +47,9 @@ SECTIONS = ("study", "settings", "task_settings", "method_args", "executor")
 STUDY_KEYS = ("models", "tasks", "targets", "methods")
 GRID_FIELDS = ("task", "model", "targets")  # set by [study], one value per cell
 _COMPARE_OWN = ("methods", "method_args")  # set by [study].methods and [method_args]
+# run settings added after studies were first written, at the default that reproduces what ran before them: left
+# out of a cell's identity there, so a study written before they existed resumes instead of seeing every cell changed
+LATER_SETTINGS = {"calibrate": False}
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Cell:
         """What decides the cell's numbers: its settings with the spec's (location-free) model and task
         entries, plus the task file's content."""
         config = self.config()
+        config["run"] = {k: v for k, v in config["run"].items() if k not in LATER_SETTINGS or v != LATER_SETTINGS[k]}
         config["run"] |= {"model": self.model, "task": self.task}
         return {"config": config, "task_sha256": self.task_sha256}
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from eigenprune.edits.freeze import applied
-from eigenprune.evaluation.evaluate import predicted_choices
+from eigenprune.evaluation.calibration import calibration_record
+from eigenprune.evaluation.evaluate import content_free_prior, predicted_choices
 from eigenprune.evaluation.stats import label_distribution
 from eigenprune.methods.base import MethodResult, edit_applier, edit_changed_params, edit_saver
 from eigenprune.methods.registry import Context, register
@@ -119,6 +120,9 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
     picked = {key: predicted_choices(correct["test"]) for key, correct in (("base", base), ("pruned", pruned))}
     if all(v is not None for v in picked.values()):  # choice mode: which labels each model answered on test
         report["predicted_labels"] = {key: label_distribution(v) for key, v in picked.items()}
+    if harness.calibration is not None:  # each model's own content-free distribution, as its test evaluation used
+        report["calibration"] = calibration_record(harness.calibration, content_free_prior(base["test"]),
+                                                   {"pruned": [content_free_prior(pruned["test"])]})
     labels = [ex.label for ex in splits.test if ex.label is not None]
     if labels:
         from eigenprune.evaluation.stats import majority_rate

@@ -95,20 +95,28 @@ def edge_layers(available: list[int]) -> list[int]:
 
 
 class _WithDemonstrations(Harness):
-    """The caller's harness (its counting, and any override of `evaluate`) on prompts with demonstrations."""
+    """The caller's harness (its counting, and any override of `evaluate`) on prompts with demonstrations. A
+    calibrated harness's content-free prompts get the same demonstrations: Zhao et al. put the content-free
+    input where the example goes, after the demonstrations, whose prior is what calibration removes."""
 
     def __init__(self, parent: Harness, demos: Sequence[Example]) -> None:
         s = parent.splits
         splits = Splits(s.train, with_demonstrations(s.dev, demos), with_demonstrations(s.test, demos))
-        super().__init__(parent.model, parent.tokenizer, splits, parent.mode, parent.config, parent.quiet)
+        cal = parent.calibration
+        if cal is not None:
+            prompts = tuple(ex.prompt for ex in with_demonstrations(cal.examples(), demos))
+            cal = dataclasses.replace(cal, prompts=prompts)
+        super().__init__(parent.model, parent.tokenizer, splits, parent.mode, parent.config, parent.quiet,
+                         calibration=cal)
         self.parent = parent
 
     def evaluate(self, split: str) -> torch.Tensor:
-        own, self.parent.splits = self.parent.splits, self.splits
+        own = self.parent.splits, self.parent.calibration
+        self.parent.splits, self.parent.calibration = self.splits, self.calibration
         try:
             return self.parent.evaluate(split)
         finally:
-            self.parent.splits = own
+            self.parent.splits, self.parent.calibration = own
 
 
 def icl_harness(harness: Harness, demos: Sequence[Example]) -> Harness:

@@ -69,6 +69,9 @@ class RunConfig:
     eval_mode: str | None = field(default=None, metadata={"help": "next-token, choice or exact (default: the "
                                                                   "task's)", "choices": EVAL_MODES,
                                                                   "metavar": "MODE"})
+    calibrate: bool = field(default=False, metadata={
+        "help": "choice mode: contextual calibration (Zhao et al. 2021), a choice's log-prob minus its log-prob "
+                "after the template with content-free fields; base and edits alike"})
     dev_fraction: float = field(default=0.2, metadata={"help": "dev share carved from train"})
     split_seed: int = field(default=0, metadata={"help": "seed of the (first) dev split"})
     seeds: int = field(default=1, metadata={"help": "repeat over N split seeds, report mean ± sd"})

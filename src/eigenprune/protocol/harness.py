@@ -55,8 +55,10 @@ def chosen_on_dev(base_dev: torch.Tensor, devs: Sequence[torch.Tensor], select: 
 class Harness:
     """One model, one task split, one eval mode: what every method in a comparison shares."""
 
-    def __init__(self, model, tokenizer, splits, mode: str, config, quiet: bool, where: Sequence[str] = ()) -> None:
+    def __init__(self, model, tokenizer, splits, mode: str, config, quiet: bool, where: Sequence[str] = (),
+                 calibration=None) -> None:
         self.model, self.tokenizer, self.splits, self.mode = model, tokenizer, splits, mode
+        self.calibration = calibration  # `evaluation.calibration.Calibration`: every evaluation is calibrated alike
         self.config, self.quiet = config, quiet
         self.where = [w for w in where if w]  # the steps the work in progress belongs to: fold, method, candidate
         self.dev_evaluations = 0
@@ -83,7 +85,7 @@ class Harness:
         self.dev_evaluations += split == "dev"
         examples = getattr(self.splits, split)
         return evaluate(self.model, self.tokenizer, examples, self.mode, self.config.eval_batch_size,
-                        progress=self.progress(split)).correct
+                        progress=self.progress(split), calibration=self.calibration).correct
 
 
     def nll(self, split: str) -> torch.Tensor:

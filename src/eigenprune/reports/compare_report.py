@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eigenprune.evaluation.stats import significance
-from eigenprune.reports.words import brief, diff_text, labels_text, one_label_text, test_text
+from eigenprune.reports.words import brief, calibration_text, diff_text, labels_text, one_label_text, test_text
 
 
 def _ci_text(c: dict) -> str:
@@ -64,7 +64,9 @@ def verdict(report: dict) -> str:
     text += " " + family_text(report)
     labels = one_label_text("The base model", (report.get("base") or {}).get("predicted_labels"))
     own = [rows[m].get("verdict") for m in method_order(report)]
-    return " ".join([pooled + text, *([labels] if labels else []), *(v for v in own if v)])
+    calibrated = calibration_text(report.get("calibration"))
+    return " ".join([pooled + text, *([labels] if labels else []), *(v for v in own if v),
+                     *([calibrated] if calibrated else [])])
 
 
 def _describe(config: dict) -> str:

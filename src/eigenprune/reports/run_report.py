@@ -19,13 +19,13 @@ import torch
 from eigenprune.evaluation.stats import significance
 from eigenprune.reports.format import _acc_ci, _by_p, _chosen_p, _f, _interval, _is_chosen, _num, _p, _split
 from eigenprune.reports.run_plots import plot_accuracy_vs_p, plot_pruned_components, plot_score_distribution
-from eigenprune.reports.words import bound_text, labels_text, mde_text, one_label_text, test_text
+from eigenprune.reports.words import bound_text, calibration_text, labels_text, mde_text, one_label_text, test_text
 
 
 def verdict(report: dict) -> str:
     """One paragraph in plain words: did pruning help on test, and is the gain outside the noise?"""
     if report.get("folds"):
-        return folds_verdict(report)
+        return _with_calibration(folds_verdict(report), report)
     base_dev, base_test = _split(report, "base", "dev"), _split(report, "base", "test")
     pruned_test = _split(report, "pruned", "test")
     p = _chosen_p(report)
@@ -76,7 +76,13 @@ def verdict(report: dict) -> str:
         text += (f" Across {len(repeats['seeds'])} split seeds the test difference was "
                  f"{_f(rd.get('mean'), signed=True)} ± {_f(rd.get('sd'))} (mean ± sd); "
                  f"p = 0 (no edit) was chosen in {sum(_num(x) == 0 for x in ps)} of {len(ps)}.")
-    return text
+    return _with_calibration(text, report)
+
+
+def _with_calibration(text: str, report: dict) -> str:
+    """The verdict, and how choices were scored when they were calibrated."""
+    said = calibration_text(report.get("calibration"))
+    return f"{text} {said}" if said else text
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -194,6 +200,7 @@ def _settings_section(report: dict) -> list[str]:
     items = [("model", report.get("model")), ("task", report.get("task")), ("targets", report.get("targets")),
              ("layers", report.get("layers") or "all"), ("per head", report.get("per_head")),
              ("components scored", report.get("n_components")), ("eval mode", report.get("eval_mode")),
+             ("choice scoring", "calibrated (contextual calibration)" if report.get("calibration") else None),
              ("split seed", report.get("split_seed")), ("score seed", report.get("score_seed")),
              ("split sizes", ", ".join(f"{k} {v}" for k, v in sizes.items()) or None),
              ("scoring pairs", report.get("n_pairs")), ("scope", report.get("scope")),

@@ -91,3 +91,17 @@ def labels_text(labels: dict | None) -> str:
         return "–"
     counts = sorted(labels["counts"].items(), key=lambda item: (-item[1], item[0]))
     return ", ".join(f"{label} {n}" for label, n in counts)
+
+
+def calibration_text(record: dict | None) -> str:
+    """The sentence that says choice scores were calibrated, with the base model's content-free distribution
+    ('' when they were not)."""
+    if not record:
+        return ""
+    fillers = ", ".join(repr(f) for f in record.get("fillers") or [])
+    prior = record.get("base_content_free") or {}
+    shown = ", ".join(f"{label} {share:.2f}" for label, share in prior.items())
+    return ("Choices were scored with contextual calibration (Zhao et al. 2021): each model's log-probability of a "
+            f"choice minus the one it gives after the task's prompt with every field content-free ({fillers}), "
+            "the base and every edit alike, each with its own content-free distribution"
+            + (f"; the base model's was {shown}." if shown else "."))
