@@ -119,8 +119,7 @@ def cap_threads(threads: int | None) -> int | None:
 def add_common(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     """--threads on every command that computes, and --quiet where there are progress bars."""
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch compute threads (default: OMP_NUM_THREADS if set, else the cores not busy with other "
-                        "processes, from the load average)")
+                   help="torch threads (default: OMP_NUM_THREADS, else the cores other processes leave free)")
     if quiet:
         p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
 

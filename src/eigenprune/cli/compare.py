@@ -129,8 +129,7 @@ def add_compare_parser(sub, fmt) -> None:
                            "  eigenprune compare --task cb --methods eigenprune,lora,lora+eigenprune "
                            "--set lora.steps=100 --out runs/cmp-cb"))
     add_run_options(p, exclude=COMPARE_EXCLUDES)
-    p.add_argument("--methods", type=_names, help="comma-separated method names or STAGE+METHOD composites "
-                   "(default: the registered defaults, listed below)")
+    p.add_argument("--methods", type=_names, help="method names or STAGE+METHOD composites (default: listed below)")
     p.add_argument("--set", dest="method_args", action="append", type=_method_arg, metavar="METHOD.FIELD=VALUE",
                    help="one setting of one method (or composite), VALUE as text or JSON; repeatable "
                         "(e.g. lora.steps=50, laser.keep=0.5,0.1)")

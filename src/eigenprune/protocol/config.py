@@ -60,9 +60,8 @@ class RunConfig:
     p_budget: int = field(default=DEFAULT_BUDGET, metadata={
         "help": "with --p auto: dev evaluations the search may spend, the grid's four included"})
     select: str = field(default=DEFAULT_SELECT, metadata={
-        "help": "how dev chooses: 'accuracy' (ties go to the smaller p), 'accuracy+loss' (ties go to the lower dev "
-                "NLL of the correct answers), 'loss' (the lowest dev NLL) or '1se' (the smallest strength whose dev "
-                "accuracy is within one paired standard error of the best, the unedited model included)",
+        "help": "how dev chooses: 'accuracy' (ties: smaller p), 'accuracy+loss' (ties: lower dev NLL), 'loss' or "
+                "'1se' (the smallest p within one paired SE of the best dev accuracy)",
         "choices": SELECTS, "metavar": "RULE"})
     folds: int = field(default=1, metadata={"help": "cross-fitted folds: every example tested once, by a run that "
                                                     "chose on the other folds (1: the fixed train/dev/test split)"})
@@ -70,8 +69,7 @@ class RunConfig:
                                                                   "task's)", "choices": EVAL_MODES,
                                                                   "metavar": "MODE"})
     calibrate: bool = field(default=False, metadata={
-        "help": "choice mode: contextual calibration (Zhao et al. 2021), a choice's log-prob minus its log-prob "
-                "after the template with content-free fields; base and edits alike"})
+        "help": "choice mode: contextual calibration of choice scores (Zhao et al. 2021), base and edits alike"})
     dev_fraction: float = field(default=0.2, metadata={"help": "dev share carved from train"})
     split_seed: int = field(default=0, metadata={"help": "seed of the (first) dev split"})
     seeds: int = field(default=1, metadata={"help": "repeat over N split seeds, report mean ± sd"})
@@ -83,8 +81,7 @@ class RunConfig:
                                            "exclude": ("p",)})
     eval_batch_size: int = field(default=16, metadata={"help": "evaluation batch size"})
     side_effects: bool = field(default=True, metadata={
-        "help": "measure what the chosen edit costs elsewhere: perplexity and KL(base ‖ edit) on a general-English "
-                "sample that ships with the package (one pass per model)"})
+        "help": "measure what the edit costs elsewhere: perplexity and KL(base ‖ edit) on packaged general text"})
     also: list[str] | None = field(default=None, metadata={
         "help": "other tasks to evaluate base and edit on, with paired CIs: built-in, JSONL or lm-eval:NAME "
                 "(the lm-eval extra)", "metavar": "TASK,..."})
