@@ -76,15 +76,24 @@ class Harness:
             return False
         return SEP.join([*self.where, what] if what else self.where) or True
 
-    def evaluate(self, split: str) -> torch.Tensor:
-        """(n,) bool correctness of the model as it is now on `split`."""
+    def judge(self, split: str, with_nll: bool = False):
+        """The model as it is now on `split`: an `evaluation.evaluate.EvalResult` (with `with_nll`, its answer NLL
+        where the judging pass computes it: `exact` mode)."""
         from eigenprune.evaluation.evaluate import evaluate
 
         self.dev_evaluations += split == "dev"
-        examples = getattr(self.splits, split)
-        return evaluate(self.model, self.tokenizer, examples, self.mode, self.config.eval_batch_size,
-                        progress=self.progress(split)).correct
+        return evaluate(self.model, self.tokenizer, getattr(self.splits, split), self.mode,
+                        self.config.eval_batch_size, progress=self.progress(split), with_nll=with_nll)
 
+    def evaluate(self, split: str) -> torch.Tensor:
+        """(n,) bool correctness of the model as it is now on `split`."""
+        return self.judge(split).correct
+
+    def evaluate_with_nll(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`evaluate(split)`, `nll(split)`) of the model as it is now: in `exact` mode one teacher-forced pass
+        gives both (the same forward and sum `nll` makes, so the same bits), in the other modes two passes."""
+        result = self.judge(split, with_nll=True)
+        return result.correct, result.nll if result.nll is not None else self.nll(split)
 
     def nll(self, split: str) -> torch.Tensor:
         """(n,) summed NLL of each example's correct answer under the model as it is now (teacher forced)."""
