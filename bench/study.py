@@ -180,9 +180,11 @@ folds = {folds}
 p = {p}
 side_effects = {side_effects}
 n_boot = {n_boot}
-{extra}
+{extra}{random}"""
+RANDOM = """
 [method_args.random]
 seeds = {seeds}
+side_effect_seeds = {side_effect_seeds}
 """
 
 
@@ -194,7 +196,8 @@ def write_spec(args, folder: Path, model: str, p: str) -> Path:
                        methods=quote(args.methods.split(",")), limit=args.limit, folds=args.folds,
                        p=json.dumps(p) if p == "auto" else "[" + args.p + "]",
                        side_effects="true" if args.side_effects else "false", n_boot=args.n_boot, extra=extra,
-                       seeds=args.random_seeds)
+                       random=RANDOM.format(seeds=args.random_seeds, side_effect_seeds=args.side_effect_seeds)
+                       if "random" in args.methods.split(",") else "")
     path = folder / f"study-{'auto' if p == 'auto' else 'grid'}.toml"
     path.write_text(text)
     return path
@@ -235,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--p-budget", type=int, default=10)
     p.add_argument("--select", default="accuracy+loss", help="the dev rule of both studies")
     p.add_argument("--random-seeds", type=int, default=5)
+    p.add_argument("--side-effect-seeds", type=int, default=1, help="random seeds measured for side effects per fold")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--no-side-effects", dest="side_effects", action="store_false")
     p.add_argument("--no-auto", dest="auto", action="store_false", help="skip the `--p auto` study")

@@ -84,8 +84,8 @@ def test_svd_cache_keeps_at_most_its_bytes():
 
 def test_fingerprint_of_seen_weights_equals_a_fresh_one_and_misses_on_a_change():
     model, _ = build("gpt2")
-    first = fingerprint.fingerprint(model)
-    first["tensors"].clear()  # a caller's change does not reach the remembered copy
+    fingerprint.fingerprint(model)["tensors"].clear()  # a caller's change does not reach the remembered copy
+    fingerprint.fingerprint(model)["tensors"].clear()  # nor does one to a copy handed out from it
     again = fingerprint.fingerprint(model)
     fingerprint._SEEN.clear()
     assert again == fingerprint.fingerprint(model)
@@ -178,3 +178,11 @@ def test_cells_of_one_model_share_svds_and_base_evaluations_and_report_the_same(
     uncached = _compare(model_dir, task, tmp_path / "c")
     assert off.counts == {"computed": 3 * computed} and sum(base_calls) == 6  # what every fold made before
     assert _strip_walls(first) == _strip_walls(second) == _strip_walls(uncached)
+
+
+def test_svd_cache_tells_apart_the_same_bytes_read_as_another_shape_or_dtype():
+    bits = torch.randint(0x3C00, 0x3E00, (8, 6), generator=torch.Generator().manual_seed(0), dtype=torch.int16)
+    as_bf16, as_f16 = bits.view(torch.bfloat16), bits.view(torch.float16)  # same bytes, other numbers
+    for weight in (as_bf16, as_f16, as_f16.reshape(6, 8)):
+        assert _same(decompose.decompose(weight), svd(weight))
+    assert decompose.SHARED.counts == {"computed": 3}

@@ -1,7 +1,8 @@
 """The one pipeline behind `run` and `compare`: every method on every split, then pooled over folds.
 
     splits (a fixed split, K cross-fitted folds, or N split seeds)
-      └─ per split: a fresh `Harness` and `Context`; the base model evaluated once on dev and test;
+      └─ per split: a fresh `Harness` and `Context`; the base model evaluated once on dev and test (once per
+         process for the same weights, examples and settings: `base_evaluations`, `evaluation.base_memo`);
          every method (in `needs` order) chooses on dev and is tested once; the shared model is checked
          to be unchanged after each
     pooled over K > 1 folds: each method's test correctness over all N examples (`registry.Pooled`),
