@@ -24,15 +24,6 @@ from eigenprune.evaluation.evaluate import evaluate
 from eigenprune.protocol.search import dev_nll
 
 
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    decompose.SHARED.clear()
-    base_memo.SHARED.clear()
-    yield
-    decompose.SHARED.clear()
-    base_memo.SHARED.clear()
-
-
 def _same(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in ((a.U, b.U), (a.S, b.S), (a.Vh, b.Vh)))
 

@@ -78,8 +78,8 @@ def base_evaluations(harness: Harness, weights: str | None) -> tuple[dict[str, t
                                                           harness.config.eval_batch_size)
         found = base_memo.SHARED.get(name) if name else None
         if found is None:
-            result = harness.judge(split, with_nll=split == "dev")
-            found = base_memo.BaseEvaluation(result.correct, result.nll)
+            found = base_memo.BaseEvaluation(*(harness.evaluate_with_free_nll(split) if split == "dev"
+                                               else (harness.evaluate(split), None)))
             if name:
                 base_memo.SHARED.put(name, found)
         else:
