@@ -213,15 +213,15 @@ def one_study(spec: Path, out: Path) -> dict:
     svds.clear()  # each study starts as a fresh process would
     bases.clear()
     with ledger() as book:
-        t0 = time.perf_counter()
+        t0, cpu = time.perf_counter(), time.process_time()
         run_study(study, out, quiet=True)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu
     cells = [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/comparison.json"))]
     method_s = defaultdict(float)
     for cell in cells:
         for name, row in cell["methods"].items():
             method_s[name] += row["wall_s"]
-    return book.summary(wall) | {"method_wall_s": dict(method_s), "svd_cache": dict(svds.counts),
+    return book.summary(wall) | {"cpu_s": cpu, "method_wall_s": dict(method_s), "svd_cache": dict(svds.counts),
                                  "base_memo": dict(bases.counts)}
 
 
@@ -272,6 +272,7 @@ def measure(argv: list[str]) -> dict:
             if args.auto:
                 result["auto"] = one_study(write_spec(args, folder, model, "auto"), folder / "auto")
                 result["auto_over_grid"] = result["auto"]["wall_s"] / result["grid"]["wall_s"]
+                result["auto_over_grid_cpu"] = result["auto"]["cpu_s"] / result["grid"]["cpu_s"]
                 result["auto_over_grid_eigenprune"] = (result["auto"]["method_wall_s"]["eigenprune"]
                                                        / result["grid"]["method_wall_s"]["eigenprune"])
         finally:
@@ -289,14 +290,15 @@ def report(result: dict) -> str:
         if name not in result:
             continue
         r = result[name]
-        lines.append(f"{name}: wall {r['wall_s']:.2f} s, floor {r['floor_s']:.2f} s, wall / floor "
-                     f"{r['wall_over_floor']:.2f}")
+        lines.append(f"{name}: wall {r['wall_s']:.2f} s (CPU {r['cpu_s']:.2f} s), floor {r['floor_s']:.2f} s, "
+                     f"wall / floor {r['wall_over_floor']:.2f}")
         for kind, row in r["passes"].items():
             lines.append(f"  {kind:50s} {row['count']:5d}  {row['seconds']:9.2f} s")
         lines.append("  methods' own wall time: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["method_wall_s"].items()))
         lines.append(f"  SVD cache {r['svd_cache']}, base evaluations {r['base_memo']}")
     if "auto_over_grid" in result:
-        lines.append(f"--p auto / grid, wall: {result['auto_over_grid']:.2f}; eigenprune's own wall: "
+        lines.append(f"--p auto / grid, wall: {result['auto_over_grid']:.2f}, CPU: {result['auto_over_grid_cpu']:.2f}; "
+                     "eigenprune's own wall: "
                      f"{result['auto_over_grid_eigenprune']:.2f}")
     lines.append(f"load average before {result['load_before']}, after {result['load_after']}")
     return "\n".join(lines)
