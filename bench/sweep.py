@@ -45,7 +45,7 @@ from bench import TINY, add_common_options, cli_main, load, machine, set_threads
 from eigenprune.core.batching import Example, batch_nll, batches, encode  # noqa: E402
 from eigenprune.core.errors import UsageError  # noqa: E402
 from eigenprune.core.positions import prompt_lengths  # noqa: E402
-from eigenprune.edits.decompose import decompose_targets  # noqa: E402
+from eigenprune.edits.decompose import SHARED, decompose_targets  # noqa: E402
 from eigenprune.edits.freeze import FreezeConfig, apply_edit, make_edit, remove_edit  # noqa: E402
 from eigenprune.edits.scoring import ScoreConfig  # noqa: E402
 from eigenprune.edits.targets import find_targets  # noqa: E402
@@ -231,6 +231,7 @@ def measure(argv: list[str]) -> dict:
     train, dev = examples[: args.n], examples[args.n : args.n + args.dev_n]
     mode = _eval_mode(args)
     config = ScoreConfig(partners=args.partners, batch_size=args.batch_size, seed=args.seed)
+    SHARED.clear()  # time the SVDs themselves, not a process cache's earlier copy (`edits.decompose`)
     with counting(model) as calls:
         targets = find_targets(model, args.targets, args.layers)
         svd_s, _, components = timed(lambda: decompose_targets(model, targets), device)

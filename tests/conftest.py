@@ -127,6 +127,19 @@ def sums_setup(tmp_path_factory):
     return folder / "model", write_task(folder / "sums.jsonl")
 
 
+@pytest.fixture(autouse=True)
+def _no_work_shared_between_tests():
+    """Each test starts as a fresh process would: no SVD, base evaluation or base side-effect pass remembered
+    from another test (a test that wraps an evaluation must see it made)."""
+    from eigenprune.edits import decompose
+    from eigenprune.evaluation import base_cache, base_memo
+
+    decompose.SHARED.clear()
+    base_memo.SHARED.clear()
+    base_cache._MEMORY.clear()
+    yield
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache_in_a_temporary_folder(tmp_path_factory):
     """De-quantized models and base side-effect passes go to a temporary folder, never the user's cache

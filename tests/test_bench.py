@@ -1,6 +1,7 @@
-"""Smoke runs of bench/scoring.py, bench/sweep.py and bench/run.py on a tiny in-code Llama: they finish,
-write the figures they promise, and pass their own checks (reference agrees with exact scoring; the p
-loop does no SVD and no scoring; choice scoring on the KV cache agrees with teacher forcing)."""
+"""Smoke runs of bench/scoring.py, bench/sweep.py, bench/run.py and bench/study.py on a tiny in-code Llama: they
+finish, write the figures they promise, and pass their own checks (reference agrees with exact scoring; the p
+loop does no SVD and no scoring; choice scoring on the KV cache agrees with teacher forcing; a study makes each
+distinct pass once)."""
 
 import json
 import sys
@@ -129,3 +130,25 @@ def test_gguf_load_bench_same_weights(tmp_path):
     assert gguf_load.main(["--model", str(path), "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["same_weights"] and r["fast_wall_s_median"] > 0 and r["plain_wall_s_median"] > 0
+
+
+def test_study_bench_counts_each_distinct_pass_once(tmp_path):
+    """bench/study.py on the tiny Llama (int-sum and int-mult, exact mode; 3 folds; side effects on): SVDs once per
+    matrix, the unedited model evaluated once per (fold, split) and its side-effect pass once for the model, no
+    dev NLL pass (exact mode's evaluation gives it), and a wall-to-floor ratio."""
+    from bench import study
+
+    out = tmp_path / "study.json"
+    code = study.main(["--tiny", "--limit", "12", "--random-seeds", "2", "--n-boot", "20", "--no-auto",
+                       "--json", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())["grid"]
+    passes = r["passes"]
+    assert passes["svd"]["count"] == 2 and "svd (repeated)" not in passes  # 2 key matrices, once for the study
+    assert r["svd_cache"] == {"computed": 2, "reused": 2 * 3 * 2 - 2}  # tasks x folds x matrices, 2 made
+    assert passes["evaluation, unedited"]["count"] == 2 * 3 * 2  # tasks x folds x (dev, test)
+    assert "evaluation, unedited (repeated)" not in passes
+    assert not any(k.startswith("dev NLL pass") for k in passes)
+    assert passes["side-effect pass, unedited"]["count"] == 1 and "side-effect pass, unedited (repeated)" not in passes
+    assert passes["scoring"]["count"] == 2 * 3
+    assert r["floor_s"] > 0 and r["wall_over_floor"] >= 1

@@ -327,6 +327,7 @@ def test_the_base_pass_is_cached_across_probes(documents, tmp_path, monkeypatch)
     first = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS)
     assert len(list((tmp_path / "side-effects-v1").iterdir())) == 1
     calls = []
+    se.base_cache._MEMORY.clear()  # read back from disk, as another process would
     handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
         again = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS)
@@ -345,3 +346,24 @@ def test_the_base_pass_is_cached_across_probes(documents, tmp_path, monkeypatch)
     monkeypatch.setenv("EIGENPRUNE_CACHE", "off")
     se.SideEffectProbe(model, tok, documents, batch_size=4, max_tokens=MAX_TOKENS)
     assert len(list((tmp_path / "side-effects-v1").iterdir())) == 4
+
+
+def test_the_base_pass_is_made_once_per_process_with_the_disk_cache_off(documents, monkeypatch):
+    """A study's cells share the base pass in memory even where nothing may be written (`$EIGENPRUNE_CACHE=off`);
+    the process's copy is the pass's own numbers, and another model (an edit) is another entry."""
+    monkeypatch.setenv("EIGENPRUNE_CACHE", "off")
+    se.base_cache._MEMORY.clear()
+    model, tok, edit = edited("gpt2", 0.4)
+    first = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        again = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS)
+        assert calls == []
+        with applied(model, edit):
+            se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS)
+        assert calls  # the edited model's pass is made: its weights are another key
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(again.base.nll, first.base.nll)
+    assert all(torch.equal(a, b) for a, b in zip(again._hidden, first._hidden, strict=True))

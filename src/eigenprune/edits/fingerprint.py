@@ -15,10 +15,12 @@ versions, so a fingerprint saved today is checked the same way by later versions
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import math
 import random
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -76,14 +78,30 @@ def _digest(params: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+_SEEN: OrderedDict[str, dict] = OrderedDict()  # sha256 -> fingerprint: the statistics of bytes already seen
+_SEEN_MAX = 8
+
+
 def fingerprint(model: nn.Module, modules: list[str] | None = None) -> dict:
-    """Identify the model's weights: every parameter, not only `modules` (kept for callers' sake)."""
+    """Identify the model's weights: every parameter, not only `modules` (kept for callers' sake).
+
+    The statistics are a function of the bytes the sha256 covers (names, dtypes, shapes, values), so weights
+    fingerprinted before in this process (every fold of a study scores from the same base) cost only the hash:
+    about a third of the whole (SmolLM2-135M: 0.4 s of 1.4 s)."""
     params = _parameters(model)
+    sha = _digest(params)
+    if sha in _SEEN:
+        _SEEN.move_to_end(sha)
+        return copy.deepcopy(_SEEN[sha])
     dtypes = {name: _name(p.dtype) for name, p in params.items()}
     main = max(set(dtypes.values()), key=list(dtypes.values()).count) if dtypes else "float32"
     tensors = {name: tensor_stats(p) | ({"dtype": dtypes[name]} if dtypes[name] != main else {})
                for name, p in params.items()}
-    return {"version": VERSION, "sha256": _digest(params), "dtype": main, "tensors": tensors}
+    found = {"version": VERSION, "sha256": sha, "dtype": main, "tensors": tensors}
+    _SEEN[sha] = copy.deepcopy(found)
+    while len(_SEEN) > _SEEN_MAX:
+        _SEEN.popitem(last=False)
+    return found
 
 
 def _legacy_sha(model: nn.Module, modules: list[str]) -> str:

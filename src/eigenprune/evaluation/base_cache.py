@@ -10,12 +10,16 @@ would: the model's class, config and every tensor of its state dict (weights and
 model never hits the base's entry), the dtype and device type, the encoded documents and the batch size,
 and the torch build, its thread count and the transformers version (float32 sums differ across these).
 Hashing the weights reads them once (about 1 s for SmolLM2-135M's 540 MB); the pass costs about 10×.
+
+The process also keeps the last `MEMORY_ENTRIES` entries in memory, cache on or off: a study's cells share
+the pass without reading it back (or, with `$EIGENPRUNE_CACHE=off`, without making it again).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,12 +31,12 @@ from eigenprune.core.models import cache_root, fill_entry, intact
 
 LAYOUT = "side-effects-v1"  # bump when an entry's contents change
 _FILE = "base.safetensors"
+MEMORY_ENTRIES = 2  # SmolLM2-135M's entry for the packaged sample: about 25 MiB of hidden states
+_MEMORY: OrderedDict[str, tuple] = OrderedDict()
 
 
-def key(model: torch.nn.Module, encoded: Sequence[Encoded], batch_size: int) -> str | None:
-    """The entry name for this model and sample, or None when the cache is off."""
-    if cache_root() is None:
-        return None
+def key(model: torch.nn.Module, encoded: Sequence[Encoded], batch_size: int) -> str:
+    """The entry name for this model and sample."""
     import transformers
 
     digest = hashlib.sha256()
@@ -54,22 +58,41 @@ def _entry(name: str) -> Path:
     return cache_root() / LAYOUT / name
 
 
+def _remember(name: str, found: tuple) -> tuple:
+    _MEMORY[name] = found
+    _MEMORY.move_to_end(name)
+    while len(_MEMORY) > MEMORY_ENTRIES:
+        _MEMORY.popitem(last=False)
+    nll, tokens, hidden, vocab, wall_s = found
+    return nll.copy(), tokens.copy(), list(hidden), vocab, wall_s  # the caller's own arrays and list
+
+
 def load(name: str) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor], int, float] | None:
     """(nll, tokens, hidden per batch, vocab, wall seconds of the pass that made it), or None on a miss."""
     from safetensors.torch import load_file
 
+    if name in _MEMORY:
+        return _remember(name, _MEMORY[name])
+    if cache_root() is None:
+        return None
     entry = _entry(name)
     if not intact(entry, _FILE):
         return None
     about = json.loads((entry / "manifest.json").read_text())
     tensors = load_file(entry / _FILE)
     hidden = [tensors[f"hidden.{i}"] for i in range(about["batches"])]
-    return tensors["nll"].numpy(), tensors["tokens"].numpy(), hidden, about["vocab"], about["wall_s"]
+    return _remember(name, (tensors["nll"].numpy(), tensors["tokens"].numpy(), hidden, about["vocab"],
+                            about["wall_s"]))
 
 
 def save(name: str, nll: np.ndarray, tokens: np.ndarray, hidden: list[torch.Tensor], vocab: int,
          wall_s: float) -> bool:
+    """Remember the entry in memory and, when the cache is on, write it to disk (False if that failed)."""
     from safetensors.torch import save_file
+
+    _remember(name, (nll.copy(), tokens.copy(), list(hidden), vocab, wall_s))
+    if cache_root() is None:
+        return False
 
     def write(folder: Path) -> None:
         tensors = {"nll": torch.from_numpy(nll), "tokens": torch.from_numpy(tokens),

@@ -63,6 +63,7 @@ class EvalResult:
     mode: str
     predicted: tuple[str, ...] | None = None  # `choice` mode: the label picked for each example (see below)
     content_free: dict[str, float] | None = None  # calibrated `choice` mode: p_cf of each label word
+    nll: torch.Tensor | None = None  # (n,) each answer's summed NLL, when asked for and the judging pass gave it
 
     @property
     def n(self) -> int:
@@ -285,11 +286,14 @@ def greedy_continuations(model: torch.nn.Module, encoded: Sequence[Encoded], pad
 
 
 def exact_match(model: torch.nn.Module, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 16,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, nll: torch.Tensor | None = None) -> torch.Tensor:
     """Whether greedy decoding reproduces each answer's token ids, (n,) bool in input order: the verdict of
     `greedy_continuations(...) == answer_ids`, decided by one teacher-forced pass (`exact.py` proves it the
     same). Examples with a near tie at an answer position are generated, each in the very batch
-    `greedy_continuations` would have put it in, so even their floating point is what generation gives."""
+    `greedy_continuations` would have put it in, so even their floating point is what generation gives.
+    `nll`, an (n,) tensor, is filled with each answer's summed NLL from that pass's logits: the forward and the
+    sum `protocol.search.dev_nll` makes (`batching.batch_nll`), so the same bits without a second pass; it is
+    left as it was when there is no teacher-forced pass (`plain_greedy` false)."""
     verdict = torch.full((len(encoded),), UNSURE, dtype=torch.int8)
     device = _device(model)
     if plain_greedy(model):
@@ -299,6 +303,8 @@ def exact_match(model: torch.nn.Module, encoded: Sequence[Encoded], pad_id: int,
                 logits = teacher_forced(model, batch.to(device))  # (batch, last, vocab)
                 labels = batch.labels[:, batch.labels.shape[1] - logits.shape[1]:].to(device)  # (batch, last)
                 verdict[batch.index] = position_verdicts(logits, labels, tolerance(logits.dtype))
+                if nll is not None:
+                    nll[batch.index.cpu()] = answer_nll(logits, labels).float().cpu()  # (batch,) as batch_nll
     correct = verdict == 1
     for group in _prompt_batches(encoded, batch_size):
         if (verdict[group] == UNSURE).any():
@@ -326,9 +332,11 @@ def choice_scores(model: torch.nn.Module, tokenizer, examples: Sequence[Example]
 
 def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], mode: str,
              batch_size: int = 16, progress: bool | str = False,
-             calibration: Calibration | None = None) -> EvalResult:
+             calibration: Calibration | None = None, with_nll: bool = False) -> EvalResult:
     """Judge every example in `mode` ('next-token', 'choice' or 'exact'); see the module docstring. A
-    `calibration` (choice mode only) calibrates the choice scores by this model's content-free distribution."""
+    `calibration` (choice mode only) calibrates the choice scores by this model's content-free distribution.
+    `with_nll`: also each answer's summed NLL where the judging pass computes it (`exact` mode with plain greedy
+    decoding, `exact_match`), else `nll` stays None."""
     if mode not in EVAL_MODES:
         raise UsageError(f"unknown eval mode {mode!r}; choose one of {', '.join(EVAL_MODES)}")
     if calibration is not None and mode != "choice":
@@ -352,7 +360,8 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], mod
         predicted = next_token_predictions(model, encoded, pad_id, batch_size, progress)  # (n,)
         first = torch.tensor([e.answer_ids[0] for e in encoded])  # (n,)
         return EvalResult(predicted == first, mode)
-    return EvalResult(exact_match(model, encoded, pad_id, batch_size, progress), mode)
+    nll = torch.full((len(encoded),), float("nan")) if with_nll and plain_greedy(model) else None  # (n,)
+    return EvalResult(exact_match(model, encoded, pad_id, batch_size, progress, nll), mode, nll=nll)
 
 
 def multi_token_answers(tokenizer, examples: Sequence[Example]) -> bool:

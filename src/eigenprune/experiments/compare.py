@@ -168,7 +168,8 @@ def _compare(cfg: RunConfig, opts: CompareConfig, out: Path, quiet: bool) -> dic
 
     label = (lambda i: f"fold {i + 1}/{len(folds)}") if len(folds) > 1 else (lambda i: "")
     runs = pipeline.run_splits([(split, cfg) for split in folds], model, tok, mode, quiet, specs, configs,
-                               label=label, after=after, keep_live=len(folds) == 1,
+                               label=label, after=after if cfg.side_effects or cfg.also else None,
+                               keep_live=len(folds) == 1,  # no hook, no check of the model after it
                                calibration=calibration)
     timings["base_eval"] = sum(r.base_s for r in runs)
     report = {

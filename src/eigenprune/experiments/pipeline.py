@@ -1,7 +1,8 @@
 """The one pipeline behind `run` and `compare`: every method on every split, then pooled over folds.
 
     splits (a fixed split, K cross-fitted folds, or N split seeds)
-      └─ per split: a fresh `Harness` and `Context`; the base model evaluated once on dev and test;
+      └─ per split: a fresh `Harness` and `Context`; the base model evaluated once on dev and test (once per
+         process for the same weights, examples and settings: `base_evaluations`, `evaluation.base_memo`);
          every method (in `needs` order) chooses on dev and is tested once; the shared model is checked
          to be unchanged after each
     pooled over K > 1 folds: each method's test correctness over all N examples (`registry.Pooled`),
@@ -40,32 +41,66 @@ class SplitRun:
     base_s: float  # seconds spent evaluating the base model
 
 
-def shared_model_check(model: torch.nn.Module) -> Callable[[str], None]:
-    """`check(name)` raises if a method left the shared model edited (a patched module, changed weights)."""
-    from eigenprune.core.positions import tracker_of
+class SharedModelCheck:
+    """`check(name)` raises if a method left the shared model edited (a patched module, changed weights);
+    `weights` is the digest of the unedited model's parameters (what `base_memo` keys on)."""
 
-    weights = lambda: fingerprint(model, [n for n, _ in linear_modules(model)])  # every linear layer's weights
-    untouched = weights()
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.untouched = self._weights()
+        self.weights: str = self.untouched["sha256"]
 
-    def check(name: str) -> None:
-        if tracker_of(model) is not None or weights() != untouched:
+    def _weights(self) -> dict:
+        return fingerprint(self.model, [n for n, _ in linear_modules(self.model)])  # every parameter
+
+    def __call__(self, name: str) -> None:
+        from eigenprune.core.positions import tracker_of
+
+        if tracker_of(self.model) is not None or self._weights() != self.untouched:
             raise RuntimeError(f"method '{name}' left the shared model changed; it must restore it")
 
-    return check
+
+def shared_model_check(model: torch.nn.Module) -> SharedModelCheck:
+    return SharedModelCheck(model)
+
+
+def base_evaluations(harness: Harness, weights: str | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The unedited model's dev and test correctness and, when the dev evaluation gives it (exact mode), its dev
+    NLL: from `base_memo` when this process evaluated the same weights on the same examples and settings before
+    (another cell of a study), else evaluated now and remembered. `weights`: the parameters' digest (None: no
+    memo)."""
+    from eigenprune.evaluation import base_memo
+
+    base, nll = {}, None
+    for split in ("dev", "test"):
+        name = None if weights is None else base_memo.key(weights, harness.model, harness.tokenizer,
+                                                          getattr(harness.splits, split), harness.mode,
+                                                          harness.config.eval_batch_size, harness.calibration)
+        found = base_memo.SHARED.get(name) if name else None
+        if found is None:
+            found = base_memo.BaseEvaluation(*(harness.evaluate_with_free_nll(split) if split == "dev"
+                                               else (harness.evaluate(split), None)))
+            if name:
+                base_memo.SHARED.put(name, found)
+        else:
+            harness.dev_evaluations += split == "dev"  # counted as evaluated, as it was
+        base[split] = found.correct
+        nll = found.nll if split == "dev" else nll
+    return base, nll
 
 
 def run_split(split, model, tokenizer, mode: str, cfg: RunConfig, quiet: bool, specs: Sequence[registry.Spec],
               configs: dict[str, tuple], check: Callable[[str], None], label: str = "",
               calibration=None) -> SplitRun:
     """Every method on one split: a fresh harness and context, so nothing another split's methods learned or
-    chose is seen here. The base model is evaluated once and handed to every method. A `calibration`
-    (`evaluation.calibration`) calibrates every choice evaluation, the base's and each method's, alike."""
+    chose is seen here. The base model is evaluated once (`base_evaluations`) and handed to every method. A
+    `calibration` (`evaluation.calibration`) calibrates every choice evaluation, the base's and each method's, alike."""
     harness = Harness(model, tokenizer, split, mode, cfg, quiet, where=[label], calibration=calibration)
     t0 = time.perf_counter()
     with harness.step("base"):
-        base = {"dev": harness.evaluate("dev"), "test": harness.evaluate("test")}
+        base, base_nll = base_evaluations(harness, getattr(check, "weights", None))
     base_s = time.perf_counter() - t0
-    ctx = registry.Context(base)
+    ctx = registry.Context(base, base_nll=base_nll)
     results: dict[str, MethodResult] = {}
     for spec in specs:
         with harness.step(spec.name) if len(specs) > 1 else contextlib.nullcontext():  # `run`: one method, unnamed

@@ -38,7 +38,7 @@ def sweep_p(harness: Harness, run, base_dev: torch.Tensor, base_nll: torch.Tenso
     def evaluate_p(p: float) -> Candidate:
         edit = run.edit(cfg.freeze_at(p))
         with applied(harness.model, edit), harness.step(f"p={p:g}"):
-            dev, nll = harness.evaluate("dev"), harness.nll("dev")
+            dev, nll = harness.evaluate_with_nll("dev")  # one pass in exact mode
             test = harness.evaluate("test") if sweep_test else None
         results[p] = (edit, dev, test)
         row = {"p": p, "n_frozen": edit.n_frozen, **{f"dev_{k}": v for k, v in ci(dev, cfg.n_boot).items()},
@@ -67,10 +67,12 @@ def _kind(target_name: str) -> str:
 
 
 def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = None,
-            sweep_test: bool | None = None) -> tuple[dict, object, object, dict[str, torch.Tensor]]:
+            sweep_test: bool | None = None, base_nll: torch.Tensor | None = None,
+            ) -> tuple[dict, object, object, dict[str, torch.Tensor]]:
     """One split seed: returns (report dict, ScoreRun, chosen Edit, the chosen model's (n,) correctness per
     split). `base`: the unmodified model's correctness on dev and test, when the caller has it (else
-    evaluated here); `sweep_test`: overrides the config's (evaluate every p on test, or only the chosen)."""
+    evaluated here); `sweep_test`: overrides the config's (evaluate every p on test, or only the chosen);
+    `base_nll`: the unmodified model's (n_dev,) dev NLL when the caller has it (`pipeline` in exact mode)."""
     from eigenprune.edits.engine import score_run
 
     cfg, timings = harness.config, {}
@@ -84,7 +86,7 @@ def run_one(harness: Harness, seed: int, base: dict[str, torch.Tensor] | None = 
                                                                  "data": cfg.task, "split_seed": seed})
     timings["scoring"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    base_nll = harness.nll("dev")
+    base_nll = harness.nll("dev") if base_nll is None else base_nll
     sweep, results, chosen_p = sweep_p(harness, run, base["dev"], base_nll, sweep_test)
     timings["sweep"] = time.perf_counter() - t0
     base_ci = {k: ci(v, cfg.n_boot) for k, v in base.items()}
@@ -148,13 +150,13 @@ class EigenpruneResult(MethodResult):
 
 
 def run_eigenprune(harness: Harness, seed: int | None = None, base: dict[str, torch.Tensor] | None = None,
-                   sweep_test: bool = False) -> EigenpruneResult:
+                   sweep_test: bool = False, base_nll: torch.Tensor | None = None) -> EigenpruneResult:
     """The eigenprune experiment for the harness's split, as a method result. `score_run` and `edit` carry the
     scores and the chosen edit to the methods that build on them. `base`: the unmodified model's dev/test
     correctness when the caller has it (the pipeline does); `sweep_test`: evaluate every p on test too."""
     t0 = time.perf_counter()
     seed = harness.config.split_seed if seed is None else seed
-    report, run, edit, chosen = run_one(harness, seed, base, sweep_test=sweep_test)
+    report, run, edit, chosen = run_one(harness, seed, base, sweep_test=sweep_test, base_nll=base_nll)
     wall = time.perf_counter() - t0 - report["timings"]["base_eval"]
     cfg = harness.config
     config = {"p": report["chosen_p"], "n_frozen": edit.n_frozen, "targets": cfg.targets, "layers": cfg.layers,
@@ -173,4 +175,4 @@ def run_eigenprune(harness: Harness, seed: int | None = None, base: dict[str, to
           summary="score every component of the targets by attribution patching, freeze the lowest fraction p "
                   "(chosen on dev; the run's settings)")
 def eigenprune(harness: Harness, config: EigenpruneSettings, ctx: Context) -> EigenpruneResult:
-    return run_eigenprune(harness, base=ctx.base, sweep_test=config.sweep_test)
+    return run_eigenprune(harness, base=ctx.base, sweep_test=config.sweep_test, base_nll=ctx.base_nll)

@@ -222,8 +222,10 @@ class Context:
     """What a method reads besides its harness: the current model's base correctness (when known), the
     results of the methods it needs (on the same model) and the learned stages trained so far."""
 
-    def __init__(self, base: dict[str, torch.Tensor] | None = None, stages: dict | None = None) -> None:
+    def __init__(self, base: dict[str, torch.Tensor] | None = None, stages: dict | None = None,
+                 base_nll: torch.Tensor | None = None) -> None:
         self.base = base
+        self.base_nll = base_nll  # (n_dev,) the base's dev NLL when its evaluation gave it for free (exact mode)
         self.results: dict[str, MethodResult] = {}
         self._stages = stages if stages is not None else {}  # (name, settings) -> (Stage, its context)
 

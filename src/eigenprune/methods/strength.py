@@ -170,7 +170,9 @@ def choose_truncation(harness: Harness, cells: Sequence[Sequence[Target]], keeps
             svd[cell] = decompose_targets(harness.model, list(cells[cell]))
         with applied(harness.model, truncation_edit(list(cells[cell]), svd[cell], keep)), \
                 harness.step(f"cell {cell + 1}/{len(cells)} keep={keep:g}"):
-            return harness.evaluate("dev"), harness.nll("dev") if with_nll else None  # (n_dev,), (n_dev,)
+            if with_nll:  # one pass in exact mode
+                return harness.evaluate_with_nll("dev")  # (n_dev,), (n_dev,)
+            return harness.evaluate("dev"), None
 
     return choose_keep(len(cells), keeps, evaluate, base_dev, lambda: harness.nll("dev"), extra=extra,
                        select=harness.config.select,

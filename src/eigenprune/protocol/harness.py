@@ -62,6 +62,7 @@ class Harness:
         self.config, self.quiet = config, quiet
         self.where = [w for w in where if w]  # the steps the work in progress belongs to: fold, method, candidate
         self.dev_evaluations = 0
+        self._want_nll, self._free_nll = False, None  # `evaluate_with_free_nll` asks `evaluate` for the NLL
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -79,14 +80,32 @@ class Harness:
         return SEP.join([*self.where, what] if what else self.where) or True
 
     def evaluate(self, split: str) -> torch.Tensor:
-        """(n,) bool correctness of the model as it is now on `split`."""
+        """(n,) bool correctness of the model as it is now on `split`. Every evaluation of every method comes through
+        here (`evaluate_with_nll` too), so a test that wraps it sees them all."""
         from eigenprune.evaluation.evaluate import evaluate
 
         self.dev_evaluations += split == "dev"
-        examples = getattr(self.splits, split)
-        return evaluate(self.model, self.tokenizer, examples, self.mode, self.config.eval_batch_size,
-                        progress=self.progress(split), calibration=self.calibration).correct
+        result = evaluate(self.model, self.tokenizer, getattr(self.splits, split), self.mode,
+                          self.config.eval_batch_size, progress=self.progress(split), calibration=self.calibration,
+                          with_nll=self._want_nll)
+        self._free_nll = result.nll
+        return result.correct
 
+    def evaluate_with_free_nll(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(`evaluate(split)`, the (n,) answer NLL when that evaluation's own pass computed it, else None): in
+        `exact` mode the teacher-forced pass gives the numbers `nll` would, bit for bit."""
+        self._want_nll, self._free_nll = True, None
+        try:
+            correct = self.evaluate(split)
+        finally:
+            self._want_nll = False
+        nll, self._free_nll = self._free_nll, None
+        return correct, nll
+
+    def evaluate_with_nll(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`evaluate(split)`, `nll(split)`) of the model as it is now: one pass in `exact` mode, two otherwise."""
+        correct, nll = self.evaluate_with_free_nll(split)
+        return correct, nll if nll is not None else self.nll(split)
 
     def nll(self, split: str) -> torch.Tensor:
         """(n,) summed NLL of each example's correct answer under the model as it is now (teacher forced)."""
