@@ -222,7 +222,11 @@ def result(test: list[float], **extra) -> MethodResult:
 
 VERSUS = [  # eigenprune's test correctness, the random control's seeds' test accuracies, n_frozen, phrases
     ([1.0, 1.0, 0.0, 0.0], [0.5], 0, ["chose p = 0"]),
-    ([1.0] * 8, [0.25, 0.5], 9, ["is distinguishable from freezing random", "lies above the random seeds' range"]),
+    ([1.0] * 8, [0.25, 0.5], 9, ["above the mean random draw (the CI excludes 0) but not above the draws themselves: "
+                                 "0 of 2 draws", "lies above the random seeds' range"]),  # 2 seeds: p >= 1/3
+    ([1.0] * 40, [0.25] * 10 + [0.5] * 10, 9, ["is distinguishable from freezing random", "above the draws"]),
+    ([1.0] * 20 + [0.0] * 20, [0.25] * 18 + [0.6] * 2, 9, ["above the mean random draw", "2 of 20 draws did at"]),
+    ([0.0] * 40, [0.5] * 20, 9, ["worse than freezing random components"]),
     ([1.0, 0.0] * 4, [0.25, 0.75], 9, ["not distinguishable from freezing random", "lies inside"]),
 ]
 

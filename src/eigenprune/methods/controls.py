@@ -30,7 +30,7 @@ import torch
 from eigenprune.edits.artifact import ScoreRun
 from eigenprune.edits.freeze import Edit, FreezeConfig, build_edit, make_edit
 from eigenprune.evaluation.significance import seed_rank_pvalue, seeds_needed, two_level_diff_ci
-from eigenprune.evaluation.stats import Difference, mean_sd, significance
+from eigenprune.evaluation.stats import ALPHA, Difference, mean_sd, significance
 from eigenprune.methods.base import (
     MethodResult,
     accuracy,
@@ -229,6 +229,22 @@ def _versus(eigen: MethodResult, rand: MethodResult, n_boot: int) -> tuple[dict,
                          accuracy(eigen.test))
 
 
+def _versus_kind(sign: str | None, p_value: float, as_good: int, seeds: int) -> tuple[str, str]:
+    """What the two tests say together, in words and as a key. The two-level CI compares eigenprune with the mean
+    random draw (its uncertainty shrinks as seeds are added); the rank test with the draws themselves: eigenprune
+    beats freezing random components only if both say so."""
+    if sign == "gain" and p_value < ALPHA:
+        return ("distinguishable from freezing random components: above the mean random draw (the CI excludes 0) and "
+                f"above the draws themselves (permutation p < {ALPHA:g})"), "beats random"
+    if sign == "gain":
+        return (f"above the mean random draw (the CI excludes 0) but not above the draws themselves: {as_good} of "
+                f"{seeds} draws did at least as well (permutation p >= {ALPHA:g}), so freezing as many random "
+                "components can match it"), "above the mean draw only"
+    if sign == "loss":
+        return "worse than freezing random components (the CI lies below 0)", "worse than random"
+    return "not distinguishable from freezing random components (the CI includes 0)", "not distinguishable"
+
+
 def _versus_words(n_frozen: int | list[int], accs: list[float], comparison: dict, eigen_acc: float) -> tuple[dict, str]:
     """The comparison and its sentence from eigenprune's test accuracy, the seeds' test accuracies and
     `seed_comparison`'s numbers; `n_frozen` is one number, or one per fold when pooled over folds."""
@@ -240,8 +256,7 @@ def _versus_words(n_frozen: int | list[int], accs: list[float], comparison: dict
                         ", so the random control is the base model too and there is no eigenprune effect to tell "
                         "apart from freezing random components.")
     where = "above" if eigen_acc > max(accs) else "below" if eigen_acc < min(accs) else "inside"
-    kind = ("distinguishable from freezing random components (the CI excludes 0)" if significance(d)
-            else "not distinguishable from freezing random components (the CI includes 0)")
+    kind, versus["verdict"] = _versus_kind(significance(d), comparison["p_value"], comparison["rank"] - 1, len(accs))
     components = (f"{', '.join(map(str, n_frozen))} components in folds 1-{len(n_frozen)}, pooled over the folds"
                   if per_fold else f"{n_frozen} components")
     floor = comparison["p_min"]
