@@ -20,8 +20,15 @@ def env(tmp_path) -> dict:
             "HF_HUB_OFFLINE": "1"}
 
 
+def interruptible() -> None:
+    """In the child before exec: SIGINT back to its default. A suite started in the background (`make test &`)
+    passes SIGINT on ignored, and eigenprune, like any well-behaved program, then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(tmp_path, *argv) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "eigenprune", *map(str, argv)], env=env(tmp_path), cwd=tmp_path,
+                            preexec_fn=interruptible,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -80,7 +87,8 @@ sys.exit(entry())
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_that_a_library_turns_into_another_error_is_still_one_line(tmp_path, sig):
     script = CONVERTED.replace("signal.SIG)", f"signal.{sig.name})")
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env(tmp_path), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env(tmp_path), preexec_fn=interruptible,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     ended_cleanly(proc, sig)
 
@@ -108,6 +116,7 @@ sys.exit(entry())
 def test_a_signal_while_writing_an_output_removes_its_partial_folder_and_lock(tmp_path, sig):
     out, inside = tmp_path / "out", tmp_path / "inside"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(inside)], env=env(tmp_path),
+                            preexec_fn=interruptible,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(inside.exists, proc)
     assert f".out.partial-{proc.pid}" in leftovers(tmp_path)
