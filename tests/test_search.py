@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 
 import pytest
 import torch
@@ -21,9 +22,14 @@ from eigenprune.protocol.search import (
     Step,
     choose,
     dev_nll,
-    search_p,
-    search_strength,
 )
+from eigenprune.protocol.search import search_p as _search_p
+from eigenprune.protocol.search import search_strength as _search_strength
+
+# These synthetic curves have no per-example results, which the default rule ("1se") needs: the search's
+# mechanics are tested under "accuracy" (a test passing select= overrides it); test_select_1se.py tests 1se.
+search_p = partial(_search_p, select="accuracy")
+search_strength = partial(_search_strength, select="accuracy")
 
 BASE = Candidate(0.5, 100.0)
 

@@ -103,7 +103,7 @@ def test_choose_keep_fixed_grid_uses_the_rule_across_cells():
     evaluate = lambda cell, keep, with_nll: (devs[(cell, keep)], None)
     kw = {"limit": lambda cell: 0.01, "ranks": lambda cell, keep: keep}
     rule = choose_keep(2, [1.0, 0.5, 0.1], evaluate, BASE, lambda: None, select="1se", **kw)
-    plain = choose_keep(2, [1.0, 0.5, 0.1], evaluate, BASE, lambda: None, **kw)
+    plain = choose_keep(2, [1.0, 0.5, 0.1], evaluate, BASE, lambda: None, select="accuracy", **kw)
     assert (plain.best.cell, plain.best.keep) == (0, 0.1)
     assert (rule.best.cell, rule.best.keep) == (1, 0.5)
     assert choose_keep(1, [0.5], lambda c, k, w: (CLOSE, None), BEST, lambda: None, select="1se", **kw).chosen == -1
@@ -123,6 +123,21 @@ def test_run_with_1se_chooses_by_the_rule_on_the_real_sweep(setup, tmp_path):
     # p = 0.5, 0.7, 0.9 tie on dev above the base (test_p_search_run): the rule never takes a stronger tied edit
     assert report["p_search"]["select"] == "1se" and report["chosen_p"] in (0.0, 0.5)
     assert "one paired standard error" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_the_default_rule_is_1se_and_its_verdict_says_what_the_base_had_to_lose_by(setup, tmp_path):
+    from eigenprune.protocol.config import RunConfig
+
+    assert RunConfig(task="x").select == "1se"  # issue 21: the smaller winner's curse at an equal or better test gain
+    default = run_report(setup, tmp_path / "d", *ARGS, "--p", "0.5,0.7,0.9")
+    explicit = run_report(setup, tmp_path / "e", *ARGS, "--p", "0.5,0.7,0.9", "--select", "1se")
+    assert default["p_search"] == explicit["p_search"] and default["chosen_p"] == explicit["chosen_p"] == 0.0
+    best = max(default["sweep"], key=lambda r: r["dev_acc"])
+    assert best["p"] == 0.5 and best["dev_acc"] > default["base"]["dev"]["acc"]  # a gain within one SE
+    assert (f"by more than one paired standard error (the best, p = 0.5, reached {best['dev_acc']:.3f}), so the run "
+            "kept the base model") in default["verdict"]
+    plain = run_report(setup, tmp_path / "a", *ARGS, "--p", "0.5,0.7,0.9", "--select", "accuracy")
+    assert plain["chosen_p"] == 0.5 and "one paired standard error" not in plain["verdict"]
 
 
 def test_compare_with_1se_runs_every_strength_method(setup, tmp_path):

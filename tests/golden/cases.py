@@ -35,6 +35,10 @@ TMP = "<TMP>"  # what the inputs' folder becomes in saved strings
 VOLATILE_KEYS = frozenset({"timings", "machine", "versions", "out"})
 
 COMMON = ["--split-seed", "2", "--targets", "all", "--partners", "2", "--n-boot", "200", "--quiet"]
+# The rule these cases were saved under before the default became "1se" (issue 21): pinned, their numbers stay
+# today's to the bit; under 1se the tiny model's small dev sets keep the base almost everywhere, which would leave
+# the edited paths unchecked. run_folds3 runs the default rule.
+ACCURACY = ["--select", "accuracy"]
 NO_SIDE = ["--no-side-effects"]
 
 # every registered method, and the learned stages' composites; each one's settings as small as they go
@@ -67,6 +71,7 @@ p = [0.1, 0.3, 0.5]
 partners = "2"
 n_boot = 200
 side_effects = false
+select = "accuracy"  # the rule these files were saved under; run_folds3 keeps the default (1se)
 
 [method_args.random]
 seeds = 2
@@ -89,13 +94,14 @@ COMPARE = ("compare", "--model", "{model}", "--task", "{task}", *COMMON)
 
 CASES = [
     # a fixed split, with side effects (perplexity, KL and an --also task): cheap on the tiny model
-    Case("run_fixed", (*RUN, "--limit", "12", "--p", "0.3,0.5,0.7", "--also", "{other_task}"), ("report.json",)),
+    Case("run_fixed", (*RUN, *ACCURACY, "--limit", "12", "--p", "0.3,0.5,0.7", "--also", "{other_task}"),
+         ("report.json",)),
     Case("run_folds3", (*RUN, "--limit", "30", "--p", "0.3,0.7", "--folds", "3", *NO_SIDE), ("report.json",)),
     Case("run_p_auto", (*RUN, "--limit", "12", "--p", "auto", "--p-budget", "6", "--select", "accuracy+loss",
                         *NO_SIDE), ("report.json",)),
-    Case("compare_all_methods", (*COMPARE, "--limit", "20", "--p", "0.5,0.9", "--methods", ",".join(METHODS),
+    Case("compare_all_methods", (*COMPARE, *ACCURACY, "--limit", "20", "--p", "0.5,0.9", "--methods", ",".join(METHODS),
                                  *METHOD_SETTINGS, *NO_SIDE), ("comparison.json",)),
-    Case("compare_folds2", (*COMPARE, "--limit", "20", "--p", "0.1,0.5", "--folds", "2",
+    Case("compare_folds2", (*COMPARE, *ACCURACY, "--limit", "20", "--p", "0.1,0.5", "--folds", "2",
                             "--methods", "eigenprune,random,laser,smallest", *GRID_SETTINGS, *NO_SIDE),
          ("comparison.json",)),
     Case("study_two_cells", ("study", "{spec}", "--quiet"), ("study.json", "cells/*/comparison.json")),

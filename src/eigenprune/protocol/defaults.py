@@ -9,4 +9,4 @@ from __future__ import annotations
 DEFAULT_GRID = (0.01, 0.05, 0.1, 0.3)  # the paper's
 DEFAULT_BUDGET = 10
 SELECTS = ("accuracy", "accuracy+loss", "loss", "1se")
-DEFAULT_SELECT = "accuracy"  # ties go to the milder change; `run --select` and every search default to it
+DEFAULT_SELECT = "1se"  # the weakest p within one paired SE of the best dev accuracy (issue 21)

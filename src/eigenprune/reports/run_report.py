@@ -22,6 +22,21 @@ from eigenprune.reports.run_plots import plot_accuracy_vs_p, plot_pruned_compone
 from eigenprune.reports.words import bound_text, calibration_text, labels_text, mde_text, one_label_text, test_text
 
 
+def _beat_words(report: dict, base_dev: str | None = None) -> str:
+    """What a p had to do to be chosen over the base model, in the words of the report's dev-choice rule;
+    `base_dev`: the base model's dev accuracy, to name (a single split's verdict)."""
+    named = "" if base_dev is None else f" ({base_dev})"
+    if (report.get("p_search") or {}).get("select") == "1se":
+        text = f"beat the base model's dev accuracy{named} by more than one paired standard error"
+        rows = [r for r in report.get("sweep") or [] if isinstance(r.get("dev_acc"), float)]
+        best = max(rows, key=lambda r: r["dev_acc"], default=None)  # the first (smallest p) of the best
+        base = _num(_split(report, "base", "dev").get("acc"))
+        if base_dev is not None and best is not None and best["dev_acc"] > base:
+            text += f" (the best, p = {_p(best['p'])}, reached {_f(best['dev_acc'])})"
+        return text
+    return "beat the base model on dev" if base_dev is None else f"improved dev accuracy over the base model{named}"
+
+
 def verdict(report: dict) -> str:
     """One paragraph in plain words: did pruning help on test, and is the gain outside the noise?"""
     if report.get("folds"):
@@ -33,8 +48,7 @@ def verdict(report: dict) -> str:
         if not report.get("sweep"):
             text = "Pruning was not tried: no pruning fraction p was swept, so the run keeps the base model"
         else:
-            text = (f"No p improved dev accuracy over the base model ({_f(base_dev.get('acc'))}), so the run "
-                    "kept the base model")
+            text = f"No p {_beat_words(report, _f(base_dev.get('acc')))}, so the run kept the base model"
         text += f" (test accuracy {_acc_ci(base_test)})."
     else:
         d = report.get("diff_ci") or {}
@@ -285,7 +299,7 @@ def folds_verdict(report: dict) -> str:
     elif kind == "loss":
         text += ": the edits made test accuracy significantly worse."
     elif all(p == 0 for p in ps):
-        text += ": no fold found a p that beat the base model on dev, so every fold kept the base model."
+        text += f": no fold found a p that {_beat_words(report)}, so every fold kept the base model."
     else:
         text += f": {bound_text(d)}."
     if "discordant" in d and not all(p == 0 for p in ps):
