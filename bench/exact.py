@@ -1,18 +1,24 @@
 """Exact-match evaluation: one teacher-forced pass (`evaluate(mode="exact")` today) against greedy generation
 (`greedy_continuations`, the path it replaced), on the same examples, alternated in one process.
 
-    python bench/exact.py --model smollm2-135m --task int-mult --n 144 --repeats 3 --threads 2
+    python bench/exact.py --model smollm2-135m --task int-mult --n 144 --repeats 3 --threads 1
 
 For each model (the base, and with `--edit-p` an eigenprune edit scored on `--score-n` other examples) and
-each repeat, both paths run back to back in alternating order; the figures are per-repeat ratios (median and
-range), so a loaded machine slows both sides alike. Every run checks that the two verdicts are the same
-example by example, on the task's answers and on "self" answers (half the examples' answers replaced by the
-decoded greedy output, so some are right and some re-tokenize into other ids); the script exits 1 otherwise.
+each repeat, three passes run back to back in a rotating order: generation (old), the teacher-forced
+evaluation (new) and the prompts' forward alone (`next_token_predictions`: the prefill generation starts
+with, the same batches, LM head on the last token). The figures are per-repeat ratios (median and range),
+by wall time and by this process's CPU time (with one thread, CPU time is what a loaded machine disturbs
+least); prefill ÷ generation is the floor of any path that must read every prompt. Also counted: the
+examples the new path sent to generation (near ties, `exact.py`), and the tokens each path feeds the model.
+Every run checks that the two verdicts are the same example by example, on the task's answers and on "self"
+answers (half the examples' answers replaced by the decoded greedy output, so some are right and some
+re-tokenize into other ids); the script exits 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -24,7 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import add_common_options, cli_main, load, machine, set_threads, shuffled_examples, timed  # noqa: E402
-from eigenprune.core.batching import encode  # noqa: E402
+from eigenprune.core.batching import batches, encode  # noqa: E402
 from eigenprune.evaluation import evaluate as ev  # noqa: E402
 from eigenprune.evaluation.tasks import load_task  # noqa: E402
 
@@ -52,34 +58,85 @@ def _old(model, tok, examples, batch_size):
     return torch.tensor([g == e.answer_ids for g, e in zip(generated, encoded, strict=True)]), generated
 
 
+@contextlib.contextmanager
+def _counting_fallbacks(counts: list[int]):
+    """Within the block, every call `exact_match` makes to generation appends how many examples it generates."""
+    real = ev.greedy_continuations
+
+    def counted(model, encoded, *args, **kwargs):
+        counts.append(len(encoded))
+        return real(model, encoded, *args, **kwargs)
+
+    ev.greedy_continuations = counted
+    try:
+        yield
+    finally:
+        ev.greedy_continuations = real
+
+
+def _new(model, tok, examples, batch_size):
+    counts: list[int] = []
+    with _counting_fallbacks(counts):
+        correct = ev.evaluate(model, tok, examples, "exact", batch_size).correct
+    return correct, sum(counts)
+
+
+def _prefill(model, tok, examples, batch_size):
+    return ev.next_token_predictions(model, encode(tok, examples), tok.pad_token_id, batch_size)
+
+
+def _tokens(tok, examples, batch_size) -> dict:
+    """Tokens fed to the model, padding included: the teacher-forced batches, the prompts (prefill), and the
+    decoding steps generation adds (one token a row for each answer token after the first, batch maximum)."""
+    encoded = encode(tok, examples)
+    groups = list(ev._prompt_batches(encoded, batch_size))
+    return {"teacher_forced": sum(b.input_ids.numel() for b in batches(encoded, batch_size, tok.pad_token_id)),
+            "prefill": sum(len(g) * max(len(encoded[i].prompt_ids) for i in g) for g in groups),
+            "decode": sum(len(g) * (max(len(encoded[i].answer_ids) for i in g) - 1) for g in groups)}
+
+
+ORDERS = [("old", "new", "prefill"), ("new", "prefill", "old"), ("prefill", "old", "new")]
+
+
 def _compare(model, tok, examples, args, device, label: str) -> dict:
-    olds, news, ratios = [], [], []
-    same = True
+    wall = {k: [] for k in ("old", "new", "prefill")}
+    cpu = {k: [] for k in ("old", "new", "prefill")}
+    same, fallbacks = True, []
     for r in range(args.repeats):
-        order = ("old", "new") if r % 2 == 0 else ("new", "old")
-        t = {}
-        for which in order:
+        for which in ORDERS[r % len(ORDERS)]:
             if which == "old":
-                t["old"], _, (want, generated) = timed(lambda: _old(model, tok, examples, args.batch_size), device)
+                w, c, (want, generated) = timed(lambda: _old(model, tok, examples, args.batch_size), device)
+            elif which == "new":
+                w, c, (got, n_generated) = timed(lambda: _new(model, tok, examples, args.batch_size), device)
             else:
-                t["new"], _, got = timed(lambda: ev.evaluate(model, tok, examples, "exact", args.batch_size), device)
-        same &= got.correct.tolist() == want.tolist()
-        olds.append(t["old"])
-        news.append(t["new"])
-        ratios.append(t["new"] / t["old"])
-        print(f"{label} repeat {r + 1}: generation {t['old']:.2f} s, teacher-forced {t['new']:.2f} s, "
-              f"same verdicts {got.correct.tolist() == want.tolist()}", file=sys.stderr, flush=True)
+                w, c, _ = timed(lambda: _prefill(model, tok, examples, args.batch_size), device)
+            wall[which].append(w)
+            cpu[which].append(c)
+        same &= got.tolist() == want.tolist()
+        fallbacks.append(n_generated)
+        print(f"{label} repeat {r + 1}: wall (cpu) s: generation {wall['old'][-1]:.2f} ({cpu['old'][-1]:.2f}), "
+              f"teacher-forced {wall['new'][-1]:.2f} ({cpu['new'][-1]:.2f}), prefill {wall['prefill'][-1]:.2f} "
+              f"({cpu['prefill'][-1]:.2f}); generated {n_generated}; same verdicts {got.tolist() == want.tolist()}",
+              file=sys.stderr, flush=True)
     # "self" answers: greedy's own output (decoded) for even examples, the task's answer for odd ones
     selfish = [dataclasses.replace(ex, answer=tok.decode(g) if i % 2 == 0 and tok.decode(g).strip() else ex.answer)
                for i, (ex, g) in enumerate(zip(examples, generated, strict=True))]
     want_self, _ = _old(model, tok, selfish, args.batch_size)
-    got_self = ev.evaluate(model, tok, selfish, "exact", args.batch_size).correct
+    got_self, self_generated = _new(model, tok, selfish, args.batch_size)
     retokenized = sum(tuple(tok(s.answer, add_special_tokens=False)["input_ids"]) != g
                       for s, g in list(zip(selfish, generated, strict=True))[::2])
-    return {"model": label, "old_s": olds, "new_s": news, "ratios": ratios,
-            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+
+    def ratios(times, num, den):
+        values = [a / b for a, b in zip(times[num], times[den], strict=True)]
+        return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
+
+    return {"model": label, "old_s": wall["old"], "new_s": wall["new"], "prefill_s": wall["prefill"],
+            "old_cpu_s": cpu["old"], "new_cpu_s": cpu["new"], "prefill_cpu_s": cpu["prefill"],
+            "ratio": ratios(wall, "new", "old"), "ratio_cpu": ratios(cpu, "new", "old"),
+            "floor": ratios(wall, "prefill", "old"), "floor_cpu": ratios(cpu, "prefill", "old"),
+            "generated": fallbacks, "tokens": _tokens(tok, examples, args.batch_size),
             "accuracy": float(want.float().mean()), "same_verdicts": same,
-            "self_accuracy": float(want_self.float().mean()),
+            "self_accuracy": float(want_self.float().mean()), "self_generated": self_generated,
             "self_same_verdicts": got_self.tolist() == want_self.tolist(),
             "self_retokenized": int(retokenized)}
 
@@ -104,15 +161,21 @@ def measure(argv) -> dict:
 
 
 def report(r: dict) -> str:
+    def span(x):
+        return f"{x['median']:.3f} [{x['min']:.3f}, {x['max']:.3f}]"
+
     lines = [f"exact-mode evaluation, {r['model']} on {r['task']}, {r['n']} examples, {r['repeats']} repeats",
-             "model | generation s (median) | teacher-forced s (median) | ratio median [min, max] | accuracy | "
-             "same verdicts | self: accuracy, same verdicts, answers re-tokenized"]
+             "model | generation s | teacher-forced s | new ÷ old: wall, cpu | floor prefill ÷ old: wall, cpu | "
+             "generated (near ties) | tokens fed: teacher-forced, prefill + decode | accuracy | same verdicts | "
+             "self: accuracy, same verdicts, generated, answers re-tokenized"]
     for row in r["rows"]:
         old, new = statistics.median(row["old_s"]), statistics.median(row["new_s"])
-        lines.append(f"{row['model']} | {old:.2f} | {new:.2f} | "
-                     f"{row['ratio_median']:.3f} [{row['ratio_min']:.3f}, {row['ratio_max']:.3f}] | "
-                     f"{row['accuracy']:.3f} | {row['same_verdicts']} | {row['self_accuracy']:.3f}, "
-                     f"{row['self_same_verdicts']}, {row['self_retokenized']}")
+        t = row["tokens"]
+        lines.append(f"{row['model']} | {old:.2f} | {new:.2f} | {span(row['ratio'])}, {span(row['ratio_cpu'])} | "
+                     f"{span(row['floor'])}, {span(row['floor_cpu'])} | {max(row['generated'])} | "
+                     f"{t['teacher_forced']}, {t['prefill']} + {t['decode']} | {row['accuracy']:.3f} | "
+                     f"{row['same_verdicts']} | {row['self_accuracy']:.3f}, {row['self_same_verdicts']}, "
+                     f"{row['self_generated']}, {row['self_retokenized']}")
     return "\n".join(lines)
 
 

@@ -105,8 +105,26 @@ def test_exact_bench_same_verdicts_and_ratios(tmp_path):
     r = json.loads(out.read_text())
     assert [row["model"] for row in r["rows"]] == ["base", "p = 0.3"]
     for row in r["rows"]:
-        assert row["same_verdicts"] and row["self_same_verdicts"] and len(row["ratios"]) == 2
-        assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
+        assert row["same_verdicts"] and row["self_same_verdicts"] and len(row["generated"]) == 2
+        for key in ("ratio", "ratio_cpu", "floor", "floor_cpu"):
+            assert len(row[key]["all"]) == 2 and row[key]["min"] <= row[key]["median"] <= row[key]["max"]
+        tokens = row["tokens"]
+        assert tokens["teacher_forced"] >= tokens["prefill"] > 0 and tokens["decode"] > 0
+
+
+def test_exact_bench_counts_the_examples_sent_to_generation(monkeypatch):
+    """With every margin a near tie, the teacher-forced path generates every example, and the bench says so."""
+    from bench import exact, shuffled_examples, tiny_llama
+    from eigenprune.evaluation import evaluate as ev
+
+    model, tok = tiny_llama()
+    examples = shuffled_examples("int-mult")[:20]
+    assert exact._new(model, tok, examples, 8)[1] == 0
+    real = ev.position_verdicts
+    monkeypatch.setattr(ev, "position_verdicts", lambda z, y, t: real(z, y, 1e9))
+    correct, generated = exact._new(model, tok, examples, 8)
+    assert generated == 20 and correct.tolist() == exact._old(model, tok, examples, 8)[0].tolist()
+    assert ev.greedy_continuations.__name__ == "greedy_continuations"  # the counter is gone after the block
 
 
 def test_side_effects_bench_matches_the_old_pass(tmp_path):
