@@ -136,6 +136,10 @@ def test_the_default_rule_is_1se_and_its_verdict_says_what_the_base_had_to_lose_
     assert best["p"] == 0.5 and best["dev_acc"] > default["base"]["dev"]["acc"]  # a gain within one SE
     assert (f"by more than one paired standard error (the best, p = 0.5, reached {best['dev_acc']:.3f}), so the run "
             "kept the base model") in default["verdict"]
+    from eigenprune.reports.run_report import verdict
+
+    flat = {**default, "sweep": [{**r, "dev_acc": default["base"]["dev"]["acc"]} for r in default["sweep"]]}
+    assert verdict(flat).startswith("No p improved dev accuracy over the base model (")  # no gain at all: no SE
     plain = run_report(setup, tmp_path / "a", *ARGS, "--p", "0.5,0.7,0.9", "--select", "accuracy")
     assert plain["chosen_p"] == 0.5 and "one paired standard error" not in plain["verdict"]
 

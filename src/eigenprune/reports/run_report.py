@@ -26,14 +26,12 @@ def _beat_words(report: dict, base_dev: str | None = None) -> str:
     """What a p had to do to be chosen over the base model, in the words of the report's dev-choice rule;
     `base_dev`: the base model's dev accuracy, to name (a single split's verdict)."""
     named = "" if base_dev is None else f" ({base_dev})"
-    if (report.get("p_search") or {}).get("select") == "1se":
+    rows = [r for r in report.get("sweep") or [] if isinstance(r.get("dev_acc"), float)]
+    best = max(rows, key=lambda r: r["dev_acc"], default=None)  # the first (smallest p) of the best
+    gained = best is not None and best["dev_acc"] > _num(_split(report, "base", "dev").get("acc"))
+    if (report.get("p_search") or {}).get("select") == "1se" and (gained or base_dev is None):
         text = f"beat the base model's dev accuracy{named} by more than one paired standard error"
-        rows = [r for r in report.get("sweep") or [] if isinstance(r.get("dev_acc"), float)]
-        best = max(rows, key=lambda r: r["dev_acc"], default=None)  # the first (smallest p) of the best
-        base = _num(_split(report, "base", "dev").get("acc"))
-        if base_dev is not None and best is not None and best["dev_acc"] > base:
-            text += f" (the best, p = {_p(best['p'])}, reached {_f(best['dev_acc'])})"
-        return text
+        return text + (f" (the best, p = {_p(best['p'])}, reached {_f(best['dev_acc'])})" if base_dev else "")
     return "beat the base model on dev" if base_dev is None else f"improved dev accuracy over the base model{named}"
 
 
