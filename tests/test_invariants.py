@@ -233,6 +233,7 @@ def test_run_chooses_p_on_dev_where_test_would_choose_another(tmp_path):
     task = top_two_task(tmp_path / "task.jsonl", model, tok)
     code = main(["run", "--model", str(tmp_path / "model"), "--task", str(task), "--targets", "all",
                  "--p", "0.1,0.2,0.3,0.5,0.7", "--split-seed", "2", "--partners", "2", "--n-boot", "20",
+                 "--select", "accuracy",  # the argmax rule this test checks (test_select_1se checks 1se's)
                  "--out", str(tmp_path / "run"), "--quiet"])
     assert code == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())

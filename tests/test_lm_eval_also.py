@@ -28,7 +28,8 @@ from eigenprune.experiments.fold_side_effects import FoldSideEffects  # noqa: E4
 
 LIMIT = 24  # lm-eval's --limit: the first 24 sums
 ARGS = ["--limit", "12", "--split-seed", "2", "--targets", "all", "--p", "0.5,0.9", "--partners", "2",
-        "--n-boot", "50", "--eval-mode", "choice", "--quiet"]  # dev chooses p = 0.5 (test_run_side_effects)
+        "--n-boot", "50", "--eval-mode", "choice", "--quiet",
+        "--select", "accuracy"]  # dev chooses p = 0.5 (test_run_side_effects); 1se (the default) keeps the base
 
 
 @pytest.fixture(scope="module")

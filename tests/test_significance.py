@@ -401,3 +401,10 @@ def test_one_se_picks_best_when_far_ahead_and_uses_the_paired_se():
 
 def test_one_se_ties_go_to_the_weaker_strength():
     assert one_se_choice([BEST, BEST.copy()]) == 0
+
+
+def test_one_se_on_one_dev_example_is_the_best_accuracy():
+    # no standard error from one example: the best answer wins, ties to the weaker; none at all is an error
+    assert one_se_choice([[False], [True], [True]]) == 1 and one_se_choice([[True], [False], [True]]) == 0
+    with pytest.raises(ValueError, match="is empty"):
+        one_se_choice([[], []])

@@ -290,15 +290,16 @@ def one_se_choice(candidates: Sequence[Sequence | np.ndarray]) -> int:
     `candidates` are per-example dev correctness vectors over the same examples, ordered from the
     unedited model (index 0, which competes) to the strongest change. The best is the highest accuracy
     (the weakest one on ties); candidate i qualifies when acc_best - acc_i <= sd(best - i) / sqrt(n)
-    (ddof=1), the standard error of the paired difference over the same examples.
+    (ddof=1), the standard error of the paired difference over the same examples. With one dev example there
+    is no standard error: the rule is then the best accuracy, the weakest on ties (a dev split that small
+    tells nothing either way; the run's default settings never make one, a `--limit` of a dozen can).
     """
     if len(candidates) == 0:
         raise ValueError("one_se_choice needs at least one candidate")
     table = np.stack([_binary(c, f"candidates[{i}]") for i, c in enumerate(candidates)])  # (k, n)
-    if table.shape[1] < 2:
-        raise ValueError("one_se_choice needs at least two dev examples for a standard error")
     accuracy = table.mean(axis=1)  # (k,)
     best = int(np.argmax(accuracy))
     gaps = table[best] - table  # (k, n) per-example paired differences
-    se = gaps.std(axis=1, ddof=1) / math.sqrt(table.shape[1])  # (k,)
+    n = table.shape[1]
+    se = gaps.std(axis=1, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(len(table))  # (k,)
     return int(np.flatnonzero(accuracy[best] - accuracy <= se + 1e-12)[0])
