@@ -1,4 +1,4 @@
-"""The first load of a GGUF model (de-quantizing it and filling the cache), with `models._fast_gguf` and
+"""The first load of a GGUF model (de-quantizing it and filling the cache), with `gguf_fast.fast_gguf` and
 without, alternated, each in a fresh process with `$EIGENPRUNE_CACHE` pointed at a new empty folder.
 
     python bench/gguf_load.py --model smollm2-135m --repeats 3 --threads 2

@@ -287,7 +287,7 @@ def test_an_unwritable_cache_warns_once_and_loads_anyway(tiny_gguf, tmp_path, mo
 
 
 def test_the_fast_first_load_gives_the_plain_loads_weights(tiny_gguf, tmp_path, monkeypatch):
-    """`_fast_gguf` (one parse, one name table, threaded de-quantizing) changes the cost, not the weights; it
+    """`fast_gguf` (one parse, one name table, threaded de-quantizing) changes the cost, not the weights; it
     parses the file once and restores gguf's and transformers' functions afterwards."""
     import transformers.modeling_gguf_pytorch_utils as hf_gguf
 
