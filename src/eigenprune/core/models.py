@@ -292,7 +292,7 @@ def _from_gguf_cache(spec: str, source: ModelSource, dtype: str, root: Path, tru
         if not _fill(entry, model, tokenizer, about):
             return model, tokenizer
         del model, tokenizer
-        gc.collect()  # saving leaves the model in a reference cycle: free it before its copy is loaded
+        gc.collect()  # SmolLM2's model is in a reference cycle (a frame of its load): free it before its copy
     model, tokenizer = _from_pretrained(spec, ModelSource(spec, str(entry)), torch_dtype, False, device_map)
     model.config._name_or_path = tokenizer.name_or_path = source.location  # as a direct load names them
     return model, tokenizer
