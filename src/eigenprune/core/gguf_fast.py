@@ -26,12 +26,13 @@ these functions, another file, other arguments, a file it cannot parse) goes to 
 
 from __future__ import annotations
 
+import array
 import contextlib
 import copy
 import functools
 import gc
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,10 +49,10 @@ def _plain_reader_class(base: type) -> type:
         """gguf's reader, with the same fields for less work: it reads through a plain ndarray view of its
         memmap (numpy's memmap subclass costs more per slice than the slice itself); an array of strings (a
         vocabulary, its merges: about 100k strings for SmolLM2) is cut in one loop into memoryviews of the
-        file's bytes, where gguf makes two numpy arrays per string by recursion; an array of numbers (token
-        types) is read at once and sliced into gguf's one-element parts. A memoryview has what gguf and
-        transformers use of a string's part (`nbytes`, `bytes(part)`, `list(part)`), and transformers turns
-        it into the same `str` faster."""
+        file's bytes, made when read (`_StringParts`), where gguf makes two numpy arrays per string by recursion;
+        an array of numbers (token types) is read at once and sliced into gguf's one-element parts. A
+        memoryview has what gguf and transformers use of a string's part (`nbytes`, `bytes(part)`,
+        `list(part)`), and transformers turns it into the same `str` faster."""
 
         def _get(self, offset, dtype, count=1, override_order=None):
             plain = self.__dict__.get("_plain")
@@ -74,19 +75,43 @@ def _plain_reader_class(base: type) -> type:
                 return 12 + int(values.nbytes), parts, list(range(2, len(parts))), [GGUFValueType.ARRAY, itype]
             if itype != GGUFValueType.STRING or not count:
                 return super()._get_field_parts(orig_offs, raw_type)
-            data = memoryview(self._plain)  # (file bytes,) format "B"
-            length = struct.Struct("=Q").unpack_from
-            parts = [raw_itype, alen]
-            idxs: list[int] = []
+            data, length = memoryview(self._plain), struct.Struct("=Q").unpack_from  # (file bytes,) format "B"
+            starts = array.array("q")  # (count,) where each string's length field is
             offs = orig_offs + 12
             for _ in range(count):
-                (size,) = length(data, offs)
-                parts += (data[offs:offs + 8].cast("Q"), data[offs + 8:offs + 8 + size])
-                idxs.append(len(parts) - 1)
-                offs += 8 + size
-            return offs - orig_offs, parts, idxs, [GGUFValueType.ARRAY, GGUFValueType.STRING]
+                starts.append(offs)
+                offs += 8 + length(data, offs)[0]
+            parts = _StringParts(data, [raw_itype, alen], starts, offs)
+            return offs - orig_offs, parts, list(range(3, len(parts), 2)), [GGUFValueType.ARRAY, GGUFValueType.STRING]
 
     return PlainReader
+
+
+class _StringParts(Sequence):
+    """gguf's parts of an array of strings, `[type, count, length_0, string_0, length_1, ...]`, made when read:
+    memoryviews of the file's bytes (a vocabulary and its merges are 200k parts, 55 MB as objects)."""
+
+    def __init__(self, data: memoryview, head: list, starts: array.array, end: int):
+        self.data, self.head, self.starts, self.end = data, head, starts, end
+
+    def __len__(self) -> int:
+        return len(self.head) + 2 * len(self.starts)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if index < len(self.head):
+            return self.head[index]
+        string, is_text = divmod(index - len(self.head), 2)
+        start = self.starts[string]
+        if not is_text:
+            return self.data[start:start + 8].cast("Q")
+        stop = self.starts[string + 1] if string + 1 < len(self.starts) else self.end
+        return self.data[start + 8:stop]
 
 
 def _pure_processors(hf_gguf) -> tuple[type, ...]:
@@ -123,9 +148,13 @@ def _dequantizer(reader):
 
 
 def _job(dequantize, processor, tensor):
-    """One tensor's work on a worker thread: de-quantize it, then run a pure processor on it (`_pure_processors`),
-    so that its array and the processed copy come and go on the same thread."""
+    """One tensor's work on a worker thread: de-quantize it (a fresh array), then run a pure processor on it
+    (`_pure_processors`), so that its array and the processed copy come and go on the same thread."""
+    import numpy as np
+
     values = dequantize(tensor.data, tensor.tensor_type)
+    if np.may_share_memory(values, tensor.data):  # a float32 tensor is a view of the file: copied here, where the
+        values = np.copy(values)  # heap has room (on the main thread each small copy grew it by a 2 MB page)
     return values if processor is None else processor.process(weights=values, name=tensor.name,
                                                              tensor_key_mapping={}, parsed_parameters={})
 
@@ -152,7 +181,7 @@ def _legacy_tensors(hf_gguf, reader, metadata: dict, futures: list[Future], mode
             continue
         weights = result.weights
         fresh = weights.flags.c_contiguous and weights.flags.writeable and not np.may_share_memory(weights, memmap)
-        value = torch.from_numpy(weights if fresh else np.copy(weights))  # F32 tensors are views of the file
+        value = torch.from_numpy(weights if fresh else np.copy(weights))  # (a non-pure processor's view)
         if torch_dtype is not None:
             value = value.to(torch_dtype)
         parsed["tensors"][mapping[result.name]] = value
