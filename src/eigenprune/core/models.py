@@ -284,7 +284,7 @@ def _from_gguf_cache(spec: str, source: ModelSource, dtype: str, root: Path, tru
     entry = root / _CACHE_LAYOUT / f"{digest}-{dtype}"
     torch_dtype = parse_dtype(dtype)
     if not intact(entry):
-        say(f"loading {spec} (de-quantizing {path.name} once, 30-75 s on a laptop CPU; cached at {entry})",
+        say(f"loading {spec} (de-quantizing {path.name} once, seconds to minutes; cached at {entry})",
             quiet=not progress)
         model, tokenizer = _from_pretrained(spec, source, torch_dtype, trust_remote_code, device_map)
         about = {"layout": _CACHE_LAYOUT, "source": path.name, "source_sha256": digest, "dtype": dtype,
