@@ -147,7 +147,8 @@ def test_gguf_load_bench_same_weights(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
     assert gguf_load.main(["--model", str(path), "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["same_weights"] and r["fast_wall_s_median"] > 0 and r["plain_wall_s_median"] > 0
+    assert r["same_weights"] and r["same_token_ids"] and r["fast_wall_s_median"] > 0 and r["plain_wall_s_median"] > 0
+    assert r["fast_cpu_s_median"] > 0 and r["fast_main_thread_cpu_s_median"] > 0
 
 
 def test_study_bench_counts_each_distinct_pass_once(tmp_path):

