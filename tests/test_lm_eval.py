@@ -94,8 +94,10 @@ def test_unknown_task_and_a_task_that_needs_a_download_are_one_line(tmp_path, mo
     assert "\n" not in str(info.value)
 
 
-def test_command_writes_results_for_both_and_a_paired_table(capsys, tmp_path, saved_model_dir):
+def test_command_writes_results_for_both_and_a_paired_table(capfd, tmp_path, saved_model_dir, monkeypatch):
     from conftest import build
+
+    monkeypatch.chdir(tmp_path)  # not a git repository: lm-eval's `git describe` must not print git's complaint
 
     model, tok = build("llama")  # the model saved in saved_model_dir (256 positions: lm-eval truncates CB's left)
     edit = an_edit(model, tok, "position")
@@ -103,8 +105,9 @@ def test_command_writes_results_for_both_and_a_paired_table(capsys, tmp_path, sa
                                         "base_fingerprint": fingerprint(model, edit.modules)})
     code = main(["lm-eval", "--edit", str(tmp_path / "edit"), "--tasks", "eigenprune_cb", "--limit", "6",
                  "--out", str(tmp_path / "lm")])
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()  # the file descriptors: what a subprocess prints too
     assert code == 0, err
+    assert "not a git repository" not in err + out
     assert "| eigenprune_cb | acc | 6 |" in out
     report = json.loads((tmp_path / "lm" / "report.json").read_text())
     assert [r["n"] for r in report["rows"]] == [6]

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import json
 import logging
+import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -189,6 +190,26 @@ def _silenced(progress: bool) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _git_asked_quietly() -> Iterator[None]:
+    """lm-eval records `git describe` of the working directory; outside a repository git printed "fatal: not a git
+    repository" to the terminal. Same question, git's complaint discarded (None outside a repository)."""
+    import lm_eval.evaluator
+
+    def git_hash() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, OSError):
+            return None
+
+    asked = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = asked
+
+
 def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], include_path: Sequence[str] = (),
                    limit: int | None = None, batch_size: int = 16, task_folder: str | Path | None = None,
                    seed: int = 0, progress: bool = True) -> dict:
@@ -207,7 +228,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], incl
         for name in own:
             write_task(load_task(name[len(PREFIX):]), task_folder)
         include.append(str(task_folder))
-    with _silenced(progress):
+    with _silenced(progress), _git_asked_quietly():
         manager = _load_tasks(tasks, include)
         lm = _edit_aware_lm(model, tokenizer, batch_size, progress)
         return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=True,
