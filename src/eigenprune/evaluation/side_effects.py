@@ -51,7 +51,7 @@ from eigenprune.evaluation.token_scores import LinearBase, RowScorer, linear_ok,
 
 SHINGLE_WORDS = 8  # documents sharing a run of this many words with excluded text are left out
 BASE = "base"
-KL_PATHS = ("exact", "linear")  # token_scores.py: exact (the default, op for op) or linear (opt-in, about 1e-7 off)
+KL_PATHS = ("exact", "linear")  # token_scores.py: exact (the default, op for op) or linear (opt-in, 1e-7 to 1e-6 off)
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,8 @@ class SideEffectProbe:
     chunk, in four reused chunk × vocab buffers), not over batch × positions × vocab. Every row is computed
     by the operations `torch.logsumexp` and `kl_per_token` run: a batch that fits in one chunk gives the same
     bits as calling them on the whole batch. `kl="linear"` opts into the linear path where it applies
-    (`token_scores.linear_ok`; the exact path otherwise): KL from the edit's own head and log-sum-exp, about
-    1e-7 nats a token off the exact path; each `TextScores.kl_path` says which ran.
+    (`token_scores.linear_ok`; the exact path otherwise): KL from the edit's own head and log-sum-exp, 1e-7
+    to a few 1e-6 nats a token off the exact path; each `TextScores.kl_path` says which ran.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, documents: Sequence[Document], batch_size: int = 8,

@@ -19,8 +19,9 @@ and log-sum-exp, which its NLL computes anyway: no base logits, no vocabulary-wi
 the NLL's own float32 max and sum, added in float64; g·(h_e − h_b) runs in float64 (h_e − h_b is exact
 there). An edit that leaves a row's head input bit-identical gets KL exactly 0. Elsewhere the result differs
 from the exact path's by the float32 rounding of the logits that the exact path sees and this one does not,
-Σ_v p_b,v (δ_b,v − δ_e,v), plus the float32 rounding of the two sums of exponentials: about 1e-7 nats a
-token whatever the KL (bench/README.md measures it), so a near-zero KL may come out slightly negative.
+Σ_v p_b,v (δ_b,v − δ_e,v), plus the float32 rounding of the two sums of exponentials: 1e-7 (tiny models) to
+a few 1e-6 (SmolLM2) nats a token whatever the KL (bench/README.md), so a near-zero KL may come out slightly
+negative. Its base quantities are made per probe on first use, not cached on disk (about one base pass).
 It needs the head to be a plain float32 `nn.Linear` with the base's weights (`linear_ok`); the probe falls
 back to the exact path otherwise. Scaling or soft-capping after the head is refused before either path runs.
 """
