@@ -7,14 +7,18 @@
 (so `smollm2-135m` must be loadable): a model whose LM head is most of its forward. In one process, per
 repeat and in rotating order: the **bare forward loop** (the model over the probe's batches, full logits,
 nothing else), the **old edited pass** (the pre-chunking algorithm, kept here as `old_measure`: full logits,
-the base head over whole batches, KL on batch × positions × vocab), and the **new edited pass**
-(`SideEffectProbe.measure`). The edit is eigenprune's, p = 0.1 on the key matrices, scored on 16 int-sum
-examples. Ratios are per repeat (median and range): a loaded machine slows both sides alike.
+the base head over whole batches, KL on batch × positions × vocab), the **new edited pass**
+(`SideEffectProbe.measure`, the exact path) and the **linear** pass (`kl="linear"`, token_scores.py; its
+base quantities are made once, before the repeats, and timed apart). The edit is eigenprune's, p = 0.1 on
+the key matrices, scored on 16 int-sum examples. Ratios are per repeat (median and range), in wall time and
+in the process's CPU time (with --threads 1 the work done, which other processes on the machine disturb
+far less than the wall clock).
 
 Peak memory is the process's resident peak (VmHWM, reset through /proc/self/clear_refs before each pass),
 so it includes Python, torch and the model; the bound the issue sets is 1.5 × the weights + 1 GiB.
 The base pass, uncached and then read from the cache (`base_cache.py`), is timed too; the new pass's
-numbers must match the old one's (per document, relative 1e-5; the script exits 1 otherwise).
+numbers must match the old one's (per document, relative 1e-5; the script exits 1 otherwise); the linear
+pass's KL is compared with the exact pass's (per token and per document) and reported, not required.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from bench import load, machine, set_threads, shuffled_examples  # noqa: E402
 from eigenprune.core.batching import batches  # noqa: E402
 from eigenprune.core.positions import prompt_lengths  # noqa: E402
 from eigenprune.evaluation import side_effects as se  # noqa: E402
+from eigenprune.evaluation import token_scores  # noqa: E402
 
 WIDE = "wide-vocab"
 GIB = 1 << 30
@@ -87,7 +92,7 @@ def old_measure(model, probe) -> tuple[np.ndarray, np.ndarray]:
             nll_tok = torch.logsumexp(z, -1) - z.gather(1, labels)[:, 0]
             nll[index] = se._per_doc(torch.where(scored, nll_tok, 0.0), len(index))
             base_logits = probe._head(probe._hidden[i])
-            kl_tok = se.kl_per_token(base_logits.flatten(0, 1).float(), z)
+            kl_tok = token_scores.kl_per_token(base_logits.flatten(0, 1).float(), z)
             kl[index] = se._per_doc(torch.where(scored, kl_tok, 0.0), len(index))
     return nll, kl
 
@@ -107,6 +112,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     set_threads(args.threads)
+    load_before = os.getloadavg()
     model, tok = wide_vocab() if args.model == WIDE else load(args.model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     docs = se.load_documents()[: args.docs]
@@ -129,30 +135,48 @@ def main(argv=None) -> int:
     from eigenprune.edits.freeze import FreezeConfig, applied
 
     run = score_run(model, tok, shuffled_examples("int-sum")[:16], targets="key", progress=False)
-    times: dict[str, list[float]] = {"bare": [], "old": [], "new": []}
+    names = ["bare", "old", "new", "linear"]
+    times: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     peaks: dict[str, int] = {}
     results = {}
+    linear = se.SideEffectProbe(model, tok, docs, args.batch_size, args.max_tokens, kl="linear")
     with applied(model, run.edit(FreezeConfig(p=0.1))):
+        start = time.perf_counter()
+        linear._linear_base(torch.device("cpu"))
+        linear_base_s = time.perf_counter() - start
         passes = {"bare": lambda: bare(model, probe), "old": lambda: old_measure(model, probe),
-                  "new": lambda: probe.measure(model)}
-        names = list(passes)
+                  "new": lambda: probe.measure(model), "linear": lambda: linear.measure(model)}
         for r in range(args.repeats):
-            for name in names[r % 3:] + names[: r % 3]:
+            for name in names[r % 4:] + names[: r % 4]:
                 _reset_peak()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 results[name] = passes[name]()
                 times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
                 peaks[name] = max(peaks.get(name, 0), _peak())
     old_nll, old_kl = results["old"]
     new = results["new"]
     same = bool(np.allclose(new.nll, old_nll, rtol=1e-5) and np.allclose(new.kl, old_kl, rtol=1e-5, atol=1e-9))
-    ratio = {k: [t / b for t, b in zip(times[k], times["bare"], strict=True)] for k in ("old", "new")}
+    ratio = {k: [t / b for t, b in zip(times[k], times["bare"], strict=True)] for k in names[1:]}
+    cpu_ratio = {k: [t / b for t, b in zip(cpu[k], cpu["bare"], strict=True)] for k in names[1:]}
+    lin = results["linear"]
+    assert lin.kl_path == "linear" and new.kl_path == "exact"
+    mean_kl = float(new.kl.sum() / new.tokens.sum())
     out = {"model": args.model, "vocab": probe.vocab, "documents": len(docs), "tokens": probe.n_tokens,
            "weights_bytes": weights, "repeats": args.repeats, "times_s": times,
            "base_pass_uncached_s": base_uncached, "base_pass_cached_s": base_cached,
            **{f"{k}_over_bare_median": statistics.median(v) for k, v in ratio.items()},
            **{f"{k}_over_bare_range": [min(v), max(v)] for k, v in ratio.items()},
-           "peak_rss_bytes": peaks, "peak_bound_bytes": int(1.5 * weights + GIB),
+           "cpu_s": cpu, **{f"{k}_over_bare_cpu_median": statistics.median(v) for k, v in cpu_ratio.items()},
+           **{f"{k}_over_bare_cpu_range": [min(v), max(v)] for k, v in cpu_ratio.items()},
+           "linear_base_s": linear_base_s, "mean_kl_exact": mean_kl,
+           "mean_kl_linear": float(lin.kl.sum() / lin.tokens.sum()),
+           "linear_nll_bits_equal": bool(np.array_equal(lin.nll, new.nll)),
+           "linear_max_abs_diff_kl_per_token_by_doc": float(np.max(np.abs(lin.kl - new.kl) / new.tokens)),
+           "linear_max_rel_diff_kl_by_doc": float(np.max(np.abs(lin.kl - new.kl) / np.abs(new.kl))),
+           "peak_rss_bytes": peaks, "peak_bound_bytes": int(1.5 * weights + GIB), "load_before": load_before,
+           "load_after": os.getloadavg(),
            "new_within_bound": peaks["new"] <= 1.5 * weights + GIB,
            "same_numbers": same, "max_rel_diff_nll": float(np.max(np.abs(new.nll - old_nll) / np.abs(old_nll))),
            "max_rel_diff_kl": float(np.max(np.abs(new.kl - old_kl) / np.maximum(np.abs(old_kl), 1e-12))),

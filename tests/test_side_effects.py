@@ -19,6 +19,7 @@ from eigenprune.edits.decompose import decompose_targets
 from eigenprune.edits.freeze import FreezeConfig, applied, make_edit
 from eigenprune.edits.scoring import ScoreConfig, score
 from eigenprune.evaluation import side_effects as se
+from eigenprune.evaluation import token_scores
 from eigenprune.evaluation.evaluate import evaluate
 from eigenprune.evaluation.stats import paired_diff_ci
 from eigenprune.evaluation.tasks import load_task
@@ -202,10 +203,10 @@ def test_kl_per_token_equals_float64_by_hand(scale):
     other = base + torch.randn(6, 50, generator=g) * scale
     logp, logq = log_softmax_by_hand(base), log_softmax_by_hand(other)
     by_hand = (logp.exp() * (logp - logq)).sum(-1)
-    got = se.kl_per_token(base, other)
+    got = token_scores.kl_per_token(base, other)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), by_hand, rtol=1e-4, atol=1e-12)  # atol: KL ~ 1e-13 at scale 1e-6
-    assert torch.equal(se.kl_per_token(base, base.clone()), torch.zeros(6))
+    assert torch.equal(token_scores.kl_per_token(base, base.clone()), torch.zeros(6))
 
 
 def test_bootstrap_intervals_equal_resampling_documents_by_hand():
@@ -307,7 +308,7 @@ def test_chunks_over_rows_give_the_same_numbers_and_no_forward_holds_all_logits(
         want = whole.measure(model)
     shapes = []
     handle = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
-    monkeypatch.setattr(se, "CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5 rows a chunk
+    monkeypatch.setattr(token_scores, "CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5 rows a chunk
     try:
         chunked = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, cache=False)
         with applied(model, edit):

@@ -18,7 +18,8 @@ log-probs that is tokens × vocab (10,901 × 49,152 in float32 on SmolLM2-135M: 
 keeps instead the base's final hidden states (tokens × d_model: 25 MiB) and a copy of its LM head,
 and recomputes the base logits with one head matmul per chunk of rows: exact (the same values as the
 base pass) for one head's share of a forward. No step holds batch × positions × vocab: the model's
-own head runs on the last position only, and NLL and KL run over chunks of rows (`SideEffectProbe`).
+own head runs on the last position only, and NLL and KL run over chunks of rows in reused buffers
+(`token_scores.py`, which also holds the opt-in linear path: KL without the base's logits).
 The base pass is cached on disk across processes (`base_cache.py`), so a study's cells and folds
 share it.
 """
@@ -46,9 +47,11 @@ from eigenprune.evaluation.evaluate import _evaluating, evaluate
 from eigenprune.evaluation.splits import split_task
 from eigenprune.evaluation.stats import Accuracy, accuracy_ci, bootstrap_means, paired_diff_ci
 from eigenprune.evaluation.tasks import Task, load_task
+from eigenprune.evaluation.token_scores import LinearBase, RowScorer, linear_ok, plain_linear
 
 SHINGLE_WORDS = 8  # documents sharing a run of this many words with excluded text are left out
 BASE = "base"
+KL_PATHS = ("exact", "linear")  # token_scores.py: exact (the default, op for op) or linear (opt-in, 1e-7 to 1e-6 off)
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class TextScores:
     kl: np.ndarray  # (docs,) summed KL(base ‖ this model) over the same positions; zeros for the base
     tokens: np.ndarray  # (docs,) scored tokens
     wall_s: float
+    kl_path: str = "exact"  # how KL was computed: "exact" or "linear" (token_scores.py)
 
 
 def _encode(tokenizer, doc: Document, max_tokens: int | None) -> Encoded:
@@ -124,11 +128,6 @@ def _encode(tokenizer, doc: Document, max_tokens: int | None) -> Encoded:
     if len(ids) < 2:
         raise UsageError(f"side-effect document {doc.id} has fewer than 2 tokens; nothing to score")
     return Encoded(tuple(ids[:1]), tuple(ids[1:]))  # prompt = the first token (module docstring)
-
-
-CHUNK_ELEMENTS = 1 << 24  # rows × vocabulary of each vocabulary-wide temporary (64 MiB in float32); smaller
-# chunks cost time (the head matmul and the reductions run on fewer rows): 152k vocabulary, d_model 64, 768 rows:
-# 9.4 s unchunked, 12.1 s at 110 rows a chunk (this value), 13.0 s at 55, 18.4 s at 27 (bench/README.md)
 
 
 @contextlib.contextmanager
@@ -151,14 +150,6 @@ def _head_input(head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def _direct(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    head._eigenprune_bypass = True
-    try:
-        return head(x)
-    finally:
-        head._eigenprune_bypass = False
-
-
 class SideEffectProbe:
     """The base model's pass over the documents, kept so `measure` can score any edit against it.
 
@@ -167,13 +158,21 @@ class SideEffectProbe:
     read from the cache (`base_cache.py`) when this model, dtype, sample and torch set-up made it before.
 
     Each forward runs the LM head on its last position only and keeps the head's input; NLL and KL then run
-    over the rows in chunks of `CHUNK_ELEMENTS` // vocab rows (the head, log-sum-exp, the base's head and
-    KL per chunk), so memory holds a few chunk × vocab tensors, not batch × positions × vocab. Every row is
-    computed as before, by the same operations: a batch that fits in one chunk gives the same bits.
+    over the rows in chunks (`token_scores.RowScorer`: the head, log-sum-exp, the base's head and KL per
+    chunk, in four reused chunk × vocab buffers), not over batch × positions × vocab. Every row is computed
+    by the operations `torch.logsumexp` and `kl_per_token` run: a batch that fits in one chunk gives the same
+    bits as calling them on the whole batch. `kl="linear"` opts into the linear path where it applies
+    (`token_scores.linear_ok`; the exact path otherwise): KL from the edit's own head and log-sum-exp, 1e-7
+    to a few 1e-6 nats a token off the exact path; each `TextScores.kl_path` says which ran.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, documents: Sequence[Document], batch_size: int = 8,
-                 max_tokens: int | None = None, progress: bool = False, cache: bool = True) -> None:
+                 max_tokens: int | None = None, progress: bool = False, cache: bool = True,
+                 kl: str = "exact") -> None:
+        if kl not in KL_PATHS:
+            raise UsageError(f"unknown KL path {kl!r}; choose one of {', '.join(KL_PATHS)}")
+        self.kl = kl
+        self._linear: LinearBase | None = None
         if not documents:
             raise UsageError("the side-effect sample is empty")
         if batch_size < 1:
@@ -216,6 +215,9 @@ class SideEffectProbe:
         device = next(model.parameters()).device
         head = model.get_submodule(self._head_name)
         base_head = self._head.to(device) if base_hidden is not None else None
+        plain = plain_linear(head)  # decided before the head is hooked
+        linear = self.kl == "linear" and base_head is not None and linear_ok(head, base_head)
+        scorer = None
         start = time.perf_counter()
         with _evaluating(model), _head_input(head) as grabbed:
             what = f"side effects: {name}"
@@ -229,6 +231,8 @@ class SideEffectProbe:
                 hidden = grabbed[-1]  # (batch, pos, d_model)
                 if i == 0:
                     self._check_head(head, hidden, last)
+                    scorer = RowScorer(head, last.shape[-1], device, plain, base_head,
+                                       base_head is not None and plain_linear(base_head))
                 if base_hidden is None:
                     self.vocab = last.shape[-1]
                     self._hidden.append(hidden.cpu())
@@ -237,48 +241,35 @@ class SideEffectProbe:
                                      f"base's ({self.vocab}); side effects compare models of one tokenizer")
                 # every position but padding is scored (prompt = the first token): work on all rows, in chunks
                 rows = hidden.flatten(0, 1)  # (rows, d_model) rows = batch * pos
-                base_rows = base_hidden[i].to(device).flatten(0, 1) if base_hidden is not None else None
                 labels = batch.labels.flatten().clamp(min=0)[:, None]  # (rows, 1)
-                nll_tok = torch.empty(len(rows), device=device)  # (rows,)
-                kl_tok = torch.empty(len(rows), device=device) if base_hidden is not None else None
-                step = max(1, CHUNK_ELEMENTS // last.shape[-1])
-                for r in range(0, len(rows), step):
-                    z = _direct(head, rows[r:r + step]).float()  # (chunk, vocab)
-                    nll_tok[r:r + step] = torch.logsumexp(z, -1) - z.gather(1, labels[r:r + step])[:, 0]
-                    if base_rows is not None:
-                        kl_tok[r:r + step] = kl_per_token(base_head(base_rows[r:r + step]).float(), z)
+                kl_tok = None
+                if base_hidden is None:
+                    nll_tok = scorer.nll(rows, labels)  # (rows,)
+                elif linear:
+                    nll_tok, kl_tok = self._linear_base(device).nll_kl(scorer, i, rows, labels,
+                                                                        base_hidden[i].to(device).flatten(0, 1))
+                else:
+                    nll_tok, kl_tok = scorer.nll_kl(rows, labels, base_hidden[i].to(device).flatten(0, 1))
                 scored = (batch.labels != -100).flatten()  # (rows,)
                 index = batch.index.cpu().numpy()  # (batch,) positions of the documents
                 nll[index] = _per_doc(torch.where(scored, nll_tok, 0.0), len(index))
                 tokens[index] = _per_doc(scored, len(index))
                 if kl_tok is not None:
                     kl[index] = _per_doc(torch.where(scored, kl_tok, 0.0), len(index))
-        return TextScores(nll, kl, tokens, time.perf_counter() - start)
+        return TextScores(nll, kl, tokens, time.perf_counter() - start, "linear" if linear else "exact")
+
+    def _linear_base(self, device: torch.device) -> LinearBase:
+        """The linear path's base quantities, made from the stored head inputs on first use (not cached on disk)."""
+        if self._linear is None:
+            self._linear = LinearBase(RowScorer(self._head.to(device), self.vocab, device, True), self._hidden)
+        return self._linear
 
     @staticmethod
     def _check_head(head: torch.nn.Module, hidden: torch.Tensor, last: torch.Tensor) -> None:
-        again = _direct(head, hidden[:, -1:])
+        again = RowScorer._logits(head, False, hidden[:, -1:], None)
         if again.shape != last.shape or not torch.allclose(again.float(), last.float(), rtol=1e-4, atol=1e-4):
             raise UsageError("this model's logits are not its LM head's output (scaled or soft-capped after the "
                              "head?), which side effects' KL relies on; turn side effects off for it")
-
-
-def kl_per_token(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(base) ‖ softmax(logits)) per row: (tokens, vocab) ×2 -> (tokens,).
-
-    With d = base − logits shifted so that Σ p d = 0 (softmax ignores shifts), KL = log Σ p e^(−d)
-    = log1p(Σ p (e^(−d) − 1 + d)), a sum of non-negative terms whose float32 error scales with the change:
-    on 49,152-wide random logits at KL 5e-7 nats its error is 1e-11, where Σ p (log p − log q) in float32
-    is off by 2.6e-7 (half the value) from rounding log-probs near −10.
-    """
-    p = torch.softmax(base_logits, -1)  # (tokens, vocab)
-    d = base_logits - logits  # (tokens, vocab); below it is reused in place, to hold few vocab-wide tensors
-    d -= torch.linalg.vecdot(p, d)[:, None]
-    t = torch.expm1(d.neg_()).sub_(d)  # e^(−d) − 1 + d
-    kl = torch.log1p(torch.linalg.vecdot(p, t))  # (tokens,)
-    if not torch.isfinite(kl).all():  # e^(−d) overflowed: an edit that broke the model; stay in log space
-        kl = torch.where(torch.isfinite(kl), kl, torch.logsumexp(torch.log_softmax(base_logits, -1) + d, -1))
-    return kl
 
 
 def _per_doc(values: torch.Tensor, n_docs: int) -> np.ndarray:
@@ -315,8 +306,9 @@ class SideEffects:
 
     def __init__(self, model: torch.nn.Module, tokenizer, documents: Sequence[Document], also: Sequence[str] = (),
                  also_limit: int | None = None, batch_size: int = 8, eval_batch_size: int = 16,
-                 max_tokens: int | None = None, progress: bool = False, cache: bool = True) -> None:
-        self.text = SideEffectProbe(model, tokenizer, documents, batch_size, max_tokens, progress, cache)
+                 max_tokens: int | None = None, progress: bool = False, cache: bool = True,
+                 kl: str = "exact") -> None:
+        self.text = SideEffectProbe(model, tokenizer, documents, batch_size, max_tokens, progress, cache, kl)
         self.tasks = TaskProbe(model, tokenizer, also, also_limit, eval_batch_size, progress) if also else None
         self.edits: dict[str, tuple[TextScores, dict[str, np.ndarray]]] = {}
 
