@@ -122,6 +122,7 @@ def test_compare_reports_the_seed_rank(sums_setup, tmp_path):
     out = tmp_path / "c"
     code = main(["compare", "--model", str(model), "--task", str(task), "--limit", "20", "--split-seed", "2",
                  "--targets", "all", "--partners", "2", "--n-boot", "100", "--quiet", "--no-side-effects",
+                 "--select", "accuracy",  # an edit, so the draws freeze components (1se keeps the base here)
                  "--p", "0.5,0.9", "--methods", "eigenprune,random", "--set", "random.seeds=3", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "comparison.json").read_text())

@@ -34,12 +34,13 @@ split_seed = 2
 p = {p}
 partners = "2"
 n_boot = 50
-select = "accuracy"  # on 12 examples the default "1se" keeps the base model; these tests need real edits
-{extra}
+{select}{extra}
 [method_args.random]
 seeds = 2
 """
 P = "[0.1, 0.3, 0.5]"
+# on 12 examples the default rule ("1se") keeps the base model; these tests need real edits
+ACCURACY = 'select = "accuracy"\n'
 COMPARE = compare_module.compare
 
 
@@ -57,7 +58,7 @@ def folder(tmp_path_factory):
 
 def spec(folder: Path, name: str = "study.toml", p: str = P, extra: str = "") -> Path:
     path = folder / name
-    path.write_text(STUDY.format(p=p, extra=extra))
+    path.write_text(STUDY.format(p=p, extra=extra, select=ACCURACY))
     return path
 
 
@@ -236,7 +237,7 @@ def test_an_out_that_is_not_a_study_is_refused(folder, tmp_path):
     assert code == 2 and "not a study folder" in err and listing(tmp_path / "o") == {"mine.txt": b"keep"}
 
 
-GOOD = STUDY.format(p=P, extra="")
+GOOD = STUDY.format(p=P, extra="", select="")  # the error cases' line numbers count this text's lines
 BAD = {  # name: (spec text, what the one line must say, the line it must name)
     "unknown key": (GOOD.replace("models =", "modles ="), "unknown key 'modles' in [study]", 2),
     "unknown section": (GOOD + "\n[setings]\nlimit = 3\n", "unknown section 'setings'", 17),
