@@ -77,6 +77,17 @@ def bare(model, probe) -> None:
                 model(**batch.model_inputs(), use_cache=False)
 
 
+def nll_floor(model, probe) -> None:
+    """The bare forward plus what perplexity alone needs of its logits: a log-sum-exp over the vocabulary and
+    the gold token's logit, per token. Any side-effect pass does at least this much (no KL at all)."""
+    with torch.inference_mode():
+        for batch in batches(probe.encoded, probe.batch_size, probe.pad_id):
+            with prompt_lengths(model, batch.prompt_lengths):
+                logits = model(**batch.model_inputs(), use_cache=False).logits  # (batch, pos, vocab)
+            z = logits.flatten(0, 1).float()
+            torch.logsumexp(z, -1) - z.gather(1, batch.labels.flatten().clamp(min=0)[:, None])[:, 0]
+
+
 def old_measure(model, probe) -> tuple[np.ndarray, np.ndarray]:
     """The edited pass as it was before chunking: per document NLL and KL."""
     n = len(probe.encoded)
@@ -135,7 +146,7 @@ def main(argv=None) -> int:
     from eigenprune.edits.freeze import FreezeConfig, applied
 
     run = score_run(model, tok, shuffled_examples("int-sum")[:16], targets="key", progress=False)
-    names = ["bare", "old", "new", "linear"]
+    names = ["bare", "old", "new", "linear", "nll_floor"]
     times: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
     peaks: dict[str, int] = {}
@@ -146,9 +157,10 @@ def main(argv=None) -> int:
         linear._linear_base(torch.device("cpu"))
         linear_base_s = time.perf_counter() - start
         passes = {"bare": lambda: bare(model, probe), "old": lambda: old_measure(model, probe),
-                  "new": lambda: probe.measure(model), "linear": lambda: linear.measure(model)}
+                  "new": lambda: probe.measure(model), "linear": lambda: linear.measure(model),
+                  "nll_floor": lambda: nll_floor(model, probe)}
         for r in range(args.repeats):
-            for name in names[r % 4:] + names[: r % 4]:
+            for name in names[r % len(names):] + names[: r % len(names)]:
                 _reset_peak()
                 start, start_cpu = time.perf_counter(), time.process_time()
                 results[name] = passes[name]()

@@ -135,7 +135,8 @@ def test_side_effects_bench_matches_the_old_pass(tmp_path):
                               "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["same_numbers"] and r["bits_equal"] and r["new_over_bare_median"] > 0 and r["old_over_bare_median"] > 0
-    assert set(r["peak_rss_bytes"]) == {"bare", "old", "new", "linear"} and r["base_pass_cached_s"] > 0
+    assert set(r["peak_rss_bytes"]) == {"bare", "old", "new", "linear", "nll_floor"} and r["base_pass_cached_s"] > 0
+    assert r["nll_floor_over_bare_median"] > 0
     assert r["linear_over_bare_median"] > 0 and r["linear_nll_bits_equal"]  # the opt-in path: same NLL, KL close
     assert r["linear_max_abs_diff_kl_per_token_by_doc"] < 1e-6
 
