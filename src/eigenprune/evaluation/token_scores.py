@@ -160,10 +160,11 @@ class LinearBase:
             rows = h.to(scorer.device).flatten(0, 1)  # (rows, d_model)
             lse = torch.empty(len(rows), dtype=torch.float64, device=scorer.device)
             g = torch.empty(len(rows), rows.shape[1], dtype=torch.float64, device=scorer.device)
-            scorer.nll(rows, torch.zeros(len(rows), 1, dtype=torch.long, device=scorer.device), lse)
-            for r in range(0, len(rows), scorer.step):
-                zb, _, p, _ = scorer._bufs(min(scorer.step, len(rows) - r))
-                zb = scorer._logits(scorer.head, True, rows[r:r + scorer.step], zb)
+            for r in range(0, len(rows), scorer.step):  # one head matmul a chunk serves both lse and p_b
+                zb, _, p, t = scorer._bufs(min(scorer.step, len(rows) - r))
+                zb = scorer._logits(scorer.head, scorer.plain, rows[r:r + scorer.step], zb)
+                labels = torch.zeros(len(zb), 1, dtype=torch.long, device=scorer.device)  # the NLL is unused
+                scorer._nll_chunk(zb, labels, t, lse, r)  # lse's bits as `nll` makes them (zb is left intact)
                 _softmax_out(zb, -1, False, out=p)
                 g[r:r + scorer.step] = torch.mm(p, weight).double()  # (n, d_model)
             self.g.append(g)
