@@ -137,6 +137,7 @@ def _no_work_shared_between_tests():
     decompose.SHARED.clear()
     base_memo.SHARED.clear()
     base_cache._MEMORY.clear()
+    base_cache._LINEAR_MEMORY.clear()
     yield
 
 

@@ -46,3 +46,23 @@ def test_an_unknown_also_task_is_one_line(sums_setup, tmp_path, capsys):
 @pytest.fixture(scope="session")
 def setup(sums_setup):
     return sums_setup
+
+
+def test_side_effect_kl_linear_is_recorded_and_said_and_close_to_the_exact_kl(sums_setup, tmp_path):
+    from eigenprune.evaluation.side_effects import KL_PATHS
+    from eigenprune.protocol.config import RunConfig, compare_settings
+    from eigenprune.protocol.defaults import KL_PATHS as FLAG_CHOICES
+
+    assert FLAG_CHOICES == KL_PATHS  # the flag's choices, spelled torch-free, are the probe's
+    exact = run(sums_setup, tmp_path / "exact")["side_effects"]["models"]["edit (p = 0.5)"]["kl"]
+    linear = run(sums_setup, tmp_path / "linear", "--side-effect-kl", "linear")["side_effects"]
+    kl = linear["models"]["edit (p = 0.5)"]["kl"]
+    assert "path" not in exact and kl["path"] == "linear" and "path" not in linear["models"]["base"]
+    assert kl["value"] == pytest.approx(exact["value"], rel=1e-3)  # float32 rounding apart, the same KL
+    assert "by the linear path (`--side-effect-kl linear`)" in (tmp_path / "linear" / "report.md").read_text()
+    assert "linear path" not in (tmp_path / "exact" / "report.md").read_text()
+    # a comparison (a study cell's identity) records it only off its default, so finished cells keep their hash
+    assert "side_effect_kl" not in compare_settings(RunConfig(task="x"))
+    assert compare_settings(RunConfig(task="x", side_effect_kl="linear"))["side_effect_kl"] == "linear"
+    with pytest.raises(ValueError, match="side_effect_kl must be one of exact, linear"):
+        RunConfig(task="x", side_effect_kl="fast")

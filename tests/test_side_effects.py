@@ -308,7 +308,8 @@ def test_chunks_over_rows_give_the_same_numbers_and_no_forward_holds_all_logits(
         want = whole.measure(model)
     shapes = []
     handle = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
-    monkeypatch.setattr(token_scores, "CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5 rows a chunk
+    monkeypatch.setattr(token_scores, "CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5 rows a chunk,
+    monkeypatch.setattr(token_scores, "HEAD_SHARE", 10**9)  # whatever d_model
     try:
         chunked = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, cache=False)
         with applied(model, edit):

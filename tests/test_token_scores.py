@@ -151,3 +151,53 @@ def test_an_unknown_kl_path_is_one_usage_error(documents):  # noqa: F811
     model, tok = build("llama")
     with pytest.raises(UsageError, match="unknown KL path 'fast'; choose one of exact, linear"):
         se.SideEffectProbe(model, tok, documents, max_tokens=MAX_TOKENS, kl="fast")
+
+
+# -- chunk size and the linear path's cache -----------------------------------------------------------------
+
+def test_a_chunk_has_at_least_a_quarter_of_d_model_rows(monkeypatch):
+    """Gemma-3's head (262k × 640) got 32-row chunks from CHUNK_ELEMENTS alone, each re-reading the 671 MB head;
+    d_model / HEAD_SHARE rows bound that. Heads up to 4 × CHUNK_ELEMENTS (SmolLM2's 49k × 576, every test
+    model) keep their chunks, hence their bits; chunks of the new size still give the bits of the calls."""
+    assert ts.RowScorer(None, 262_144, torch.device("cpu"), True, d_model=640).step == 160
+    assert ts.RowScorer(None, 49_152, torch.device("cpu"), True, d_model=576).step == ts.CHUNK_ELEMENTS // 49_152
+    assert ts.RowScorer(None, VOCAB, torch.device("cpu"), True, d_model=D).step == ts.CHUNK_ELEMENTS // VOCAB
+    monkeypatch.setattr(ts, "CHUNK_ELEMENTS", VOCAB)  # one row a chunk but for d_model
+    head, _ = heads(True)
+    torch.manual_seed(2)
+    base_head = torch.nn.Linear(D, VOCAB).requires_grad_(False)
+    x, labels, base_x = rows(0.3)
+    with torch.inference_mode():
+        scorer = ts.RowScorer(head, VOCAB, torch.device("cpu"), True, base_head, True, d_model=20)
+        assert scorer.step == 5  # three chunks of 13 rows
+        want = by_calls(head, base_head, x, labels, base_x, 5)
+        for got, w in zip(scorer.nll_kl(x, labels, base_x), want, strict=True):
+            assert torch.equal(got, w)
+
+
+def test_the_linear_base_is_made_once_and_cached_beside_the_base_pass(documents, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("EIGENPRUNE_CACHE", str(tmp_path))
+    model, tok, edit = edited("llama", 0.4)
+    built = []
+    make = ts.LinearBase.__init__
+    monkeypatch.setattr(ts.LinearBase, "__init__", lambda self, *a: (built.append(1), make(self, *a))[1])
+    first = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
+    with applied(model, edit):
+        want = first.measure(model)
+    assert built == [1] and want.kl_path == "linear"
+    entries = sorted(p.name for p in (tmp_path / "side-effects-v1").iterdir())
+    assert len(entries) == 2 and entries[1] == entries[0] + se.base_cache.LINEAR
+    se.base_cache._MEMORY.clear()
+    se.base_cache._LINEAR_MEMORY.clear()  # read back from disk, as another process would
+    again = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
+    with applied(model, edit):
+        got = again.measure(model)
+    assert built == [1]  # read, not made again
+    for a, b in zip(again._linear.g + again._linear.lse, first._linear.g + first._linear.lse, strict=True):
+        assert torch.equal(a, b)
+    np.testing.assert_array_equal(got.kl, want.kl)
+    np.testing.assert_array_equal(got.nll, want.nll)
+    other = se.SideEffectProbe(model, tok, documents[:4], batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
+    with applied(model, edit):
+        other.measure(model)
+    assert built == [1, 1]  # another sample: its own entry

@@ -13,6 +13,10 @@ Hashing the weights reads them once (about 1 s for SmolLM2-135M's 540 MB); the p
 
 The process also keeps the last `MEMORY_ENTRIES` entries in memory, cache on or off: a study's cells share
 the pass without reading it back (or, with `$EIGENPRUNE_CACHE=off`, without making it again).
+
+The linear KL path's base quantities (`token_scores.LinearBase`: g = Wᵀp_b and lse(z_b) per scored row, made
+from the stored hidden states with one more pass of the base's head) sit in an entry of their own under the
+same key plus `LINEAR`, made the first time some probe asks for them (`load_linear`, `save_linear`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ from eigenprune.core.models import cache_root, fill_entry, intact
 
 LAYOUT = "side-effects-v1"  # bump when an entry's contents change
 _FILE = "base.safetensors"
+LINEAR = "-linear"  # the entry of the linear path's base quantities: the base entry's name plus this
+_LINEAR_FILE = "linear.safetensors"
 MEMORY_ENTRIES = 2  # SmolLM2-135M's entry for the packaged sample: about 25 MiB of hidden states
 _MEMORY: OrderedDict[str, tuple] = OrderedDict()
+_LINEAR_MEMORY: OrderedDict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()  # base key ->
 
 
 def key(model: torch.nn.Module, encoded: Sequence[Encoded], batch_size: int) -> str:
@@ -101,3 +108,43 @@ def save(name: str, nll: np.ndarray, tokens: np.ndarray, hidden: list[torch.Tens
 
     return fill_entry(_entry(name), write, {"layout": LAYOUT, "batches": len(hidden), "vocab": vocab,
                                             "wall_s": wall_s}, "side-effect cache", _FILE)
+
+
+def load_linear(name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """The linear path's (g per batch, lse per batch) for the base entry `name`, or None on a miss."""
+    from safetensors.torch import load_file
+
+    if name in _LINEAR_MEMORY:
+        g, lse = _LINEAR_MEMORY[name]
+        _LINEAR_MEMORY.move_to_end(name)
+        return list(g), list(lse)
+    if cache_root() is None or not intact(_entry(name + LINEAR), _LINEAR_FILE):
+        return None
+    batches = json.loads((_entry(name + LINEAR) / "manifest.json").read_text())["batches"]
+    tensors = load_file(_entry(name + LINEAR) / _LINEAR_FILE)
+    found = [tensors[f"g.{i}"] for i in range(batches)], [tensors[f"lse.{i}"] for i in range(batches)]
+    _remember_linear(name, found)
+    return list(found[0]), list(found[1])
+
+
+def save_linear(name: str, g: list[torch.Tensor], lse: list[torch.Tensor]) -> bool:
+    """Remember the linear path's base quantities in memory and, with the cache on, on disk (False if not)."""
+    from safetensors.torch import save_file
+
+    _remember_linear(name, (list(g), list(lse)))
+    if cache_root() is None:
+        return False
+
+    def write(folder: Path) -> None:
+        save_file({**{f"g.{i}": t.cpu().contiguous() for i, t in enumerate(g)},
+                   **{f"lse.{i}": t.cpu().contiguous() for i, t in enumerate(lse)}}, folder / _LINEAR_FILE)
+
+    return fill_entry(_entry(name + LINEAR), write, {"layout": LAYOUT, "batches": len(g)},
+                      "side-effect cache", _LINEAR_FILE)
+
+
+def _remember_linear(name: str, found: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+    _LINEAR_MEMORY[name] = found
+    _LINEAR_MEMORY.move_to_end(name)
+    while len(_LINEAR_MEMORY) > MEMORY_ENTRIES:
+        _LINEAR_MEMORY.popitem(last=False)

@@ -191,7 +191,7 @@ class SideEffectProbe:
         self._head = copy.deepcopy(head)  # the base head, even if the caller then edits the model in place
         self._hidden: list[torch.Tensor] = []  # per batch (batch, pos, d_model), the head's input, on CPU
         self.vocab = 0
-        key = base_cache.key(model, self.encoded, batch_size) if cache else None
+        self._key = key = base_cache.key(model, self.encoded, batch_size) if cache else None
         stored = base_cache.load(key) if key else None
         if stored is not None:
             nll, tokens, self._hidden, self.vocab, wall = stored
@@ -232,7 +232,7 @@ class SideEffectProbe:
                 if i == 0:
                     self._check_head(head, hidden, last)
                     scorer = RowScorer(head, last.shape[-1], device, plain, base_head,
-                                       base_head is not None and plain_linear(base_head))
+                                       base_head is not None and plain_linear(base_head), hidden.shape[-1])
                 if base_hidden is None:
                     self.vocab = last.shape[-1]
                     self._hidden.append(hidden.cpu())
@@ -259,9 +259,17 @@ class SideEffectProbe:
         return TextScores(nll, kl, tokens, time.perf_counter() - start, "linear" if linear else "exact")
 
     def _linear_base(self, device: torch.device) -> LinearBase:
-        """The linear path's base quantities, made from the stored head inputs on first use (not cached on disk)."""
+        """The linear path's base quantities: made from the stored head inputs on first use, and cached beside the
+        base pass (`base_cache.save_linear`), so the folds, cells and later runs of a study make them once."""
         if self._linear is None:
-            self._linear = LinearBase(RowScorer(self._head.to(device), self.vocab, device, True), self._hidden)
+            stored = base_cache.load_linear(self._key) if self._key else None
+            if stored is not None:
+                self._linear = LinearBase.stored(*([t.to(device) for t in part] for part in stored))
+            else:
+                scorer = RowScorer(self._head.to(device), self.vocab, device, True, d_model=self._hidden[0].shape[-1])
+                self._linear = LinearBase(scorer, self._hidden)
+                if self._key:
+                    base_cache.save_linear(self._key, self._linear.g, self._linear.lse)
         return self._linear
 
     @staticmethod
@@ -372,6 +380,8 @@ def summarize(probe: SideEffectProbe, edits: Mapping[str, TextScores], tasks: Ta
         models[name] = {"perplexity": perplexity_ci(scores, n_boot, seed, level),
                         "delta_perplexity": delta_perplexity_ci(base, scores, n_boot, seed, level),
                         "kl": kl_ci(scores, n_boot, seed, level), "wall_s": scores.wall_s}
+        if scores.kl_path != "exact":  # recorded only off the default, so reports of exact KL keep their keys
+            models[name]["kl"]["path"] = scores.kl_path
     also = {}
     if tasks is not None:
         also = {spec: {"name": name, "eval_mode": mode, "n": len(examples)}

@@ -1,7 +1,8 @@
 """Per-token NLL and KL(base ‖ edit) from LM-head inputs: the vocabulary-wide work of a side-effect pass.
 
 A side-effect pass (`side_effects.SideEffectProbe`) keeps each forward's LM-head input, rows × d_model, and
-scores the rows here in chunks of `CHUNK_ELEMENTS` // vocab rows, so no step holds rows × vocab.
+scores the rows here in chunks of `CHUNK_ELEMENTS` // vocab rows (at least d_model / `HEAD_SHARE`), so no step
+holds rows × vocab.
 
 The exact path (`RowScorer`, the default). Per chunk: the head's logits z, NLL = logsumexp(z) − z[label], and
 against the base the base head's logits and `kl_per_token`. It runs the very ops `torch.logsumexp` and
@@ -21,7 +22,8 @@ there). An edit that leaves a row's head input bit-identical gets KL exactly 0. 
 from the exact path's by the float32 rounding of the logits that the exact path sees and this one does not,
 Σ_v p_b,v (δ_b,v − δ_e,v), plus the float32 rounding of the two sums of exponentials: 1e-7 (tiny models) to
 a few 1e-6 (SmolLM2) nats a token whatever the KL (bench/README.md), so a near-zero KL may come out slightly
-negative. Its base quantities are made per probe on first use, not cached on disk (about one base pass).
+negative. Its base quantities are made on first use (about one pass of the base's head) and cached beside the
+base pass (`base_cache.save_linear`).
 It needs the head to be a plain float32 `nn.Linear` with the base's weights (`linear_ok`); the probe falls
 back to the exact path otherwise. Scaling or soft-capping after the head is refused before either path runs.
 """
@@ -35,6 +37,12 @@ CHUNK_ELEMENTS = 1 << 23  # rows × vocabulary of each (chunk, vocab) buffer: 32
 # ones keep the buffers in cache: 768 rows on 2 cores (bench/README.md), CPU seconds for the exact path per
 # rows a chunk: 152k vocabulary, d_model 64: 1.48 at 32, 1.31 at 64, 1.48 at 128, 1.60 at 256;
 # 49k vocabulary, d_model 576: 2.28 at 32, 1.82 at 64, 1.58 at 128, 1.71 at 341, 1.72 at 768.
+
+HEAD_SHARE = 4  # and at least d_model / 4 rows, so the four buffers together may grow to the head's own size:
+# every chunk's matmul reads the whole head (vocab × d_model), and below d_model / 4 rows re-reading it costs more
+# than the chunk's vocabulary-wide work. It changes only a large vocabulary at a large d_model: Gemma-3 270M (262k
+# × 640) 32 → 160 rows, its chunk work 2× faster (bench/README.md). A head of up to 4 × CHUNK_ELEMENTS keeps its
+# chunks, hence its bits (the matmul's may depend on the rows a call gets): SmolLM2 (49k × 576), every test model.
 
 _softmax_out = torch.ops.aten._softmax.out
 
@@ -80,9 +88,9 @@ class RowScorer:
     it hooks the head; otherwise the head module is called and its output used as the chunk's logits."""
 
     def __init__(self, head: torch.nn.Module, vocab: int, device: torch.device, plain: bool,
-                 base_head: torch.nn.Module | None = None, base_plain: bool = False) -> None:
+                 base_head: torch.nn.Module | None = None, base_plain: bool = False, d_model: int = 0) -> None:
         self.head, self.base_head, self.plain, self.base_plain = head, base_head, plain, base_plain
-        self.step = max(1, CHUNK_ELEMENTS // vocab)
+        self.step = max(1, CHUNK_ELEMENTS // vocab, d_model // HEAD_SHARE)  # rows a chunk
         self.vocab, self.device = vocab, device
         self._buffers: tuple[torch.Tensor, ...] = ()
 
@@ -150,6 +158,13 @@ class RowScorer:
 class LinearBase:
     """The base's per-row g = Wᵀ p_b (rows, d_model) and lse(z_b) (rows,), float64, for each batch of stored
     head inputs; built with the scorer the edit passes use, so an untouched row gives the same lse bits."""
+
+    @classmethod
+    def stored(cls, g: list[torch.Tensor], lse: list[torch.Tensor]) -> LinearBase:
+        """The quantities as an earlier build made them (`base_cache.load_linear`)."""
+        made = cls.__new__(cls)
+        made.g, made.lse = g, lse
+        return made
 
     @torch.inference_mode()
     def __init__(self, scorer: RowScorer, hidden: list[torch.Tensor]) -> None:

@@ -42,7 +42,8 @@ class FoldSideEffects:
         self.model, self.n_boot, self.n_folds, self.name = model, cfg.n_boot, n_folds, name
         own, lm_tasks = split_also(cfg.also)
         self.effects = SideEffects(model, tokenizer, sample_for_task(task), also=own, max_tokens=context,
-                                   eval_batch_size=cfg.eval_batch_size, progress=not quiet)  # documents cut to fit
+                                   eval_batch_size=cfg.eval_batch_size, progress=not quiet,
+                                   kl=cfg.side_effect_kl)  # documents cut to fit the context
         self.lm_eval = None  # --also lm-eval:TASK: lm-evaluation-harness on the same edits
         if lm_tasks:
             from eigenprune.experiments.lm_eval_run import LmEvalConfig, LmEvalProbe

@@ -22,7 +22,7 @@ from pathlib import Path
 from eigenprune.core import settings
 from eigenprune.core.errors import UsageError
 from eigenprune.edits.config import AGGREGATES, BIASES, SCOPES, FreezeConfig, ScoreConfig
-from eigenprune.protocol.defaults import DEFAULT_BUDGET, DEFAULT_GRID, DEFAULT_SELECT, SELECTS
+from eigenprune.protocol.defaults import DEFAULT_BUDGET, DEFAULT_GRID, DEFAULT_SELECT, KL_PATHS, SELECTS
 
 DEFAULT_PS = DEFAULT_GRID  # the paper's grid: what `--p` tries, and where `--p auto` starts
 EVAL_MODES = ("next-token", "choice", "exact")
@@ -31,7 +31,7 @@ SCORE_FLAGS = {"seed": "score-seed"}  # `--seed` alone would be ambiguous next t
 LM_EVAL_PREFIX = "lm-eval:"  # an `also` entry naming an lm-evaluation-harness task: lm-eval:arc_easy
 # settings added after studies were run: a comparison records them only where they differ from their default, so
 # the identity (settings hash) of a study cell finished before they existed stays the same (`compare_settings`)
-QUIET_AT_DEFAULT = ("lm_eval_include_path", "lm_eval_limit")
+QUIET_AT_DEFAULT = ("lm_eval_include_path", "lm_eval_limit", "side_effect_kl")
 RESULTS = ("recorded", "chosen")  # what a run's config.json says beside its settings: inputs' digests, dev's choice
 # config.json files from before nesting kept these at the top level
 LEGACY = {"partners": "score.partners", "window": "score.window", "score_seed": "score.seed",
@@ -54,11 +54,11 @@ class RunConfig:
                                                                       "metavar": "LAYERS"})
     per_head: bool = field(default=False, metadata={"help": "one component set per attention head"})
     p: list[float] | str = field(default_factory=lambda: list(DEFAULT_PS),
-                                 metadata={"help": "comma-separated fractions of components to freeze, each tried on "
-                                                   "dev, or 'auto': search p from the paper's grid (--p-budget)",
+                                 metadata={"help": "fractions of components to freeze, each tried on dev, or 'auto': "
+                                                   "a search from the paper's grid (--p-budget)",
                                                    "metavar": "P,P,...|auto"})
     p_budget: int = field(default=DEFAULT_BUDGET, metadata={
-        "help": "with --p auto: dev evaluations the search may spend, the grid's four included"})
+        "help": "--p auto: dev evaluations to spend, the grid's four included"})
     select: str = field(default=DEFAULT_SELECT, metadata={
         "help": "how dev chooses: 'accuracy' (ties: smaller p), 'accuracy+loss' (ties: lower dev NLL), 'loss' or "
                 "'1se' (the smallest p within one paired SE of the best dev accuracy)",
@@ -82,6 +82,9 @@ class RunConfig:
     eval_batch_size: int = field(default=16, metadata={"help": "evaluation batch size"})
     side_effects: bool = field(default=True, metadata={
         "help": "measure what the edit costs elsewhere: perplexity and KL(base ‖ edit) on packaged general text"})
+    side_effect_kl: str = field(default="exact", metadata={
+        "help": "side effects' KL: exact, or linear (skips the base's LM head: faster on a large vocabulary, "
+                "~1e-6 nats a token off)", "choices": KL_PATHS, "metavar": "KL"})
     also: list[str] | None = field(default=None, metadata={
         "help": "other tasks to evaluate base and edit on, with paired CIs: built-in, JSONL or lm-eval:NAME "
                 "(the lm-eval extra)", "metavar": "TASK,..."})
@@ -121,6 +124,8 @@ class RunConfig:
             raise ValueError(f"folds must be at least 1, got {self.folds}")
         if self.folds > 1 and self.seeds > 1:
             raise ValueError("folds and seeds: choose one way to repeat (folds test every example once)")
+        if self.side_effect_kl not in KL_PATHS:
+            raise ValueError(f"side_effect_kl must be one of {', '.join(KL_PATHS)}, got '{self.side_effect_kl}'")
         if self.eval_mode is not None and self.eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {', '.join(EVAL_MODES)}, got '{self.eval_mode}'")
         if not 0 < self.dev_fraction < 1:

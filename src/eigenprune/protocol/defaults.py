@@ -10,3 +10,6 @@ DEFAULT_GRID = (0.01, 0.05, 0.1, 0.3)  # the paper's
 DEFAULT_BUDGET = 10
 SELECTS = ("accuracy", "accuracy+loss", "loss", "1se")
 DEFAULT_SELECT = "1se"  # the weakest p within one paired SE of the best dev accuracy (issue 21)
+# how side effects compute KL(base ‖ edit) (evaluation.side_effects.KL_PATHS, spelled here torch-free for --help;
+# tests/test_side_effects.py checks the two agree): exact, or linear (the edit's own head only: token_scores.py)
+KL_PATHS = ("exact", "linear")
