@@ -139,6 +139,23 @@ def test_side_effects_bench_matches_the_old_pass(tmp_path):
     assert r["nll_floor_over_bare_median"] > 0
     assert r["linear_over_bare_median"] > 0 and r["linear_nll_bits_equal"]  # the opt-in path: same NLL, KL close
     assert r["linear_max_abs_diff_kl_per_token_by_doc"] < 1e-6
+    assert r["linear_base_s"] > 0 and r["linear_base_cached_s"] > 0
+
+
+def test_side_effect_chunks_bench_times_both_chunk_rules(tmp_path):
+    from bench import side_effect_chunks
+    from eigenprune.evaluation import token_scores
+
+    before = token_scores.CHUNK_ELEMENTS, token_scores.HEAD_SHARE
+    out = tmp_path / "chunks.json"
+    vocab = 261  # tiny-llama's; 2 rows a chunk before HEAD_SHARE, d_model 32 / 4 = 8 now
+    assert side_effect_chunks.main(["--model", "tiny-llama", "--docs", "5", "--max-tokens", "30", "--repeats", "1",
+                                    "--threads", "1", "--chunk-elements", str(2 * vocab), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["vocab"], r["rows_before"], r["rows_now"]) == (vocab, 2, 8)
+    assert all(r[f"{k}_over_bare_median"] > 0 for k in ("exact-now", "exact-before", "linear-now", "linear-before"))
+    assert isinstance(r["exact_bits_equal"], bool) and isinstance(r["linear_bits_equal"], bool)
+    assert (token_scores.CHUNK_ELEMENTS, token_scores.HEAD_SHARE) == before  # the module is left as it was
 
 
 def test_gguf_load_bench_same_weights(tmp_path):
