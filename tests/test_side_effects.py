@@ -283,6 +283,65 @@ def test_logits_changed_after_the_head_are_refused(documents):
         handle.remove()
 
 
+CAP = 0.2  # below the tiny Gemma-2's largest raw logits, so the cap changes its distributions
+
+
+def tiny_gemma2(cap: float | None, seed: int = 0):
+    """A 2-layer random Gemma-2 whose final logits are soft-capped at `cap`, with the tests' tokenizer."""
+    from conftest import VOCAB, make_tokenizer
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=256,
+                          final_logit_softcapping=cap, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return Gemma2ForCausalLM(config).eval(), make_tokenizer("llama")
+
+
+@pytest.mark.parametrize("kl", ["exact", "linear"])
+def test_soft_capped_logits_are_measured_as_the_model_computes_them(kl, documents):
+    """Gemma-2, Gemma-3n and Gemma-4 cap their final logits (cap · tanh(z / cap)); the probe applies the cap to
+    every chunk, so its numbers equal the model's own forward, and the linear path (which needs z linear in the
+    head's input) falls back to the exact one."""
+    model, tok = tiny_gemma2(CAP)
+    other, _ = tiny_gemma2(CAP)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in other.named_parameters():
+            if "proj" in name:  # another model with the same tokenizer, as an edit would be
+                param.add_(torch.randn(param.shape, generator=g) * 0.05)
+        ids = torch.tensor([[0, 5, 6, 7, 8]])
+        capped, raw = model(input_ids=ids).logits, model.lm_head(model.model(ids)[0])
+    assert capped.abs().max() < CAP < raw.abs().max()  # the cap changes the logits the model returns
+    probe = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, cache=False, kl=kl)
+    got = probe.measure(other)
+    nll, kl_want, tokens = direct(model, other, tok, documents)
+    base_nll, _, _ = direct(model, model, tok, documents)
+    assert got.kl_path == "exact" and (kl_want > 1e-6).all()
+    np.testing.assert_array_equal(got.tokens, tokens)
+    np.testing.assert_allclose(probe.base.nll, base_nll, rtol=1e-5)
+    np.testing.assert_allclose(got.nll, nll, rtol=1e-5)
+    np.testing.assert_allclose(got.kl, kl_want, rtol=1e-3, atol=1e-9)
+
+
+def test_an_uncapped_gemma2_and_a_cap_the_forward_does_not_apply_are_told_apart(documents):
+    model, tok = tiny_gemma2(None)
+    assert se.final_softcap(model) is None
+    probe = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, cache=False)
+    np.testing.assert_allclose(probe.base.nll, direct(model, model, tok, documents)[0], rtol=1e-5)
+    model.config.final_logit_softcapping = CAP  # the config says capped, but the logits are scaled after it
+
+    def scale_logits(module, args, out) -> None:
+        out.logits.mul_(1e3)
+
+    handle = model.register_forward_hook(scale_logits)
+    try:
+        with pytest.raises(UsageError, match="not its LM head's output, soft-capped at 0.2"):
+            se.SideEffectProbe(model, tok, documents, max_tokens=MAX_TOKENS, cache=False)
+    finally:
+        handle.remove()
+
+
 def test_sweep_bench_times_one_side_effect_pass_per_model(tmp_path):
     import sys
     from pathlib import Path

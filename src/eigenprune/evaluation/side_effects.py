@@ -47,7 +47,7 @@ from eigenprune.evaluation.evaluate import _evaluating, evaluate
 from eigenprune.evaluation.splits import split_task
 from eigenprune.evaluation.stats import Accuracy, accuracy_ci, bootstrap_means, paired_diff_ci
 from eigenprune.evaluation.tasks import Task, load_task
-from eigenprune.evaluation.token_scores import LinearBase, RowScorer, linear_ok, plain_linear
+from eigenprune.evaluation.token_scores import LinearBase, RowScorer, head_logits, linear_ok, plain_linear
 
 SHINGLE_WORDS = 8  # documents sharing a run of this many words with excluded text are left out
 BASE = "base"
@@ -189,6 +189,7 @@ class SideEffectProbe:
         if self._head_name is None:
             raise UsageError("side effects need a model with an output embedding (LM head) module")
         self._head = copy.deepcopy(head)  # the base head, even if the caller then edits the model in place
+        self._softcap = final_softcap(model)
         self._hidden: list[torch.Tensor] = []  # per batch (batch, pos, d_model), the head's input, on CPU
         self.vocab = 0
         self._key = key = base_cache.key(model, self.encoded, batch_size) if cache else None
@@ -216,7 +217,7 @@ class SideEffectProbe:
         head = model.get_submodule(self._head_name)
         base_head = self._head.to(device) if base_hidden is not None else None
         plain = plain_linear(head)  # decided before the head is hooked
-        linear = self.kl == "linear" and base_head is not None and linear_ok(head, base_head)
+        linear = self.kl == "linear" and base_head is not None and linear_ok(head, base_head, self._softcap)
         scorer = None
         start = time.perf_counter()
         with _evaluating(model), _head_input(head) as grabbed:
@@ -230,9 +231,10 @@ class SideEffectProbe:
                     last = model(**batch.model_inputs(), use_cache=False).logits  # (batch, 1, vocab)
                 hidden = grabbed[-1]  # (batch, pos, d_model)
                 if i == 0:
-                    self._check_head(head, hidden, last)
+                    self._check_head(head, hidden, last, self._softcap)
                     scorer = RowScorer(head, last.shape[-1], device, plain, base_head,
-                                       base_head is not None and plain_linear(base_head), hidden.shape[-1])
+                                       base_head is not None and plain_linear(base_head), hidden.shape[-1],
+                                       self._softcap)
                 if base_hidden is None:
                     self.vocab = last.shape[-1]
                     self._hidden.append(hidden.cpu())
@@ -273,11 +275,21 @@ class SideEffectProbe:
         return self._linear
 
     @staticmethod
-    def _check_head(head: torch.nn.Module, hidden: torch.Tensor, last: torch.Tensor) -> None:
-        again = RowScorer._logits(head, False, hidden[:, -1:], None)
-        if again.shape != last.shape or not torch.allclose(again.float(), last.float(), rtol=1e-4, atol=1e-4):
-            raise UsageError("this model's logits are not its LM head's output (scaled or soft-capped after the "
-                             "head?), which side effects' KL relies on; turn side effects off for it")
+    def _check_head(head: torch.nn.Module, hidden: torch.Tensor, last: torch.Tensor, softcap: float | None) -> None:
+        again = head_logits(head, False, hidden[:, -1:], None, softcap)
+        if again.shape != last.shape or not torch.allclose(again, last.float(), rtol=1e-4, atol=1e-4):
+            capped = f", soft-capped at {softcap:g}" if softcap is not None else ""
+            raise UsageError(f"this model's logits are not its LM head's output{capped} (scaled or transformed after "
+                             "the head?), which side effects' KL relies on; turn side effects off for it")
+
+
+def final_softcap(model: torch.nn.Module) -> float | None:
+    """The cap of a model that soft-caps its final logits (`config.final_logit_softcapping`: Gemma-2, Gemma-3n,
+    Gemma-4), else None; `SideEffectProbe._check_head` confirms it on the first batch."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(text, "final_logit_softcapping", None)
+    return float(cap) if cap else None
 
 
 def _per_doc(values: torch.Tensor, n_docs: int) -> np.ndarray:

@@ -25,7 +25,11 @@ a few 1e-6 (SmolLM2) nats a token whatever the KL (bench/README.md), so a near-z
 negative. Its base quantities are made on first use (about one pass of the base's head) and cached beside the
 base pass (`base_cache.save_linear`).
 It needs the head to be a plain float32 `nn.Linear` with the base's weights (`linear_ok`); the probe falls
-back to the exact path otherwise. Scaling or soft-capping after the head is refused before either path runs.
+back to the exact path otherwise.
+
+Soft-capped logits. Gemma-2, Gemma-3n and Gemma-4 return cap · tanh(z / cap) (`config.final_logit_softcapping`);
+`head_logits` caps every chunk as their forward does, in its order and dtype, and the linear path does not apply
+(`linear_ok`). Any other change after the head (a scale, a hook) is refused before either path runs.
 """
 
 from __future__ import annotations
@@ -75,12 +79,34 @@ def plain_linear(head: torch.nn.Module) -> bool:
     return type(head) is torch.nn.Linear and head.weight.dtype == torch.float32 and not any(hooks)
 
 
-def linear_ok(head: torch.nn.Module, base_head: torch.nn.Module) -> bool:
-    """Whether the linear path applies: both heads plain float32 Linears with equal weights and biases."""
-    if not (plain_linear(head) and plain_linear(base_head)) or not torch.equal(head.weight, base_head.weight):
+def linear_ok(head: torch.nn.Module, base_head: torch.nn.Module, softcap: float | None = None) -> bool:
+    """Whether the linear path applies: both heads plain float32 Linears with equal weights and biases, and logits
+    that are the head's output (no soft-cap: KL's linear term needs z linear in h)."""
+    if softcap is not None or not (plain_linear(head) and plain_linear(base_head)):
+        return False
+    if not torch.equal(head.weight, base_head.weight):
         return False
     return (head.bias is None and base_head.bias is None) or (
         head.bias is not None and base_head.bias is not None and torch.equal(head.bias, base_head.bias))
+
+
+def head_logits(head: torch.nn.Module, plain: bool, x: torch.Tensor, out: torch.Tensor | None,
+                softcap: float | None = None) -> torch.Tensor:
+    """head(x) as float32, (n, vocab), then cap · tanh(z / cap) where the model soft-caps its final logits (Gemma-2,
+    Gemma-3n, Gemma-4: `config.final_logit_softcapping`), in its order and dtype (so the same bits as its forward).
+    A plain Linear writes into `out` (F.linear's own mm / addmm) and is capped there, in place."""
+    if plain:
+        z = torch.mm(x, head.weight.t(), out=out) if head.bias is None else torch.addmm(head.bias, x, head.weight.t(),
+                                                                                       out=out)
+        return z.div_(softcap).tanh_().mul_(softcap) if softcap is not None else z
+    head._eigenprune_bypass = True  # past side_effects._head_input's hook
+    try:
+        z = head(x)
+    finally:
+        head._eigenprune_bypass = False
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return z.float()
 
 
 class RowScorer:
@@ -89,10 +115,11 @@ class RowScorer:
     it hooks the head; otherwise the head module is called and its output used as the chunk's logits."""
 
     def __init__(self, head: torch.nn.Module, vocab: int, device: torch.device, plain: bool,
-                 base_head: torch.nn.Module | None = None, base_plain: bool = False, d_model: int = 0) -> None:
+                 base_head: torch.nn.Module | None = None, base_plain: bool = False, d_model: int = 0,
+                 softcap: float | None = None) -> None:
         self.head, self.base_head, self.plain, self.base_plain = head, base_head, plain, base_plain
         self.step = max(1, CHUNK_ELEMENTS // vocab, d_model // HEAD_SHARE)  # rows a chunk
-        self.vocab, self.device = vocab, device
+        self.vocab, self.device, self.softcap = vocab, device, softcap
         self._buffers: tuple[torch.Tensor, ...] = ()
 
     def _bufs(self, n: int) -> tuple[torch.Tensor, ...]:
@@ -101,18 +128,10 @@ class RowScorer:
             self._buffers = tuple(torch.empty(rows, self.vocab, device=self.device) for _ in range(4))
         return tuple(b[:n] for b in self._buffers)
 
-    @staticmethod
-    def _logits(head: torch.nn.Module, plain: bool, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """head(x) as float32, (n, vocab): in `out` for a plain Linear (F.linear's own mm / addmm)."""
-        if plain:
-            if head.bias is None:
-                return torch.mm(x, head.weight.t(), out=out)
-            return torch.addmm(head.bias, x, head.weight.t(), out=out)
-        head._eigenprune_bypass = True  # past side_effects._head_input's hook
-        try:
-            return head(x).float()
-        finally:
-            head._eigenprune_bypass = False
+    def _logits(self, head: torch.nn.Module, plain: bool, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """The model's logits from head inputs, as float32, (n, vocab): head(x), soft-capped as the model does
+        it (`softcap`); in `out` for a plain Linear (F.linear's own mm / addmm)."""
+        return head_logits(head, plain, x, out, self.softcap)
 
     def nll(self, rows: torch.Tensor, labels: torch.Tensor,
             lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,7 +197,7 @@ class LinearBase:
             g = torch.empty(len(rows), rows.shape[1], dtype=torch.float64, device=scorer.device)
             for r in range(0, len(rows), scorer.step):  # one head matmul a chunk serves both lse and p_b
                 zb, _, p, t = scorer._bufs(min(scorer.step, len(rows) - r))
-                zb = scorer._logits(scorer.head, scorer.plain, rows[r:r + scorer.step], zb)
+                zb = scorer._logits(scorer.head, scorer.plain, rows[r:r + scorer.step], zb)  # never soft-capped
                 labels = torch.zeros(len(zb), 1, dtype=torch.long, device=scorer.device)  # the NLL is unused
                 scorer._nll_chunk(zb, labels, t, lse, r)  # lse's bits as `nll` makes them (zb is left intact)
                 _softmax_out(zb, -1, False, out=p)
