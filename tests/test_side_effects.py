@@ -324,6 +324,15 @@ def test_soft_capped_logits_are_measured_as_the_model_computes_them(kl, document
     np.testing.assert_allclose(got.kl, kl_want, rtol=1e-3, atol=1e-9)
 
 
+def test_a_bfloat16_soft_capped_model_is_capped_in_its_own_dtype(documents):
+    """The model caps its bfloat16 logits in bfloat16; capping their float32 copy instead differs by bfloat16's
+    rounding (about 4e-3), which the probe's first-batch check would refuse."""
+    model, tok = tiny_gemma2(CAP)
+    model.to(torch.bfloat16)
+    probe = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, cache=False)
+    np.testing.assert_allclose(probe.base.nll, direct(model, model, tok, documents)[0], rtol=1e-2)
+
+
 def test_an_uncapped_gemma2_and_a_cap_the_forward_does_not_apply_are_told_apart(documents):
     model, tok = tiny_gemma2(None)
     assert se.final_softcap(model) is None
