@@ -5,9 +5,10 @@
 Per repeat, in rotating order: the bare forward loop, the exact and the linear pass with today's chunks (at least
 d_model / `token_scores.HEAD_SHARE` rows) and with the rule before it (`CHUNK_ELEMENTS` // vocab rows alone). Ratios
 are wall time ÷ the same repeat's bare forward (median and range); `bits_equal` says whether the two rules gave the
-same per-document NLL and KL (reported, not required: a matmul's bits may depend on the rows a call gets). The
-edit is bench/side_effects.py's (p = 0.1 on the key matrices, scored on 16 int-sum examples); the cache is off, so
-nothing is read from or written to the user's. `--chunk-elements` overrides `CHUNK_ELEMENTS` (the tests use it).
+same per-document NLL and KL (reported, not required: a matmul's bits may depend on the rows a call gets); each
+rule's linear pass reads base quantities made in its own chunks. The edit is bench/side_effects.py's (p = 0.1 on
+the key matrices, scored on 16 int-sum examples); the cache is off, so nothing is read from or written to the
+user's. `--chunk-elements` overrides `CHUNK_ELEMENTS` (the tests use it).
 """
 
 from __future__ import annotations
@@ -60,8 +61,12 @@ def main(argv=None) -> int:
     try:
         ts.CHUNK_ELEMENTS = args.chunk_elements or elements
         exact = se.SideEffectProbe(model, tok, docs, 8, args.max_tokens, cache=False)
-        linear = se.SideEffectProbe(model, tok, docs, 8, args.max_tokens, cache=False, kl="linear")
-        linear._linear_base(torch.device("cpu"))
+        linear = {}  # each rule's probe, its linear base made in that rule's chunks (the edit's lse must match)
+        for rule, head_share in (("now", share), ("before", 10**12)):
+            ts.HEAD_SHARE = head_share
+            linear[rule] = se.SideEffectProbe(model, tok, docs, 8, args.max_tokens, cache=False, kl="linear")
+            linear[rule]._linear_base(torch.device("cpu"))
+        ts.HEAD_SHARE = share
         run = score_run(model, tok, shuffled_examples("int-sum")[:16], targets="key", progress=False)
         times: dict[str, list[float]] = {k: [] for k in PASSES}
         results = {}
@@ -73,10 +78,10 @@ def main(argv=None) -> int:
                     if name == "bare":
                         bare(model, exact)
                     else:
-                        results[name] = (exact if name.startswith("exact") else linear).measure(model)
+                        probe = exact if name.startswith("exact") else linear[name.split("-")[1]]
+                        results[name] = probe.measure(model)
                     times[name].append(time.perf_counter() - start)
-        rows_now, rows_before = (max(1, ts.CHUNK_ELEMENTS // exact.vocab, exact._hidden[0].shape[-1] // share),
-                                 max(1, ts.CHUNK_ELEMENTS // exact.vocab))
+        rows_now, rows_before = linear["now"]._linear.step, linear["before"]._linear.step
     finally:
         ts.HEAD_SHARE, ts.CHUNK_ELEMENTS = share, elements
         if before is None:

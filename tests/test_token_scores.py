@@ -185,8 +185,12 @@ def test_the_linear_base_is_made_once_and_cached_beside_the_base_pass(documents,
     with applied(model, edit):
         want = first.measure(model)
     assert built == [1] and want.kl_path == "linear"
-    entries = sorted(p.name for p in (tmp_path / "side-effects-v1").iterdir())
-    assert len(entries) == 2 and entries[1] == entries[0] + se.base_cache.LINEAR
+    base, linear = sorted(p.name for p in (tmp_path / "side-effects-v1").iterdir())
+    assert linear == se.base_cache.linear_name(base, "cpu", first._linear.step)  # its device type and chunk rows
+    same_process = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
+    with applied(model, edit):
+        np.testing.assert_array_equal(same_process.measure(model).kl, want.kl)
+    assert built == [1]  # from the process's memory
     se.base_cache._MEMORY.clear()
     se.base_cache._LINEAR_MEMORY.clear()  # read back from disk, as another process would
     again = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
@@ -197,7 +201,50 @@ def test_the_linear_base_is_made_once_and_cached_beside_the_base_pass(documents,
         assert torch.equal(a, b)
     np.testing.assert_array_equal(got.kl, want.kl)
     np.testing.assert_array_equal(got.nll, want.nll)
-    other = se.SideEffectProbe(model, tok, documents[:4], batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
+    for n in (3, 4, 5):  # other samples: their own entries; the process remembers the last two
+        other = se.SideEffectProbe(model, tok, documents[:n], batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
+        with applied(model, edit):
+            other.measure(model)
+    assert built == [1, 1, 1, 1] and len(se.base_cache._LINEAR_MEMORY) == se.base_cache.MEMORY_ENTRIES
+    assert all(t.device.type == "cpu" for part in se.base_cache._LINEAR_MEMORY.values() for ts_ in part for t in ts_)
+
+
+def test_without_the_cache_the_linear_base_is_neither_kept_nor_written(documents, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("EIGENPRUNE_CACHE", str(tmp_path))
+    model, tok, edit = edited("llama", 0.4)
+    probe = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, cache=False, kl="linear")
     with applied(model, edit):
-        other.measure(model)
-    assert built == [1, 1]  # another sample: its own entry
+        assert probe.measure(model).kl_path == "linear"
+    assert not (tmp_path / "side-effects-v1").exists() and not se.base_cache._LINEAR_MEMORY
+
+
+def test_an_unedited_model_gets_kl_exactly_0_whatever_the_chunks(documents, monkeypatch):  # noqa: F811
+    """The linear base's lse must come from chunks of the edit's rows: made in others (a matmul's bits may depend on
+    the rows a call gets) an unedited row gets about 4e-7 instead of 0. Chunks of 1 row by CHUNK_ELEMENTS, of
+    d_model / 4 = 8 by HEAD_SHARE, at 2 threads."""
+    monkeypatch.setattr(ts, "CHUNK_ELEMENTS", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model, tok, _ = edited("llama", 0.4)
+        probe = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, cache=False, kl="linear")
+        same = probe.measure(model)
+    finally:
+        torch.set_num_threads(threads)
+    assert probe._linear.step == model.config.hidden_size // ts.HEAD_SHARE
+    assert same.kl_path == "linear" and np.array_equal(same.kl, np.zeros(len(documents)))
+    scorer = ts.RowScorer(probe._head, probe.vocab, torch.device("cpu"), True)  # chunks of 1 row
+    with pytest.raises(ValueError, match="made in chunks of 8 rows, this scorer's are 1"):
+        probe._linear.nll_kl(scorer, 0, probe._hidden[0].flatten(0, 1), torch.zeros(1, 1, dtype=torch.long),
+                             probe._hidden[0].flatten(0, 1))
+
+
+def test_the_base_pass_is_keyed_by_its_chunk_rows(documents, monkeypatch):  # noqa: F811
+    """The edit's NLL is compared with the stored base's: an entry made in other chunks is another entry."""
+    model, tok = build("llama")
+    encoded = se.SideEffectProbe(model, tok, documents[:2], max_tokens=MAX_TOKENS, cache=False).encoded
+    monkeypatch.setattr(ts, "CHUNK_ELEMENTS", 1)  # d_model / HEAD_SHARE decides
+    key = se.base_cache.key(model, encoded, 8)
+    assert se.base_cache.key(model, encoded, 8) == key
+    monkeypatch.setattr(ts, "HEAD_SHARE", 2)
+    assert se.base_cache.key(model, encoded, 8) != key

@@ -14,9 +14,14 @@ Hashing the weights reads them once (about 1 s for SmolLM2-135M's 540 MB); the p
 The process also keeps the last `MEMORY_ENTRIES` entries in memory, cache on or off: a study's cells share
 the pass without reading it back (or, with `$EIGENPRUNE_CACHE=off`, without making it again).
 
+The key also holds the rows a chunk of the pass's vocabulary-wide work has (`token_scores.chunk_rows`): a
+matmul's bits may depend on the rows a call gets, and an edit's NLL is compared with the base's.
+
 The linear KL path's base quantities (`token_scores.LinearBase`: g = Wᵀp_b and lse(z_b) per scored row, made
-from the stored hidden states with one more pass of the base's head) sit in an entry of their own under the
-same key plus `LINEAR`, made the first time some probe asks for them (`load_linear`, `save_linear`).
+from the stored hidden states with one more pass of the base's head) sit in an entry of their own, named by
+`linear_name`: the base entry's name, the device type they were made on and their chunk rows (the edit's lse
+must come from chunks of the same rows, or an unedited row would not get KL 0). Made the first time some probe
+asks for them (`load_linear`, `save_linear`); the process keeps CPU copies of the last `MEMORY_ENTRIES`.
 """
 
 from __future__ import annotations
@@ -32,14 +37,14 @@ import torch
 
 from eigenprune.core.batching import Encoded
 from eigenprune.core.models import cache_root, fill_entry, intact
+from eigenprune.evaluation.token_scores import chunk_rows
 
 LAYOUT = "side-effects-v1"  # bump when an entry's contents change
 _FILE = "base.safetensors"
-LINEAR = "-linear"  # the entry of the linear path's base quantities: the base entry's name plus this
 _LINEAR_FILE = "linear.safetensors"
 MEMORY_ENTRIES = 2  # SmolLM2-135M's entry for the packaged sample: about 25 MiB of hidden states
 _MEMORY: OrderedDict[str, tuple] = OrderedDict()
-_LINEAR_MEMORY: OrderedDict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()  # base key ->
+_LINEAR_MEMORY: OrderedDict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()  # on the CPU
 
 
 def key(model: torch.nn.Module, encoded: Sequence[Encoded], batch_size: int) -> str:
@@ -48,7 +53,9 @@ def key(model: torch.nn.Module, encoded: Sequence[Encoded], batch_size: int) -> 
 
     digest = hashlib.sha256()
     params = next(model.parameters())
-    setup = {"layout": LAYOUT, "class": type(model).__qualname__, "dtype": str(params.dtype),
+    head = getattr(model.get_output_embeddings(), "weight", None) if hasattr(model, "get_output_embeddings") else None
+    rows = chunk_rows(*head.shape) if head is not None and head.dim() == 2 else None  # (vocab, d_model)
+    setup = {"layout": LAYOUT, "class": type(model).__qualname__, "dtype": str(params.dtype), "chunk_rows": rows,
              "device": params.device.type, "batch_size": batch_size, "torch": torch.__version__,
              "threads": torch.get_num_threads(), "transformers": transformers.__version__,
              "config": model.config.to_json_string(use_diff=False) if hasattr(model, "config") else ""}
@@ -110,37 +117,44 @@ def save(name: str, nll: np.ndarray, tokens: np.ndarray, hidden: list[torch.Tens
                                             "wall_s": wall_s}, "side-effect cache", _FILE)
 
 
+def linear_name(name: str, device_type: str, step: int) -> str:
+    """The entry of the linear path's base quantities for base entry `name`, made on `device_type` in chunks of
+    `step` rows."""
+    return f"{name}-linear-{device_type}-{step}"
+
+
 def load_linear(name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    """The linear path's (g per batch, lse per batch) for the base entry `name`, or None on a miss."""
+    """The linear path's (g per batch, lse per batch), on the CPU, for entry `name` (`linear_name`), or None."""
     from safetensors.torch import load_file
 
     if name in _LINEAR_MEMORY:
         g, lse = _LINEAR_MEMORY[name]
         _LINEAR_MEMORY.move_to_end(name)
         return list(g), list(lse)
-    if cache_root() is None or not intact(_entry(name + LINEAR), _LINEAR_FILE):
+    if cache_root() is None or not intact(_entry(name), _LINEAR_FILE):
         return None
-    batches = json.loads((_entry(name + LINEAR) / "manifest.json").read_text())["batches"]
-    tensors = load_file(_entry(name + LINEAR) / _LINEAR_FILE)
+    batches = json.loads((_entry(name) / "manifest.json").read_text())["batches"]
+    tensors = load_file(_entry(name) / _LINEAR_FILE)
     found = [tensors[f"g.{i}"] for i in range(batches)], [tensors[f"lse.{i}"] for i in range(batches)]
     _remember_linear(name, found)
     return list(found[0]), list(found[1])
 
 
 def save_linear(name: str, g: list[torch.Tensor], lse: list[torch.Tensor]) -> bool:
-    """Remember the linear path's base quantities in memory and, with the cache on, on disk (False if not)."""
+    """Remember CPU copies of the linear path's base quantities and, with the cache on, write them to entry
+    `name` (`linear_name`); False if not written."""
     from safetensors.torch import save_file
 
-    _remember_linear(name, (list(g), list(lse)))
+    g, lse = [t.cpu().contiguous() for t in g], [t.cpu().contiguous() for t in lse]
+    _remember_linear(name, (g, lse))
     if cache_root() is None:
         return False
 
     def write(folder: Path) -> None:
-        save_file({**{f"g.{i}": t.cpu().contiguous() for i, t in enumerate(g)},
-                   **{f"lse.{i}": t.cpu().contiguous() for i, t in enumerate(lse)}}, folder / _LINEAR_FILE)
+        save_file({**{f"g.{i}": t for i, t in enumerate(g)}, **{f"lse.{i}": t for i, t in enumerate(lse)}},
+                  folder / _LINEAR_FILE)
 
-    return fill_entry(_entry(name + LINEAR), write, {"layout": LAYOUT, "batches": len(g)},
-                      "side-effect cache", _LINEAR_FILE)
+    return fill_entry(_entry(name), write, {"layout": LAYOUT, "batches": len(g)}, "side-effect cache", _LINEAR_FILE)
 
 
 def _remember_linear(name: str, found: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:

@@ -47,11 +47,11 @@ from eigenprune.evaluation.evaluate import _evaluating, evaluate
 from eigenprune.evaluation.splits import split_task
 from eigenprune.evaluation.stats import Accuracy, accuracy_ci, bootstrap_means, paired_diff_ci
 from eigenprune.evaluation.tasks import Task, load_task
-from eigenprune.evaluation.token_scores import LinearBase, RowScorer, head_logits, linear_ok, plain_linear
+from eigenprune.evaluation.token_scores import LinearBase, RowScorer, chunk_rows, head_logits, linear_ok, plain_linear
 
 SHINGLE_WORDS = 8  # documents sharing a run of this many words with excluded text are left out
 BASE = "base"
-KL_PATHS = ("exact", "linear")  # token_scores.py: exact (the default, op for op) or linear (opt-in, 1e-7 to 1e-6 off)
+KL_PATHS = ("exact", "linear")  # token_scores.py: exact (the default) or linear (opt-in, up to ~3e-5 nats a token off)
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class SideEffectProbe:
     by the operations `torch.logsumexp` and `kl_per_token` run: a batch that fits in one chunk gives the same
     bits as calling them on the whole batch. `kl="linear"` opts into the linear path where it applies
     (`token_scores.linear_ok`; the exact path otherwise): KL from the edit's own head and log-sum-exp, 1e-7
-    to a few 1e-6 nats a token off the exact path; each `TextScores.kl_path` says which ran.
+    to about 3e-5 nats a token off the exact path; each `TextScores.kl_path` says which ran.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, documents: Sequence[Document], batch_size: int = 8,
@@ -248,8 +248,8 @@ class SideEffectProbe:
                 if base_hidden is None:
                     nll_tok = scorer.nll(rows, labels)  # (rows,)
                 elif linear:
-                    nll_tok, kl_tok = self._linear_base(device).nll_kl(scorer, i, rows, labels,
-                                                                        base_hidden[i].to(device).flatten(0, 1))
+                    nll_tok, kl_tok = self._linear_base(device, scorer.step).nll_kl(
+                        scorer, i, rows, labels, base_hidden[i].to(device).flatten(0, 1))
                 else:
                     nll_tok, kl_tok = scorer.nll_kl(rows, labels, base_hidden[i].to(device).flatten(0, 1))
                 scored = (batch.labels != -100).flatten()  # (rows,)
@@ -260,18 +260,22 @@ class SideEffectProbe:
                     kl[index] = _per_doc(torch.where(scored, kl_tok, 0.0), len(index))
         return TextScores(nll, kl, tokens, time.perf_counter() - start, "linear" if linear else "exact")
 
-    def _linear_base(self, device: torch.device) -> LinearBase:
-        """The linear path's base quantities: made from the stored head inputs on first use, and cached beside the
-        base pass (`base_cache.save_linear`), so the folds, cells and later runs of a study make them once."""
-        if self._linear is None:
-            stored = base_cache.load_linear(self._key) if self._key else None
+    def _linear_base(self, device: torch.device, step: int | None = None) -> LinearBase:
+        """The linear path's base quantities for an edit scored in chunks of `step` rows (default: today's rule,
+        `chunk_rows`) on `device`: made from the stored head inputs on first use, and cached beside the base pass
+        (`base_cache.save_linear`), so the folds, cells and later runs of a study make them once."""
+        step = step or chunk_rows(self.vocab, self._hidden[0].shape[-1])
+        if self._linear is None or self._linear.step != step or self._linear.g[0].device != device:
+            name = base_cache.linear_name(self._key, device.type, step) if self._key else None
+            stored = base_cache.load_linear(name) if name else None
             if stored is not None:
-                self._linear = LinearBase.stored(*([t.to(device) for t in part] for part in stored))
+                self._linear = LinearBase.stored(*([t.to(device) for t in part] for part in stored), step)
             else:
                 scorer = RowScorer(self._head.to(device), self.vocab, device, True, d_model=self._hidden[0].shape[-1])
+                scorer.step = step  # the edit's chunks (`chunk_rows` gives the same for the same head)
                 self._linear = LinearBase(scorer, self._hidden)
-                if self._key:
-                    base_cache.save_linear(self._key, self._linear.g, self._linear.lse)
+                if name:
+                    base_cache.save_linear(name, self._linear.g, self._linear.lse)
         return self._linear
 
     @staticmethod
@@ -405,9 +409,12 @@ def summarize(probe: SideEffectProbe, edits: Mapping[str, TextScores], tasks: Ta
                 diff, lo, hi = paired_diff_ci(tasks.base[spec], correct, n_boot, seed, level)
                 models[name]["also"][spec] = {**_acc(correct, n_boot, seed, level),
                                               "diff_vs_base": {"diff": diff, "lo": lo, "hi": hi}}
-    return {"sample": {"documents": len(probe.documents), "tokens": probe.n_tokens, "sources": sources},
-            "bootstrap": {"n_boot": n_boot, "seed": seed, "level": level},
-            "model_order": list(models), "models": models, "also": also}
+    section = {"sample": {"documents": len(probe.documents), "tokens": probe.n_tokens, "sources": sources},
+               "bootstrap": {"n_boot": n_boot, "seed": seed, "level": level},
+               "model_order": list(models), "models": models, "also": also}
+    if probe.kl != "exact":  # what the user asked for, so the report can say where it did not apply
+        section["kl_requested"] = probe.kl
+    return section
 
 
 # -- rendering (reads only the section dict, so a saved report re-renders) ---------------------------------

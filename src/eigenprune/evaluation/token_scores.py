@@ -20,10 +20,10 @@ and log-sum-exp, which its NLL computes anyway: no base logits, no vocabulary-wi
 the NLL's own float32 max and sum, added in float64; g·(h_e − h_b) runs in float64 (h_e − h_b is exact
 there). An edit that leaves a row's head input bit-identical gets KL exactly 0. Elsewhere the result differs
 from the exact path's by the float32 rounding of the logits that the exact path sees and this one does not,
-Σ_v p_b,v (δ_b,v − δ_e,v), plus the float32 rounding of the two sums of exponentials: 1e-7 (tiny models) to
-a few 1e-6 (SmolLM2) nats a token whatever the KL (bench/README.md), so a near-zero KL may come out slightly
-negative. Its base quantities are made on first use (about one pass of the base's head) and cached beside the
-base pass (`base_cache.save_linear`).
+Σ_v p_b,v (δ_b,v − δ_e,v), plus the float32 rounding of the two sums of exponentials: 1e-7 (tiny models), a few
+1e-6 (SmolLM2) to about 3e-5 (Gemma-3 270M) nats a token whatever the KL (bench/README.md), so a near-zero KL
+may come out slightly negative. Its base quantities are made on first use (about one pass of the base's head),
+in the edit's chunks (their lse bits must be the edit's), and cached beside the base pass (`base_cache`).
 It needs the head to be a plain float32 `nn.Linear` with the base's weights (`linear_ok`); the probe falls
 back to the exact path otherwise.
 
@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 23  # rows × vocabulary of each (chunk, vocab) buffer: 32 MiB in float32, four of them.
+CHUNK_ELEMENTS = 1 << 23  # rows × vocabulary of each (chunk, vocab) buffer: 32 MiB in float32, four of them
+# (more for a large head: HEAD_SHARE below).
 # Larger chunks run the head's matmul on more rows at once (it re-packs the head's weights each call), smaller
 # ones keep the buffers in cache: 768 rows on 2 cores (bench/README.md), CPU seconds for the exact path per
 # rows a chunk: 152k vocabulary, d_model 64: 1.48 at 32, 1.31 at 64, 1.48 at 128, 1.60 at 256;
@@ -50,6 +51,13 @@ HEAD_SHARE = 4  # and at least d_model / 4 rows, so the four buffers together ma
 # (49k × 576), every test model.
 
 _softmax_out = torch.ops.aten._softmax.out
+
+
+def chunk_rows(vocab: int, d_model: int) -> int:
+    """Rows a chunk: `CHUNK_ELEMENTS` // vocab, at least d_model / `HEAD_SHARE`. The base pass's NLL and the linear
+    path's lse must come from chunks of the same rows as the edit's (a matmul's bits may depend on the rows a call
+    gets), so `base_cache` keys its entries by this number too."""
+    return max(1, CHUNK_ELEMENTS // vocab, d_model // HEAD_SHARE)
 
 
 def kl_per_token(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -118,7 +126,7 @@ class RowScorer:
                  base_head: torch.nn.Module | None = None, base_plain: bool = False, d_model: int = 0,
                  softcap: float | None = None) -> None:
         self.head, self.base_head, self.plain, self.base_plain = head, base_head, plain, base_plain
-        self.step = max(1, CHUNK_ELEMENTS // vocab, d_model // HEAD_SHARE)  # rows a chunk
+        self.step = chunk_rows(vocab, d_model)  # d_model 0: CHUNK_ELEMENTS alone (the tests' small chunks)
         self.vocab, self.device, self.softcap = vocab, device, softcap
         self._buffers: tuple[torch.Tensor, ...] = ()
 
@@ -180,14 +188,15 @@ class LinearBase:
     head inputs; built with the scorer the edit passes use, so an untouched row gives the same lse bits."""
 
     @classmethod
-    def stored(cls, g: list[torch.Tensor], lse: list[torch.Tensor]) -> LinearBase:
-        """The quantities as an earlier build made them (`base_cache.load_linear`)."""
+    def stored(cls, g: list[torch.Tensor], lse: list[torch.Tensor], step: int) -> LinearBase:
+        """The quantities as an earlier build with chunks of `step` rows made them (`base_cache.load_linear`)."""
         made = cls.__new__(cls)
-        made.g, made.lse = g, lse
+        made.g, made.lse, made.step = g, lse, step
         return made
 
     @torch.inference_mode()
     def __init__(self, scorer: RowScorer, hidden: list[torch.Tensor]) -> None:
+        self.step = scorer.step  # `nll_kl` needs an edit scorer with the same chunks (the lse bits)
         self.g: list[torch.Tensor] = []
         self.lse: list[torch.Tensor] = []
         weight = scorer.head.weight  # (vocab, d_model)
@@ -208,6 +217,9 @@ class LinearBase:
     def nll_kl(self, scorer: RowScorer, i: int, rows: torch.Tensor, labels: torch.Tensor,
                base_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch `i`: NLL and KL(base ‖ this) per row from the edit's own head and log-sum-exp alone."""
+        if scorer.step != self.step:
+            raise ValueError(f"the linear base was made in chunks of {self.step} rows, this scorer's are "
+                             f"{scorer.step}: an unedited row would not get KL 0")
         lse = torch.empty(len(rows), dtype=torch.float64, device=rows.device)  # (rows,)
         nll = scorer.nll(rows, labels, lse)
         shift = torch.linalg.vecdot(self.g[i], rows.double() - base_rows.double())  # p_b·(z_e − z_b), (rows,)

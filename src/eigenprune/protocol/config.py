@@ -84,7 +84,7 @@ class RunConfig:
         "help": "measure what the edit costs elsewhere: perplexity and KL(base ‖ edit) on packaged general text"})
     side_effect_kl: str = field(default="exact", metadata={
         "help": "side effects' KL: exact, or linear (skips the base's LM head: faster on a big vocabulary; "
-                "~1e-5 nats a token off)", "choices": KL_PATHS, "metavar": "KL"})
+                "≲ 3e-5 nats a token off)", "choices": KL_PATHS, "metavar": "KL"})
     also: list[str] | None = field(default=None, metadata={
         "help": "other tasks to evaluate base and edit on, with paired CIs: built-in, JSONL or lm-eval:NAME "
                 "(the lm-eval extra)", "metavar": "TASK,..."})

@@ -44,7 +44,13 @@ def render_markdown(section: dict, plot_file: str | None = "side_effects.png") -
     if linear:
         lines += ["", f"KL of {', '.join(linear)} by the linear path (`--side-effect-kl linear`): from the edit's own "
                   "LM head and log-sum-exp, without the base's logits; it differs from the exact KL by float32 "
-                  "rounding, 1e-7 to 3e-5 nats a token (larger logits worse), which matters only for KLs that small."]
+                  "rounding, 1e-7 to about 3e-5 nats a token (larger logits worse), which matters only for KLs that "
+                  "small."]
+    exact = [n for n in section["model_order"] if n != BASE and n not in linear]
+    if section.get("kl_requested") == "linear" and exact:
+        lines += ["", f"KL of {', '.join(exact)} by the exact path although the linear one was asked for: it needs an "
+                  "edit that keeps the base's LM head (a plain float32 Linear) and logits that are the head's output "
+                  "(not soft-capped)."]
     worse = [n for n in section["model_order"] if n != BASE and significance(models[n]["delta_perplexity"]) == "gain"]
     lines += ["", f"Perplexity significantly higher than the base's: {', '.join(worse)}." if worse else
               "No edit raises perplexity significantly (every paired CI of edit − base reaches 0 or below).", ""]
