@@ -322,6 +322,11 @@ def test_soft_capped_logits_are_measured_as_the_model_computes_them(kl, document
     np.testing.assert_allclose(probe.base.nll, base_nll, rtol=1e-5)
     np.testing.assert_allclose(got.nll, nll, rtol=1e-5)
     np.testing.assert_allclose(got.kl, kl_want, rtol=1e-3, atol=1e-9)
+    section = se.summarize(probe, {"other": got}, n_boot=20)
+    said = "KL of other by the exact path although the linear one was asked for"
+    assert section.get("kl_requested") == (None if kl == "exact" else "linear")
+    assert "path" not in section["models"]["other"]["kl"]
+    assert (said in side_effects_report.render_markdown(section, None)) == (kl == "linear")
 
 
 def test_a_bfloat16_soft_capped_model_is_capped_in_its_own_dtype(documents):

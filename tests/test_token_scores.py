@@ -187,10 +187,12 @@ def test_the_linear_base_is_made_once_and_cached_beside_the_base_pass(documents,
     assert built == [1] and want.kl_path == "linear"
     base, linear = sorted(p.name for p in (tmp_path / "side-effects-v1").iterdir())
     assert linear == se.base_cache.linear_name(base, "cpu", first._linear.step)  # its device type and chunk rows
+    monkeypatch.setenv("EIGENPRUNE_CACHE", "off")  # no disk: what follows comes from the process's memory
     same_process = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
     with applied(model, edit):
         np.testing.assert_array_equal(same_process.measure(model).kl, want.kl)
-    assert built == [1]  # from the process's memory
+    assert built == [1]
+    monkeypatch.setenv("EIGENPRUNE_CACHE", str(tmp_path))
     se.base_cache._MEMORY.clear()
     se.base_cache._LINEAR_MEMORY.clear()  # read back from disk, as another process would
     again = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
