@@ -46,7 +46,7 @@ CHUNK_ELEMENTS = 1 << 23  # rows × vocabulary of each (chunk, vocab) buffer: 32
 HEAD_SHARE = 4  # and at least d_model / 4 rows, so the four buffers together may grow to the head's own size:
 # every chunk's matmul reads the whole head (vocab × d_model), and below d_model / 4 rows re-reading it costs more
 # than the chunk's vocabulary-wide work. It changes only a large vocabulary at a large d_model: Gemma-3 270M (262k
-# × 640) 32 → 160 rows, its exact pass 3.16× → 2.09× a bare forward (bench/README.md). A head of up to
+# × 640) 32 → 160 rows, its exact pass 3.03× → 1.96× a bare forward (bench/README.md). A head of up to
 # 4 × CHUNK_ELEMENTS keeps its chunks, hence its bits (the matmul's may depend on the rows a call gets): SmolLM2
 # (49k × 576), every test model.
 
