@@ -16,7 +16,8 @@ processes on the machine disturb far less than the wall clock).
 
 Peak memory is the process's resident peak (VmHWM, reset through /proc/self/clear_refs before each pass),
 so it includes Python, torch and the model; the bound the issue sets is 1.5 × the weights + 1 GiB.
-The base pass, uncached and then read from the cache (`base_cache.py`), is timed too; the new pass's
+The base pass, uncached and then read from the cache (`base_cache.py`), is timed too, and a linear probe's
+uncached base pass (which makes the linear base as it goes; checked bit-equal to the separate build); the new pass's
 numbers must match the old one's (per document, relative 1e-5; the script exits 1 otherwise); the linear
 pass's KL is compared with the exact pass's (per token and per document) and reported, not required.
 """
@@ -137,6 +138,9 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             se.SideEffectProbe(model, tok, docs, args.batch_size, args.max_tokens)
             base_cached = time.perf_counter() - start
+            start = time.perf_counter()  # a linear probe's base pass, which makes the linear base as it goes
+            fused = se.SideEffectProbe(model, tok, docs, args.batch_size, args.max_tokens, cache=False, kl="linear")
+            base_linear_uncached = time.perf_counter() - start
             linear = se.SideEffectProbe(model, tok, docs, args.batch_size, args.max_tokens, kl="linear")
             start = time.perf_counter()
             linear._linear_base(torch.device("cpu"))  # made, then written beside the base pass
@@ -178,11 +182,14 @@ def main(argv=None) -> int:
     ratio = {k: [t / b for t, b in zip(times[k], times["bare"], strict=True)] for k in names[1:]}
     cpu_ratio = {k: [t / b for t, b in zip(cpu[k], cpu["bare"], strict=True)] for k in names[1:]}
     lin = results["linear"]
+    fused_same = all(torch.equal(a, b) for a, b in zip(fused._linear.g + fused._linear.lse,
+                                                        linear._linear.g + linear._linear.lse, strict=True))
     assert lin.kl_path == "linear" and new.kl_path == "exact"
     mean_kl = float(new.kl.sum() / new.tokens.sum())
     out = {"model": args.model, "vocab": probe.vocab, "documents": len(docs), "tokens": probe.n_tokens,
            "weights_bytes": weights, "repeats": args.repeats, "times_s": times,
            "base_pass_uncached_s": base_uncached, "base_pass_cached_s": base_cached,
+           "base_pass_linear_uncached_s": base_linear_uncached, "linear_base_made_in_the_base_pass": fused_same,
            **{f"{k}_over_bare_median": statistics.median(v) for k, v in ratio.items()},
            **{f"{k}_over_bare_range": [min(v), max(v)] for k, v in ratio.items()},
            "cpu_s": cpu, **{f"{k}_over_bare_cpu_median": statistics.median(v) for k, v in cpu_ratio.items()},

@@ -140,6 +140,7 @@ def test_side_effects_bench_matches_the_old_pass(tmp_path):
     assert r["linear_over_bare_median"] > 0 and r["linear_nll_bits_equal"]  # the opt-in path: same NLL, KL close
     assert r["linear_max_abs_diff_kl_per_token_by_doc"] < 1e-6
     assert r["linear_base_s"] > 0 and r["linear_base_cached_s"] > 0
+    assert r["base_pass_linear_uncached_s"] > 0 and r["linear_base_made_in_the_base_pass"]
 
 
 def test_side_effect_chunks_bench_times_both_chunk_rules(tmp_path):

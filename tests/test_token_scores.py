@@ -176,38 +176,54 @@ def test_a_chunk_has_at_least_a_quarter_of_d_model_rows(monkeypatch):
 
 
 def test_the_linear_base_is_made_once_and_cached_beside_the_base_pass(documents, tmp_path, monkeypatch):  # noqa: F811
+    """A linear probe's base pass makes the linear base as it goes (the same bits as a separate build, and the base
+    NLL an exact probe gets); a probe whose base pass was cached without it makes it once, separately; either is
+    written beside the base pass and read back by later probes, from the process's memory or from disk."""
     monkeypatch.setenv("EIGENPRUNE_CACHE", str(tmp_path))
     model, tok, edit = edited("llama", 0.4)
-    built = []
-    make = ts.LinearBase.__init__
+    built, saved = [], []
+    make, save = ts.LinearBase.__init__, se.base_cache.save_linear
     monkeypatch.setattr(ts.LinearBase, "__init__", lambda self, *a: (built.append(1), make(self, *a))[1])
+    monkeypatch.setattr(se.base_cache, "save_linear", lambda *a: (saved.append(a[0]), save(*a))[1])
     first = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
+    assert (built, len(saved)) == ([], 1)  # made by the base pass itself
     with applied(model, edit):
         want = first.measure(model)
-    assert built == [1] and want.kl_path == "linear"
+    assert want.kl_path == "linear" and (built, len(saved)) == ([], 1)
     base, linear = sorted(p.name for p in (tmp_path / "side-effects-v1").iterdir())
-    assert linear == se.base_cache.linear_name(base, "cpu", first._linear.step)  # its device type and chunk rows
+    assert linear == se.base_cache.linear_name(base, "cpu", first._linear.step) == saved[0]
+    separate = ts.LinearBase(ts.RowScorer(first._head, first.vocab, torch.device("cpu"), True,
+                                          d_model=model.config.hidden_size), first._hidden)
+    for a, b in zip(separate.g + separate.lse, first._linear.g + first._linear.lse, strict=True):
+        assert torch.equal(a, b)
+    exact = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, cache=False)
+    np.testing.assert_array_equal(exact.base.nll, first.base.nll)
+    built.clear()
     monkeypatch.setenv("EIGENPRUNE_CACHE", "off")  # no disk: what follows comes from the process's memory
     same_process = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
     with applied(model, edit):
         np.testing.assert_array_equal(same_process.measure(model).kl, want.kl)
-    assert built == [1]
     monkeypatch.setenv("EIGENPRUNE_CACHE", str(tmp_path))
     se.base_cache._MEMORY.clear()
     se.base_cache._LINEAR_MEMORY.clear()  # read back from disk, as another process would
     again = se.SideEffectProbe(model, tok, documents, batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
     with applied(model, edit):
         got = again.measure(model)
-    assert built == [1]  # read, not made again
+    assert (built, len(saved)) == ([], 1)  # read, not made again
     for a, b in zip(again._linear.g + again._linear.lse, first._linear.g + first._linear.lse, strict=True):
         assert torch.equal(a, b)
     np.testing.assert_array_equal(got.kl, want.kl)
     np.testing.assert_array_equal(got.nll, want.nll)
-    for n in (3, 4, 5):  # other samples: their own entries; the process remembers the last two
+    se.SideEffectProbe(model, tok, documents[:3], batch_size=3, max_tokens=MAX_TOKENS)  # an exact probe's base pass
+    later = se.SideEffectProbe(model, tok, documents[:3], batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
+    with applied(model, edit):
+        later.measure(model)
+    assert (built, len(saved)) == ([1], 2)  # the base pass came from the cache: the linear base made apart, once
+    for n in (4, 5):  # other samples: their own entries; the process remembers the last two
         other = se.SideEffectProbe(model, tok, documents[:n], batch_size=3, max_tokens=MAX_TOKENS, kl="linear")
         with applied(model, edit):
             other.measure(model)
-    assert built == [1, 1, 1, 1] and len(se.base_cache._LINEAR_MEMORY) == se.base_cache.MEMORY_ENTRIES
+    assert len(saved) == 4 and len(se.base_cache._LINEAR_MEMORY) == se.base_cache.MEMORY_ENTRIES
     assert all(t.device.type == "cpu" for part in se.base_cache._LINEAR_MEMORY.values() for ts_ in part for t in ts_)
 
 

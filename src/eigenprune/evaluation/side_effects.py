@@ -219,6 +219,10 @@ class SideEffectProbe:
         plain = plain_linear(head)  # decided before the head is hooked
         linear = self.kl == "linear" and base_head is not None and linear_ok(head, base_head, self._softcap)
         scorer = None
+        # the base pass of a probe that will take the linear path makes its base quantities as it goes (`LinearBase.
+        # batch`: the head's logits a chunk serve the NLL, lse and g), instead of one more pass of the head later
+        fuse = base_hidden is None and self.kl == "linear" and plain and self._softcap is None
+        made: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         start = time.perf_counter()
         with _evaluating(model), _head_input(head) as grabbed:
             what = f"side effects: {name}"
@@ -245,7 +249,11 @@ class SideEffectProbe:
                 rows = hidden.flatten(0, 1)  # (rows, d_model) rows = batch * pos
                 labels = batch.labels.flatten().clamp(min=0)[:, None]  # (rows, 1)
                 kl_tok = None
-                if base_hidden is None:
+                if fuse:
+                    nll_tok, lse, g = LinearBase.batch(scorer, rows, labels)  # NLL: `scorer.nll`'s bits
+                    made[0].append(g)
+                    made[1].append(lse)
+                elif base_hidden is None:
                     nll_tok = scorer.nll(rows, labels)  # (rows,)
                 elif linear:
                     nll_tok, kl_tok = self._linear_base(device, scorer.step).nll_kl(
@@ -258,6 +266,10 @@ class SideEffectProbe:
                 tokens[index] = _per_doc(scored, len(index))
                 if kl_tok is not None:
                     kl[index] = _per_doc(torch.where(scored, kl_tok, 0.0), len(index))
+        if fuse:
+            self._linear = LinearBase.stored(*made, scorer.step)
+            if self._key:
+                base_cache.save_linear(base_cache.linear_name(self._key, device.type, scorer.step), *made)
         return TextScores(nll, kl, tokens, time.perf_counter() - start, "linear" if linear else "exact")
 
     def _linear_base(self, device: torch.device, step: int | None = None) -> LinearBase:

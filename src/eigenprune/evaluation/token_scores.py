@@ -199,20 +199,29 @@ class LinearBase:
         self.step = scorer.step  # `nll_kl` needs an edit scorer with the same chunks (the lse bits)
         self.g: list[torch.Tensor] = []
         self.lse: list[torch.Tensor] = []
-        weight = scorer.head.weight  # (vocab, d_model)
         for h in hidden:
             rows = h.to(scorer.device).flatten(0, 1)  # (rows, d_model)
-            lse = torch.empty(len(rows), dtype=torch.float64, device=scorer.device)
-            g = torch.empty(len(rows), rows.shape[1], dtype=torch.float64, device=scorer.device)
-            for r in range(0, len(rows), scorer.step):  # one head matmul a chunk serves both lse and p_b
-                zb, _, p, t = scorer._bufs(min(scorer.step, len(rows) - r))
-                zb = scorer._logits(scorer.head, scorer.plain, rows[r:r + scorer.step], zb)  # never soft-capped
-                labels = torch.zeros(len(zb), 1, dtype=torch.long, device=scorer.device)  # the NLL is unused
-                scorer._nll_chunk(zb, labels, t, lse, r)  # lse's bits as `nll` makes them (zb is left intact)
-                _softmax_out(zb, -1, False, out=p)
-                g[r:r + scorer.step] = torch.mm(p, weight).double()  # (n, d_model)
+            labels = torch.zeros(len(rows), 1, dtype=torch.long, device=scorer.device)  # the NLL is unused
+            _, lse, g = self.batch(scorer, rows, labels)
             self.g.append(g)
             self.lse.append(lse)
+
+    @staticmethod
+    def batch(scorer: RowScorer, rows: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batch of base rows: NLL (rows,) with `scorer.nll`'s bits, lse (rows,) and g (rows, d_model) float64.
+        One head matmul a chunk serves all three, so the base pass can make the linear base as it goes."""
+        weight = scorer.head.weight  # (vocab, d_model)
+        nll = torch.empty(len(rows), device=rows.device)
+        lse = torch.empty(len(rows), dtype=torch.float64, device=rows.device)
+        g = torch.empty(len(rows), rows.shape[1], dtype=torch.float64, device=rows.device)
+        for r in range(0, len(rows), scorer.step):
+            zb, _, p, t = scorer._bufs(min(scorer.step, len(rows) - r))
+            zb = scorer._logits(scorer.head, scorer.plain, rows[r:r + scorer.step], zb)  # never soft-capped
+            nll[r:r + scorer.step] = scorer._nll_chunk(zb, labels[r:r + scorer.step], t, lse, r)  # zb left intact
+            _softmax_out(zb, -1, False, out=p)
+            g[r:r + scorer.step] = torch.mm(p, weight).double()  # (n, d_model)
+        return nll, lse, g
 
     def nll_kl(self, scorer: RowScorer, i: int, rows: torch.Tensor, labels: torch.Tensor,
                base_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
