@@ -274,8 +274,9 @@ class SideEffectProbe:
 
     def _linear_base(self, device: torch.device, step: int | None = None) -> LinearBase:
         """The linear path's base quantities for an edit scored in chunks of `step` rows (default: today's rule,
-        `chunk_rows`) on `device`: made from the stored head inputs on first use, and cached beside the base pass
-        (`base_cache.save_linear`), so the folds, cells and later runs of a study make them once."""
+        `chunk_rows`) on `device`: those the base pass made (a linear probe's), else read from the cache, else made
+        from the stored head inputs, and cached beside the base pass (`base_cache.save_linear`), so the folds,
+        cells and later runs of a study make them once."""
         step = step or chunk_rows(self.vocab, self._hidden[0].shape[-1])
         if self._linear is None or self._linear.step != step or self._linear.g[0].device != device:
             name = base_cache.linear_name(self._key, device.type, step) if self._key else None

@@ -22,8 +22,9 @@ there). An edit that leaves a row's head input bit-identical gets KL exactly 0. 
 from the exact path's by the float32 rounding of the logits that the exact path sees and this one does not,
 Σ_v p_b,v (δ_b,v − δ_e,v), plus the float32 rounding of the two sums of exponentials: 1e-7 (tiny models), a few
 1e-6 (SmolLM2) to about 3e-5 (Gemma-3 270M) nats a token whatever the KL (bench/README.md), so a near-zero KL
-may come out slightly negative. Its base quantities are made on first use (about one pass of the base's head),
-in the edit's chunks (their lse bits must be the edit's), and cached beside the base pass (`base_cache`).
+may come out slightly negative. Its base quantities are made in the edit's chunks (their lse bits must be the
+edit's): by a linear probe's base pass as it goes (`LinearBase.batch`), else apart (one more pass of the base's
+head); either way cached beside the base pass (`base_cache`).
 It needs the head to be a plain float32 `nn.Linear` with the base's weights (`linear_ok`); the probe falls
 back to the exact path otherwise.
 
