@@ -72,28 +72,37 @@ def _entry(name: str) -> Path:
     return cache_root() / LAYOUT / name
 
 
+def _put(memory: OrderedDict, name: str, found: tuple) -> None:
+    """Remember `found` as the most recent of `memory`'s last `MEMORY_ENTRIES` entries."""
+    memory[name] = found
+    memory.move_to_end(name)
+    while len(memory) > MEMORY_ENTRIES:
+        memory.popitem(last=False)
+
+
+def _read(name: str, file: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """An intact entry's manifest and tensors, or None (cache off, missing, incomplete or corrupt)."""
+    from safetensors.torch import load_file
+
+    if cache_root() is None or not intact(_entry(name), file):
+        return None
+    return json.loads((_entry(name) / "manifest.json").read_text()), load_file(_entry(name) / file)
+
+
 def _remember(name: str, found: tuple) -> tuple:
-    _MEMORY[name] = found
-    _MEMORY.move_to_end(name)
-    while len(_MEMORY) > MEMORY_ENTRIES:
-        _MEMORY.popitem(last=False)
+    _put(_MEMORY, name, found)
     nll, tokens, hidden, vocab, wall_s = found
     return nll.copy(), tokens.copy(), list(hidden), vocab, wall_s  # the caller's own arrays and list
 
 
 def load(name: str) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor], int, float] | None:
     """(nll, tokens, hidden per batch, vocab, wall seconds of the pass that made it), or None on a miss."""
-    from safetensors.torch import load_file
-
     if name in _MEMORY:
         return _remember(name, _MEMORY[name])
-    if cache_root() is None:
+    read = _read(name, _FILE)
+    if read is None:
         return None
-    entry = _entry(name)
-    if not intact(entry, _FILE):
-        return None
-    about = json.loads((entry / "manifest.json").read_text())
-    tensors = load_file(entry / _FILE)
+    about, tensors = read
     hidden = [tensors[f"hidden.{i}"] for i in range(about["batches"])]
     return _remember(name, (tensors["nll"].numpy(), tensors["tokens"].numpy(), hidden, about["vocab"],
                             about["wall_s"]))
@@ -125,18 +134,15 @@ def linear_name(name: str, device_type: str, step: int) -> str:
 
 def load_linear(name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """The linear path's (g per batch, lse per batch), on the CPU, for entry `name` (`linear_name`), or None."""
-    from safetensors.torch import load_file
-
-    if name in _LINEAR_MEMORY:
-        g, lse = _LINEAR_MEMORY[name]
-        _LINEAR_MEMORY.move_to_end(name)
-        return list(g), list(lse)
-    if cache_root() is None or not intact(_entry(name), _LINEAR_FILE):
-        return None
-    batches = json.loads((_entry(name) / "manifest.json").read_text())["batches"]
-    tensors = load_file(_entry(name) / _LINEAR_FILE)
-    found = [tensors[f"g.{i}"] for i in range(batches)], [tensors[f"lse.{i}"] for i in range(batches)]
-    _remember_linear(name, found)
+    found = _LINEAR_MEMORY.get(name)
+    if found is None:
+        read = _read(name, _LINEAR_FILE)
+        if read is None:
+            return None
+        about, tensors = read
+        found = ([tensors[f"g.{i}"] for i in range(about["batches"])],
+                 [tensors[f"lse.{i}"] for i in range(about["batches"])])
+    _put(_LINEAR_MEMORY, name, found)
     return list(found[0]), list(found[1])
 
 
@@ -146,7 +152,7 @@ def save_linear(name: str, g: list[torch.Tensor], lse: list[torch.Tensor]) -> bo
     from safetensors.torch import save_file
 
     g, lse = [t.cpu().contiguous() for t in g], [t.cpu().contiguous() for t in lse]
-    _remember_linear(name, (g, lse))
+    _put(_LINEAR_MEMORY, name, (g, lse))
     if cache_root() is None:
         return False
 
@@ -155,10 +161,3 @@ def save_linear(name: str, g: list[torch.Tensor], lse: list[torch.Tensor]) -> bo
                   folder / _LINEAR_FILE)
 
     return fill_entry(_entry(name), write, {"layout": LAYOUT, "batches": len(g)}, "side-effect cache", _LINEAR_FILE)
-
-
-def _remember_linear(name: str, found: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
-    _LINEAR_MEMORY[name] = found
-    _LINEAR_MEMORY.move_to_end(name)
-    while len(_LINEAR_MEMORY) > MEMORY_ENTRIES:
-        _LINEAR_MEMORY.popitem(last=False)
