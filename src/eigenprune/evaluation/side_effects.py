@@ -284,8 +284,8 @@ class SideEffectProbe:
             if stored is not None:
                 self._linear = LinearBase.stored(*([t.to(device) for t in part] for part in stored), step)
             else:
-                scorer = RowScorer(self._head.to(device), self.vocab, device, True, d_model=self._hidden[0].shape[-1])
-                scorer.step = step  # the edit's chunks (`chunk_rows` gives the same for the same head)
+                scorer = RowScorer(self._head.to(device), self.vocab, device, True)
+                scorer.step = step  # the edit's chunks: the lse bits must be its own
                 self._linear = LinearBase(scorer, self._hidden)
                 if name:
                     base_cache.save_linear(name, self._linear.g, self._linear.lse)
